@@ -1,0 +1,557 @@
+"""Text conditioning: text encoders behind one interface, and the reference's prompt handling.
+
+Every encoder turns a list of prompts into :class:`TextEmbeddings`: the features of all prompts
+concatenated along the token axis (``kv_compact`` [sum(lens), C]) plus the per-prompt lengths. This
+"compact" form is what the transformer consumes as its text prefix (one prefix token per text token,
+no pooling, no padding rows).
+
+Prompt handling follows the reference (spec: inference.md 2.2, 5, 7; training.md 2.6, 2.7):
+
+* inference (T2V/I2V/V2V): ``'<<<t={D}s>>>' + prompt + ', Close-up on big objects, emphasize scale and detail'``
+  with D the requested length in whole seconds (5 or 10 for the released models);
+* interactive turns: ``'<<<t=5s>>>' + prompt`` (no quality suffix);
+* images: no duration prefix (images were trained without one);
+* training captions: optional sentence truncation, `` ' ' + quality_prompt``, then the duration prefix;
+* guidance: the unconditional branch is the learned ``cfg_uncond`` rows sliced to each prompt's length
+  (:func:`unconditional_text`), or the features of a negative prompt (:func:`guidance_text_batch`).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DEFAULT_MAX_LENGTH",
+    "QUALITY_SUFFIX",
+    "VIDEO_FPS",
+    "FlanT5Encoder",
+    "PrecomputedTextEncoder",
+    "TextEmbeddings",
+    "TextEncoder",
+    "TextEncoderFilesError",
+    "apply_guidance_dropout",
+    "build_prompt",
+    "drop_captions",
+    "duration_prefix",
+    "duration_seconds_for_frames",
+    "guidance_dropout_mask",
+    "guidance_text_batch",
+    "interactive_prompt",
+    "maybe_truncate_sentences",
+    "training_caption",
+    "truncate_sentences",
+    "unconditional_text",
+]
+
+DEFAULT_MAX_LENGTH = 512  # T5 max tokens (`tlen`), also the number of learned cfg_uncond rows (`text_maxlen`)
+QUALITY_SUFFIX = ", Close-up on big objects, emphasize scale and detail"  # appended by the 720p/480p scripts
+VIDEO_FPS = 16  # the frame rate the models were trained and sample at
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compact text features
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """Features of B prompts in the reference's compact layout.
+
+    ``kv_compact`` holds prompt 0's ``lens[0]`` token rows, then prompt 1's, ... ([sum(lens), C]). Every
+    row is a real token (padding rows were dropped); T5 features include the closing ``</s>``.
+    """
+
+    kv_compact: torch.Tensor
+    lens: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        lens = tuple(int(n) for n in self.lens)
+        object.__setattr__(self, "lens", lens)
+        if self.kv_compact.ndim != 2:
+            raise ValueError(f"kv_compact must be [sum(lens), C], got shape {tuple(self.kv_compact.shape)}")
+        if not lens:
+            raise ValueError("TextEmbeddings needs at least one prompt (lens is empty)")
+        if any(n <= 0 for n in lens):
+            raise ValueError(f"every prompt needs at least one token, got lens={list(lens)}")
+        if sum(lens) != self.kv_compact.shape[0]:
+            raise ValueError(f"sum(lens)={sum(lens)} does not match kv_compact rows {self.kv_compact.shape[0]}")
+
+    @classmethod
+    def from_features(cls, features: Sequence[torch.Tensor]) -> TextEmbeddings:
+        """Build from one [L_i, C] tensor per prompt."""
+        if not features:
+            raise ValueError("from_features needs at least one [L, C] tensor")
+        for i, f in enumerate(features):
+            if f.ndim != 2:
+                raise ValueError(f"features[{i}] must be [L, C], got shape {tuple(f.shape)}")
+        return cls(torch.cat(list(features), dim=0), tuple(f.shape[0] for f in features))
+
+    @classmethod
+    def cat(cls, parts: Sequence[TextEmbeddings]) -> TextEmbeddings:
+        """Stack the prompts of several batches, in order."""
+        if not parts:
+            raise ValueError("cat needs at least one TextEmbeddings")
+        widths = {p.width for p in parts}
+        if len(widths) != 1:
+            raise ValueError(f"cannot concatenate text features of different widths {sorted(widths)}")
+        return cls(torch.cat([p.kv_compact for p in parts], dim=0), tuple(n for p in parts for n in p.lens))
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lens)
+
+    @property
+    def width(self) -> int:
+        return self.kv_compact.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        """Longest prompt (the reference's ``Ltext``)."""
+        return max(self.lens)
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        """int32 [B+1] prefix sums of ``lens`` starting at 0 (varlen-attention layout), on kv_compact's device."""
+        lens = torch.tensor(self.lens, dtype=torch.int32, device=self.kv_compact.device)
+        return F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+
+    def split(self) -> list[torch.Tensor]:
+        """One [L_i, C] view per prompt."""
+        return list(torch.split(self.kv_compact, list(self.lens), dim=0))
+
+    def prompt(self, i: int) -> torch.Tensor:
+        """Features of prompt ``i`` ([L_i, C], a view)."""
+        if not -self.batch_size <= i < self.batch_size:
+            raise IndexError(f"prompt index {i} out of range for {self.batch_size} prompts")
+        return self.split()[i]
+
+    def padded(self, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded batch ``x_BLC`` (zeros in padding) and ``mask_BL`` (True = real token).
+
+        ``length`` defaults to ``max_len``. When all prompts have the same length (the reference's CFG
+        pair: prompt + ``cfg_uncond[:L]``) the mask is all True and attention needs no mask at all.
+        """
+        length = self.max_len if length is None else int(length)
+        if length < self.max_len:
+            raise ValueError(f"pad length {length} is shorter than the longest prompt ({self.max_len} tokens)")
+        x_BLC = self.kv_compact.new_zeros(self.batch_size, length, self.width)
+        mask_BL = torch.zeros(self.batch_size, length, dtype=torch.bool, device=self.kv_compact.device)
+        for i, f in enumerate(self.split()):
+            x_BLC[i, : f.shape[0]] = f
+            mask_BL[i, : f.shape[0]] = True
+        return x_BLC, mask_BL
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextEmbeddings:
+        return TextEmbeddings(self.kv_compact.to(device=device, dtype=dtype), self.lens)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TextEncoder(abc.ABC):
+    """Anything that maps prompts to :class:`TextEmbeddings`.
+
+    Implementations set ``width`` (feature channels C, the transformer's ``text_channels``) and
+    ``max_length`` (longest token sequence a prompt may produce; longer prompts are truncated).
+    """
+
+    width: int
+    max_length: int
+
+    @abc.abstractmethod
+    def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
+        """Encode B prompts; the result has B entries in ``lens``, in order, features in float32."""
+
+    def __call__(self, prompts: Sequence[str]) -> TextEmbeddings:
+        return self.encode(prompts)
+
+
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        raise ValueError(f"encode takes a list of prompts, got a single string {prompts[:60]!r}; wrap it in a list")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("encode needs at least one prompt (got an empty list)")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"prompt {i} must be a str, got {type(p).__name__}")
+    return prompts
+
+
+class PrecomputedTextEncoder(TextEncoder):
+    """Looks prompts up in a table of precomputed [L, C] features (tests, golden cases, cached features)."""
+
+    def __init__(self, table: Mapping[str, torch.Tensor], max_length: int = DEFAULT_MAX_LENGTH) -> None:
+        if not table:
+            raise ValueError("PrecomputedTextEncoder needs at least one prompt in its table")
+        widths = {f.shape[-1] for f in table.values()}
+        if len(widths) != 1:
+            raise ValueError(f"all precomputed features must share one width, got {sorted(widths)}")
+        for prompt, f in table.items():
+            if f.ndim != 2 or not 0 < f.shape[0] <= max_length:
+                raise ValueError(f"features for {prompt[:60]!r} must be [L, C] with 0 < L <= {max_length}, "
+                                 f"got shape {tuple(f.shape)}")
+        self._table = dict(table)
+        self.width = widths.pop()
+        self.max_length = max_length
+
+    def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
+        prompts = _check_prompts(prompts)
+        missing = [p for p in prompts if p not in self._table]
+        if missing:
+            raise ValueError(f"no precomputed features for prompt {missing[0][:80]!r}")
+        return TextEmbeddings.from_features([self._table[p].float() for p in prompts])
+
+
+class TextEncoderFilesError(FileNotFoundError, ValueError):
+    """The text-encoder folder is missing, incomplete or not a T5 checkpoint; the message names the folder."""
+
+
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+
+
+def _check_t5_folder(folder: Path) -> None:
+    """Fail early, naming the folder and the missing file, instead of letting a hub lookup or a half-load happen."""
+    if not folder.exists():
+        raise TextEncoderFilesError(f"text encoder folder {folder} does not exist (expected a local Flan-T5 folder "
+                                    "such as text_encoder/flan-t5-xl-official; nothing is downloaded)")
+    if not folder.is_dir():
+        raise TextEncoderFilesError(f"text encoder path {folder} is not a folder")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise TextEncoderFilesError(f"text encoder folder {folder} is incomplete: missing config.json")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as e:
+        raise TextEncoderFilesError(f"text encoder folder {folder}: cannot read config.json ({e})") from e
+    if model_type != "t5":
+        raise TextEncoderFilesError(f"text encoder folder {folder} holds model_type={model_type!r}, expected 't5'")
+    weights = [name for name in _WEIGHT_FILES if (folder / name).is_file()]
+    if not weights:
+        raise TextEncoderFilesError(f"text encoder folder {folder} is incomplete: no weights "
+                                    f"(looked for {', '.join(_WEIGHT_FILES)})")
+    if weights[0].endswith(".index.json"):
+        index = json.loads((folder / weights[0]).read_text())
+        shards = sorted(set(index.get("weight_map", {}).values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise TextEncoderFilesError(f"text encoder folder {folder} is incomplete: missing weight shards {missing}")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise TextEncoderFilesError(f"text encoder folder {folder} is incomplete: no tokenizer "
+                                    f"(looked for {', '.join(_TOKENIZER_FILES)})")
+
+
+class FlanT5Encoder(TextEncoder):
+    """The reference's Flan-T5(-XL) text encoder (spec: training.md 2.7, transformer.md 3.5).
+
+    Tokenization: ``max_length=512``, ``padding='max_length'``, ``truncation=True``; the tokenizer appends
+    ``</s>``. The encoder runs with the attention mask; ``last_hidden_state`` is cast to float32 and only
+    the mask==1 rows are kept, so ``lens[i] = attention_mask[i].sum()`` (including ``</s>``) and padding
+    rows never reach the transformer.
+
+    Prompts longer than ``max_length`` tokens keep their first ``max_length - 1`` tokens plus ``</s>`` (the
+    reference truncates silently; here a ``UserWarning`` names the prompt and its token count).
+
+    dtypes: the reference loads T5 in float16 on the GPU. In its inference scripts the encoder runs inside
+    the bf16 autocast region (pass ``autocast_dtype=torch.bfloat16`` for that parity); training runs it in
+    plain fp16 (``autocast_dtype=None``). The features are returned in float32 either way.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        model: torch.nn.Module,
+        *,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        pad_to_max_length: bool = True,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (room for one token and </s>), got {max_length}")
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "right"  # the compact layout keeps the *first* lens[i] rows
+        self.model = model.eval().requires_grad_(False)
+        self.width = int(model.config.d_model)
+        self.max_length = int(max_length)
+        # Padding to 512 is what the reference does; padding to the longest prompt gives the same valid rows
+        # (masked keys get zero attention weight) up to float rounding, and is much cheaper on CPU.
+        self.pad_to_max_length = pad_to_max_length
+        self.autocast_dtype = autocast_dtype
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        local_dir: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        max_length: int = DEFAULT_MAX_LENGTH,
+        pad_to_max_length: bool = True,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> FlanT5Encoder:
+        """Load tokenizer and ``T5EncoderModel`` from a local folder (never the hub).
+
+        ``dtype`` defaults to float16 on CUDA (the reference) and float32 elsewhere (fp16 matmuls on CPU are
+        slow). A full encoder-decoder checkpoint (the official ``flan-t5-xl`` layout) is fine: the decoder
+        weights are ignored. A missing *encoder* weight is an error (no silent random init).
+        """
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        folder = Path(local_dir).expanduser()
+        _check_t5_folder(folder)
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(folder), legacy=True, local_files_only=True, model_max_length=max_length
+            )
+            model, info = T5EncoderModel.from_pretrained(
+                str(folder), dtype=dtype, local_files_only=True, output_loading_info=True
+            )
+        except (OSError, ValueError, ImportError) as e:
+            raise TextEncoderFilesError(f"cannot load the T5 text encoder from {folder}: {e}") from e
+        missing = sorted(info.get("missing_keys", ()))
+        if missing:
+            raise TextEncoderFilesError(f"text encoder folder {folder}: weights missing for {len(missing)} "
+                                        f"parameters: {missing[:20]}")
+        if len(tokenizer) > model.config.vocab_size:
+            raise TextEncoderFilesError(f"text encoder folder {folder}: tokenizer has {len(tokenizer)} tokens but "
+                                        f"the model's vocab_size is {model.config.vocab_size}")
+        return cls(tokenizer, model.to(device), max_length=max_length, pad_to_max_length=pad_to_max_length,
+                   autocast_dtype=autocast_dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids_BL, attention_mask_BL)`` exactly as the reference tokenizes (on the model's device)."""
+        prompts = _check_prompts(prompts)
+        tokens = self.tokenizer(
+            prompts,
+            max_length=self.max_length,
+            padding="max_length" if self.pad_to_max_length else "longest",
+            truncation=True,
+            return_tensors="pt",
+        )
+        return tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+
+    def untruncated_lengths(self, prompts: Sequence[str]) -> list[int]:
+        """Token count of each prompt including ``</s>``, before truncation."""
+        prompts = _check_prompts(prompts)
+        ids = self.tokenizer(prompts, truncation=False, padding=False, verbose=False)["input_ids"]
+        return [len(x) for x in ids]
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
+        prompts = _check_prompts(prompts)
+        for i, n in enumerate(self.untruncated_lengths(prompts)):
+            if n > self.max_length:
+                warnings.warn(f"prompt {i} ({prompts[i][:60]!r}...) has {n} tokens; truncated to the first "
+                              f"{self.max_length - 1} tokens + </s> (max_length={self.max_length})", stacklevel=2)
+        input_ids_BL, mask_BL = self.tokenize(prompts)
+        if self.autocast_dtype is not None:
+            ctx = torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            hidden_BLC = self.model(input_ids=input_ids_BL, attention_mask=mask_BL).last_hidden_state
+        hidden_BLC = hidden_BLC.float()
+        lens = mask_BL.sum(dim=-1).tolist()
+        # Right padding: the valid rows are each prompt's first lens[i] rows; boolean indexing keeps them in
+        # prompt order, which is exactly the concatenation of feat_i[:lens[i]].
+        kv_compact = hidden_BLC[mask_BL.bool()]
+        return TextEmbeddings(kv_compact, tuple(lens))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt templates
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def duration_prefix(seconds: int | float) -> str:
+    """``'<<<t={seconds}s>>>'``: the clip-length tag videos were trained and sampled with.
+
+    Whole numbers print without a decimal point (``5`` and ``5.0`` both give ``'<<<t=5s>>>'``), as the
+    reference's integer durations do.
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0 or seconds != seconds:
+        raise ValueError(f"duration must be a non-negative number of seconds, got {seconds!r}")
+    text = str(int(seconds)) if float(seconds).is_integer() else str(seconds)
+    return f"<<<t={text}s>>>"
+
+
+def duration_seconds_for_frames(num_frames: int, fps: int = VIDEO_FPS) -> int:
+    """Whole seconds of a ``num_frames``-frame video: ``(num_frames - 1) // fps`` (81 -> 5, 161 -> 10 at 16 fps)."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if fps < 1:
+        raise ValueError(f"fps must be >= 1, got {fps}")
+    return (num_frames - 1) // fps
+
+
+def build_prompt(prompt: str, *, duration_s: int | float | None, quality_suffix: str = QUALITY_SUFFIX) -> str:
+    """The text the inference scripts encode: ``duration_prefix(D) + prompt + quality_suffix``.
+
+    ``duration_s=None`` means an image (T2I): no prefix, since images were trained without one. Pass
+    ``quality_suffix=''`` to leave the prompt as is after the prefix (the interactive model's format).
+    """
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+    text = f"{prompt}{quality_suffix}"
+    return text if duration_s is None else duration_prefix(duration_s) + text
+
+
+def interactive_prompt(prompt: str, clip_seconds: int = 5) -> str:
+    """One interactive turn's text: ``'<<<t=5s>>>' + prompt`` (no quality suffix)."""
+    return build_prompt(prompt, duration_s=clip_seconds, quality_suffix="")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training captions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def truncate_sentences(caption: str, generator: torch.Generator) -> str:
+    """Keep the first k sentences, k uniform in [1, n] (the reference's dynamic-length prompts).
+
+    Sentences are the pieces between '.'; captions with fewer than two sentences come back unchanged (and
+    draw no random number). The kept pieces are re-joined with '.' and end with '.'. Deviation from the
+    reference: pieces holding only whitespace (e.g. after a final '. ') are dropped like empty ones, so a
+    trailing space never becomes an extra sentence ``' .'``.
+    """
+    pieces = [p for p in caption.split(".") if p.strip()]
+    if len(pieces) < 2:
+        return caption
+    k = int(torch.randint(1, len(pieces) + 1, (), generator=generator))
+    return ".".join(pieces[:k]) + "."
+
+
+def maybe_truncate_sentences(caption: str, prob: float, generator: torch.Generator) -> str:
+    """With probability ``prob`` (``short_cap_prob``, 0.3 in the release scripts), :func:`truncate_sentences`."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"sentence truncation probability must be in [0, 1], got {prob}")
+    if prob > 0 and float(torch.rand((), generator=generator)) < prob:
+        return truncate_sentences(caption, generator)
+    return caption
+
+
+def training_caption(
+    caption: str,
+    *,
+    duration_s: int | float | None,
+    quality_prompt: str | None = None,
+    short_cap_prob: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> str:
+    """A training caption in the reference's order: truncate sentences, append ``' ' + quality_prompt``, prefix.
+
+    ``duration_s`` is the clip's mapped whole-second duration (``None`` for images: no prefix).
+    """
+    if short_cap_prob > 0:
+        if generator is None:
+            raise ValueError("training_caption needs a generator when short_cap_prob > 0")
+        caption = maybe_truncate_sentences(caption, short_cap_prob, generator)
+    if quality_prompt:
+        caption = f"{caption} {quality_prompt}"
+    return caption if duration_s is None else duration_prefix(duration_s) + caption
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Guidance: unconditional rows, negative prompts, condition dropout
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_uncond_table(cfg_uncond: torch.Tensor, lens: Sequence[int], width: int) -> None:
+    if cfg_uncond.ndim != 2:
+        raise ValueError(f"cfg_uncond must be [text_maxlen, C], got shape {tuple(cfg_uncond.shape)}")
+    if cfg_uncond.shape[1] != width:
+        raise ValueError(f"cfg_uncond width {cfg_uncond.shape[1]} does not match text width {width}")
+    if max(lens) > cfg_uncond.shape[0]:
+        raise ValueError(f"prompt of {max(lens)} tokens is longer than the {cfg_uncond.shape[0]} cfg_uncond rows")
+
+
+def unconditional_text(cond: TextEmbeddings, cfg_uncond: torch.Tensor) -> TextEmbeddings:
+    """The reference's null text: ``cfg_uncond[:L_i]`` for each prompt i (same lengths as ``cond``)."""
+    _check_uncond_table(cfg_uncond, cond.lens, cond.width)
+    rows = [cfg_uncond[:n] for n in cond.lens]
+    return TextEmbeddings(torch.cat(rows, dim=0).to(cond.kv_compact.dtype), cond.lens)
+
+
+def guidance_text_batch(
+    cond: TextEmbeddings, cfg_uncond: torch.Tensor, negative: TextEmbeddings | None = None
+) -> TextEmbeddings:
+    """The 2B-prompt text batch for guidance: B conditional prompts, then B unconditional ones.
+
+    Without a negative prompt the unconditional rows are ``cfg_uncond[:L_i]`` (reference default), so both
+    halves have identical lengths and ``padded()`` needs no mask. A negative prompt (batch B, or 1 to share
+    it) keeps its own length: shorter *or longer* than the prompt is fine. Use ``padded()`` and its mask
+    so that padding rows are never attended (the reference zero-pads a shorter negative prompt without a
+    mask and asserts it is not longer; both are fixed here).
+    """
+    if negative is None:
+        return TextEmbeddings.cat([cond, unconditional_text(cond, cfg_uncond)])
+    if negative.width != cond.width:
+        raise ValueError(f"negative prompt width {negative.width} does not match prompt width {cond.width}")
+    if negative.batch_size == 1 and cond.batch_size > 1:
+        negative = TextEmbeddings.cat([negative] * cond.batch_size)
+    if negative.batch_size != cond.batch_size:
+        raise ValueError(f"{negative.batch_size} negative prompts for {cond.batch_size} prompts (need 1 or equal)")
+    return TextEmbeddings.cat([cond, negative.to(dtype=cond.kv_compact.dtype)])
+
+
+def guidance_dropout_mask(batch_size: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """bool [B]: which samples lose their text this step (``cond_drop_rate``, 0.1 in the reference)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"guidance dropout probability must be in [0, 1], got {p}")
+    if batch_size < 0:
+        raise ValueError(f"batch_size must be >= 0, got {batch_size}")
+    return torch.rand(batch_size, generator=generator) < p
+
+
+def apply_guidance_dropout(text: TextEmbeddings, cfg_uncond: torch.Tensor, drop_B: torch.Tensor) -> TextEmbeddings:
+    """Training-time condition dropout as the reference does it: dropped samples get ``cfg_uncond[:L_i]``.
+
+    Lengths are unchanged, and gradients flow into ``cfg_uncond`` through the substituted rows. (FSDP/DDP
+    need every parameter on the graph each step; when nothing is dropped the trainer adds
+    ``cfg_uncond[0, 0] * 0`` as the reference does.)
+    """
+    if drop_B.shape != (text.batch_size,):
+        raise ValueError(f"drop mask must have shape ({text.batch_size},), got {tuple(drop_B.shape)}")
+    _check_uncond_table(cfg_uncond, text.lens, text.width)
+    rows = [
+        cfg_uncond[: f.shape[0]].to(f.dtype) if bool(d) else f
+        for f, d in zip(text.split(), drop_B.tolist())
+    ]
+    return TextEmbeddings(torch.cat(rows, dim=0), text.lens)
+
+
+def drop_captions(captions: Sequence[str], p: float, generator: torch.Generator, empty: str = "") -> list[str]:
+    """Caption-level dropout: replace each caption by ``empty`` with probability ``p``.
+
+    For encoders without a learned null embedding (e.g. a tiny demo encoder). The released models were
+    trained with :func:`apply_guidance_dropout` instead, and sample their unconditional branch from
+    ``cfg_uncond``; an empty string through T5 gives a single ``</s>`` token, which is *not* equivalent.
+    """
+    captions = list(captions)
+    drop_B = guidance_dropout_mask(len(captions), p, generator)
+    return [empty if d else c for c, d in zip(captions, drop_B.tolist())]

@@ -1,0 +1,378 @@
+"""Text encoders and prompt handling (src/infinitystar/text.py) against the tiny offline T5."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures_text import D_MODEL, tiny_flan_t5_dir, tiny_spiece_model  # noqa: F401
+from infinitystar.text import (
+    QUALITY_SUFFIX,
+    FlanT5Encoder,
+    PrecomputedTextEncoder,
+    TextEmbeddings,
+    TextEncoderFilesError,
+    apply_guidance_dropout,
+    build_prompt,
+    drop_captions,
+    duration_prefix,
+    duration_seconds_for_frames,
+    guidance_dropout_mask,
+    guidance_text_batch,
+    interactive_prompt,
+    maybe_truncate_sentences,
+    training_caption,
+    truncate_sentences,
+    unconditional_text,
+)
+
+PROMPTS = [
+    "A red ball bounces.",
+    "<<<t=5s>>>Two cats play with a blue string on the sofa, Close-up on big objects, emphasize scale and detail",
+    "",
+    "zebra quartz!",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_flan_t5_dir: Path) -> FlanT5Encoder:  # noqa: F811
+    return FlanT5Encoder.from_pretrained(tiny_flan_t5_dir)
+
+
+@pytest.fixture(scope="module")
+def sp(tiny_spiece_model: Path):  # noqa: F811
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(tiny_spiece_model))
+
+
+@pytest.fixture(scope="module")
+def raw_t5(tiny_flan_t5_dir: Path):  # noqa: F811
+    from transformers import T5EncoderModel
+
+    return T5EncoderModel.from_pretrained(str(tiny_flan_t5_dir), local_files_only=True).eval()
+
+
+def _direct_features(raw_t5, ids: list[int]) -> torch.Tensor:
+    """T5 run on one unpadded sequence, no mask: the reference rows must equal these."""
+    with torch.no_grad():
+        return raw_t5(input_ids=torch.tensor([ids])).last_hidden_state[0].float()
+
+
+# ------------------------------------------------------------------------------------------ encoder round trip
+
+
+def test_round_trip_shape_lens_and_values(encoder, sp, raw_t5):
+    assert encoder.width == D_MODEL and encoder.max_length == 512
+    for prompt in PROMPTS:
+        emb = encoder.encode([prompt])
+        ids = sp.encode(prompt) + [1]  # sentencepiece pieces + </s>
+        assert emb.lens == (len(ids),)
+        assert emb.kv_compact.shape == (len(ids), D_MODEL)
+        assert emb.kv_compact.dtype == torch.float32
+        torch.testing.assert_close(emb.kv_compact, _direct_features(raw_t5, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_encode_is_deterministic(tiny_flan_t5_dir, encoder):  # noqa: F811
+    a = encoder.encode(PROMPTS)
+    b = encoder.encode(PROMPTS)
+    c = FlanT5Encoder.from_pretrained(tiny_flan_t5_dir).encode(PROMPTS)
+    assert a.lens == b.lens == c.lens
+    assert torch.equal(a.kv_compact, b.kv_compact)
+    assert torch.equal(a.kv_compact, c.kv_compact)
+
+
+def test_batch_equals_single_prompts(encoder, sp):
+    emb = encoder.encode(PROMPTS)
+    expected_lens = [len(sp.encode(p)) + 1 for p in PROMPTS]
+    assert list(emb.lens) == expected_lens
+    assert emb.cu_seqlens.dtype == torch.int32
+    assert emb.cu_seqlens.tolist() == [0, *torch.tensor(expected_lens).cumsum(0).tolist()]
+    assert emb.kv_compact.shape == (sum(expected_lens), D_MODEL)
+    for i, prompt in enumerate(PROMPTS):
+        alone = encoder.encode([prompt]).kv_compact
+        torch.testing.assert_close(emb.prompt(i), alone, atol=1e-5, rtol=0)
+
+
+def test_padding_to_longest_gives_same_rows(tiny_flan_t5_dir):  # noqa: F811
+    full = FlanT5Encoder.from_pretrained(tiny_flan_t5_dir).encode(PROMPTS)
+    short = FlanT5Encoder.from_pretrained(tiny_flan_t5_dir, pad_to_max_length=False).encode(PROMPTS)
+    assert full.lens == short.lens
+    torch.testing.assert_close(full.kv_compact, short.kv_compact, atol=1e-5, rtol=0)
+
+
+def test_tokenize_pads_to_max_length_with_pad_id(encoder, sp):
+    ids, mask = encoder.tokenize(["A red ball bounces."])
+    n = len(sp.encode("A red ball bounces.")) + 1
+    assert ids.shape == mask.shape == (1, 512)
+    assert mask[0, :n].all() and not mask[0, n:].any()
+    assert ids[0, n - 1].item() == 1 and (ids[0, n:] == 0).all()
+
+
+def test_over_long_prompt_truncated_with_warning(encoder, sp, raw_t5):
+    long_prompt = " ".join(["a red ball bounces on the floor."] * 120)
+    full_ids = sp.encode(long_prompt)
+    assert len(full_ids) + 1 > 512
+    with pytest.warns(UserWarning, match=r"truncated"):
+        emb = encoder.encode([long_prompt, "A red ball."])
+    assert emb.lens[0] == 512
+    ids, _ = encoder.tokenize([long_prompt])
+    assert ids[0].tolist() == full_ids[:511] + [1]  # first 511 pieces, then </s>
+    torch.testing.assert_close(emb.prompt(0), _direct_features(raw_t5, full_ids[:511] + [1]), atol=1e-5, rtol=1e-5)
+
+
+def test_short_prompt_does_not_warn(encoder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder.encode(["A red ball."])
+
+
+def test_smaller_max_length_truncates(tiny_flan_t5_dir, sp):  # noqa: F811
+    enc = FlanT5Encoder.from_pretrained(tiny_flan_t5_dir, max_length=6)
+    with pytest.warns(UserWarning):
+        emb = enc.encode([PROMPTS[1]])
+    assert emb.lens == (6,)
+    assert enc.tokenize([PROMPTS[1]])[0][0].tolist() == sp.encode(PROMPTS[1])[:5] + [1]
+
+
+def test_encode_rejects_bare_string(encoder):
+    with pytest.raises(ValueError, match="list of prompts"):
+        encoder.encode("A red ball.")
+    with pytest.raises(ValueError, match="at least one prompt"):
+        encoder.encode([])
+
+
+# ------------------------------------------------------------------------------------------ loading errors
+
+
+def test_missing_folder_error_names_path(tmp_path):
+    missing = tmp_path / "text_encoder" / "flan-t5-xl-official"
+    with pytest.raises(TextEncoderFilesError, match="does not exist") as info:
+        FlanT5Encoder.from_pretrained(missing)
+    assert str(missing) in str(info.value)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("removed", ["model.safetensors", "config.json"])
+def test_incomplete_folder_error_names_path_and_file(tiny_flan_t5_dir, tmp_path, removed):  # noqa: F811
+    broken = tmp_path / "flan-t5-broken"
+    shutil.copytree(tiny_flan_t5_dir, broken)
+    (broken / removed).unlink()
+    with pytest.raises(TextEncoderFilesError, match="incomplete") as info:
+        FlanT5Encoder.from_pretrained(broken)
+    assert str(broken) in str(info.value)
+
+
+def test_missing_tokenizer_error(tiny_flan_t5_dir, tmp_path):  # noqa: F811
+    broken = tmp_path / "flan-t5-notok"
+    shutil.copytree(tiny_flan_t5_dir, broken)
+    for name in ("tokenizer.json", "spiece.model"):
+        (broken / name).unlink()
+    with pytest.raises(TextEncoderFilesError, match="no tokenizer") as info:
+        FlanT5Encoder.from_pretrained(broken)
+    assert str(broken) in str(info.value)
+
+
+def test_missing_encoder_weight_is_an_error(tiny_flan_t5_dir, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "flan-t5-partial"
+    shutil.copytree(tiny_flan_t5_dir, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    dropped = "encoder.block.1.layer.0.SelfAttention.q.weight"
+    assert dropped in state
+    del state[dropped]
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(TextEncoderFilesError, match="missing") as info:
+        FlanT5Encoder.from_pretrained(broken)
+    assert dropped in str(info.value) and str(broken) in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ TextEmbeddings
+
+
+def test_text_embeddings_split_padded_and_validation():
+    a, b = torch.randn(3, 4), torch.randn(5, 4)
+    emb = TextEmbeddings.from_features([a, b])
+    assert emb.lens == (3, 5) and emb.batch_size == 2 and emb.width == 4 and emb.max_len == 5
+    assert emb.cu_seqlens.tolist() == [0, 3, 8]
+    assert torch.equal(emb.prompt(0), a) and torch.equal(emb.prompt(-1), b)
+    x, mask = emb.padded()
+    assert x.shape == (2, 5, 4) and mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    assert torch.equal(x[0, :3], a) and torch.equal(x[0, 3:], torch.zeros(2, 4)) and torch.equal(x[1], b)
+    assert emb.padded(7)[0].shape == (2, 7, 4)
+    with pytest.raises(ValueError, match="shorter"):
+        emb.padded(4)
+    with pytest.raises(ValueError, match="does not match"):
+        TextEmbeddings(torch.randn(7, 4), (3, 5))
+    with pytest.raises(ValueError, match="at least one token"):
+        TextEmbeddings(torch.randn(3, 4), (3, 0))
+    both = TextEmbeddings.cat([emb, TextEmbeddings.from_features([a])])
+    assert both.lens == (3, 5, 3) and torch.equal(both.prompt(2), a)
+
+
+def test_precomputed_encoder():
+    table = {"a cat": torch.randn(4, 8), "a dog": torch.randn(2, 8)}
+    enc = PrecomputedTextEncoder(table)
+    emb = enc(["a dog", "a cat"])
+    assert enc.width == 8 and emb.lens == (2, 4)
+    assert torch.equal(emb.prompt(0), table["a dog"]) and torch.equal(emb.prompt(1), table["a cat"])
+    with pytest.raises(ValueError, match="a bird"):
+        enc.encode(["a bird"])
+
+
+# ------------------------------------------------------------------------------------------ guidance text
+
+
+def test_unconditional_rows_are_cfg_uncond_prefixes():
+    cond = TextEmbeddings.from_features([torch.randn(3, 4), torch.randn(6, 4)])
+    table = torch.randn(512, 4)
+    pair = guidance_text_batch(cond, table)
+    assert pair.lens == (3, 6, 3, 6)
+    assert torch.equal(pair.prompt(2), table[:3]) and torch.equal(pair.prompt(3), table[:6])
+    assert torch.equal(pair.prompt(0), cond.prompt(0))
+    assert torch.equal(unconditional_text(cond, table).kv_compact, torch.cat([table[:3], table[:6]]))
+    single = guidance_text_batch(TextEmbeddings.from_features([torch.randn(5, 4)]), table)
+    assert single.padded()[1].all()  # the reference's CFG pair needs no attention mask
+    with pytest.raises(ValueError, match="longer than"):
+        unconditional_text(TextEmbeddings.from_features([torch.randn(9, 4)]), table[:8])
+    with pytest.raises(ValueError, match="width"):
+        unconditional_text(cond, torch.randn(512, 5))
+
+
+def test_negative_prompt_any_length_is_masked():
+    cond = TextEmbeddings.from_features([torch.randn(3, 4)])
+    negative = TextEmbeddings.from_features([torch.randn(7, 4)])  # longer than the prompt: allowed
+    pair = guidance_text_batch(cond, torch.randn(512, 4), negative)
+    assert pair.lens == (3, 7)
+    x, mask = pair.padded()
+    assert mask.tolist() == [[True] * 3 + [False] * 4, [True] * 7]
+    assert torch.equal(x[1], negative.prompt(0)) and torch.equal(x[0, 3:], torch.zeros(4, 4))
+    shared = guidance_text_batch(TextEmbeddings.from_features([torch.randn(3, 4), torch.randn(2, 4)]),
+                                 torch.randn(512, 4), negative)
+    assert shared.lens == (3, 2, 7, 7)
+    with pytest.raises(ValueError, match="negative prompts"):
+        guidance_text_batch(TextEmbeddings.from_features([torch.randn(3, 4)] * 3), torch.randn(512, 4),
+                            TextEmbeddings.from_features([torch.randn(2, 4)] * 2))
+
+
+# ------------------------------------------------------------------------------------------ prompt templates
+
+
+@pytest.mark.parametrize(("seconds", "expected"), [(5, "<<<t=5s>>>"), (10, "<<<t=10s>>>"), (1, "<<<t=1s>>>"),
+                                                   (0, "<<<t=0s>>>"), (5.0, "<<<t=5s>>>"), (2.5, "<<<t=2.5s>>>")])
+def test_duration_prefix(seconds, expected):
+    assert duration_prefix(seconds) == expected
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), "5", None, True])
+def test_duration_prefix_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="duration"):
+        duration_prefix(bad)
+
+
+@pytest.mark.parametrize(("frames", "seconds"), [(81, 5), (161, 10), (17, 1), (1, 0), (97, 6)])
+def test_duration_seconds_for_frames(frames, seconds):
+    assert duration_seconds_for_frames(frames) == seconds
+
+
+def test_video_image_and_interactive_prompt_strings():
+    assert QUALITY_SUFFIX == ", Close-up on big objects, emphasize scale and detail"
+    assert build_prompt("a cat", duration_s=5) == (
+        "<<<t=5s>>>a cat, Close-up on big objects, emphasize scale and detail")
+    assert build_prompt("a cat", duration_s=10) == (
+        "<<<t=10s>>>a cat, Close-up on big objects, emphasize scale and detail")
+    assert build_prompt("a cat", duration_s=None) == "a cat, Close-up on big objects, emphasize scale and detail"
+    assert build_prompt("a cat", duration_s=None, quality_suffix="") == "a cat"
+    assert interactive_prompt("the cat jumps") == "<<<t=5s>>>the cat jumps"
+
+
+# ------------------------------------------------------------------------------------------ training captions
+
+CAPTION = "A dog runs. It jumps over a log. Then it barks"
+PREFIXES = ["A dog runs.", "A dog runs. It jumps over a log.", "A dog runs. It jumps over a log. Then it barks."]
+
+
+def test_truncate_sentences_keeps_a_prefix_uniformly():
+    g = torch.Generator().manual_seed(0)
+    counts = {p: 0 for p in PREFIXES}
+    for _ in range(600):
+        out = truncate_sentences(CAPTION, g)
+        assert out in counts
+        counts[out] += 1
+    assert all(150 <= c <= 250 for c in counts.values()), counts
+
+
+def test_truncate_sentences_edge_cases():
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    assert truncate_sentences("One sentence only.", g) == "One sentence only."
+    assert truncate_sentences("no period at all", g) == "no period at all"
+    assert torch.equal(g.get_state(), state)  # nothing drawn for < 2 sentences
+    for _ in range(20):
+        assert truncate_sentences("First.  Second. ", g) in ("First.", "First.  Second.")
+
+
+def test_sentence_truncation_is_reproducible_and_probabilistic():
+    out_a = [maybe_truncate_sentences(CAPTION, 0.3, torch.Generator().manual_seed(7)) for _ in range(3)]
+    assert len(set(out_a)) == 1
+    g = torch.Generator().manual_seed(1)
+    outs = [maybe_truncate_sentences(CAPTION, 0.3, g) for _ in range(3000)]
+    assert abs(sum(o != CAPTION for o in outs) / len(outs) - 0.3) < 0.03  # no final '.': every draw changes it
+    full = PREFIXES[-1]  # ends with '.', so keeping all 3 sentences gives it back unchanged
+    outs = [maybe_truncate_sentences(full, 0.3, g) for _ in range(3000)]
+    assert abs(sum(o != full for o in outs) / len(outs) - 0.3 * 2 / 3) < 0.03
+    assert maybe_truncate_sentences(CAPTION, 0.0, g) == CAPTION
+    with pytest.raises(ValueError, match="probability"):
+        maybe_truncate_sentences(CAPTION, 1.5, g)
+
+
+def test_training_caption_order():
+    assert training_caption("A dog runs.", duration_s=5, quality_prompt="high quality") == (
+        "<<<t=5s>>>A dog runs. high quality")
+    assert training_caption("A dog runs.", duration_s=None) == "A dog runs."
+    g = torch.Generator().manual_seed(3)
+    out = training_caption(CAPTION, duration_s=2, quality_prompt="hq", short_cap_prob=1.0, generator=g)
+    assert out in [f"<<<t=2s>>>{p} hq" for p in PREFIXES]
+    with pytest.raises(ValueError, match="generator"):
+        training_caption(CAPTION, duration_s=2, short_cap_prob=0.5)
+
+
+# ------------------------------------------------------------------------------------------ guidance dropout
+
+
+def test_guidance_dropout_rate_and_reproducibility():
+    drop = guidance_dropout_mask(20000, 0.1, torch.Generator().manual_seed(0))
+    assert drop.dtype == torch.bool and abs(drop.float().mean().item() - 0.1) < 0.01
+    again = guidance_dropout_mask(20000, 0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(drop, again)
+    other = guidance_dropout_mask(20000, 0.1, torch.Generator().manual_seed(1))
+    assert not torch.equal(drop, other)
+    g = torch.Generator().manual_seed(0)
+    assert not guidance_dropout_mask(100, 0.0, g).any() and guidance_dropout_mask(100, 1.0, g).all()
+    with pytest.raises(ValueError, match="probability"):
+        guidance_dropout_mask(4, -0.1, g)
+
+
+def test_apply_guidance_dropout_substitutes_uncond_rows_with_grad():
+    text = TextEmbeddings.from_features([torch.randn(3, 4), torch.randn(2, 4), torch.randn(4, 4)])
+    table = torch.randn(512, 4, requires_grad=True)
+    out = apply_guidance_dropout(text, table, torch.tensor([False, True, False]))
+    assert out.lens == text.lens
+    assert torch.equal(out.prompt(0), text.prompt(0)) and torch.equal(out.prompt(2), text.prompt(2))
+    assert torch.equal(out.prompt(1), table[:2].detach())
+    out.kv_compact.sum().backward()
+    assert table.grad[:2].eq(1).all() and table.grad[2:].eq(0).all()
+
+
+def test_drop_captions():
+    caps = [f"caption {i}" for i in range(4000)]
+    out = drop_captions(caps, 0.25, torch.Generator().manual_seed(0))
+    dropped = [o == "" for o in out]
+    assert abs(sum(dropped) / len(caps) - 0.25) < 0.03
+    assert all(o == c for o, c, d in zip(out, caps, dropped) if not d)
+    assert out == drop_captions(caps, 0.25, torch.Generator().manual_seed(0))
