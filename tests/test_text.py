@@ -376,3 +376,19 @@ def test_drop_captions():
     assert abs(sum(dropped) / len(caps) - 0.25) < 0.03
     assert all(o == c for o, c, d in zip(out, caps, dropped) if not d)
     assert out == drop_captions(caps, 0.25, torch.Generator().manual_seed(0))
+
+
+# ------------------------------------------------------------------------------------------ dtypes
+
+
+def test_fp16_weights_and_bf16_autocast_still_return_fp32(tiny_flan_t5_dir, encoder):  # noqa: F811
+    ref = encoder.encode(PROMPTS)
+    half = FlanT5Encoder.from_pretrained(tiny_flan_t5_dir, dtype=torch.float16)
+    assert half.model.shared.weight.dtype == torch.float16  # the reference's T5 dtype
+    out16 = half.encode(PROMPTS)
+    bf16 = FlanT5Encoder.from_pretrained(tiny_flan_t5_dir, autocast_dtype=torch.bfloat16)
+    out_bf = bf16.encode(PROMPTS)
+    for out in (out16, out_bf):
+        assert out.kv_compact.dtype == torch.float32 and out.lens == ref.lens
+        assert not torch.equal(out.kv_compact, ref.kv_compact)  # the lower precision really ran
+        torch.testing.assert_close(out.kv_compact, ref.kv_compact, atol=0.05, rtol=0)  # measured 3e-3 / 3e-2
