@@ -249,7 +249,10 @@ def _check_t5_folder(folder: Path) -> None:
         raise TextEncoderFilesError(f"text encoder folder {folder} is incomplete: no weights "
                                     f"(looked for {', '.join(_WEIGHT_FILES)})")
     if weights[0].endswith(".index.json"):
-        index = json.loads((folder / weights[0]).read_text())
+        try:
+            index = json.loads((folder / weights[0]).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise TextEncoderFilesError(f"text encoder folder {folder}: cannot read {weights[0]} ({e})") from e
         shards = sorted(set(index.get("weight_map", {}).values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
