@@ -4,6 +4,18 @@ A schedule is the first-frame pyramid (``K`` scales with t=1) followed by one py
 scales per video clip (t = latent frames of that clip, at most ``frames_inner_clip``). The clip
 layout rules below decide which latent frames each scale covers and which earlier scale it may
 attend to (the last, full-resolution scale of the previous clip).
+
+Contents, in reading order (all checked against golden/scale_schedules.json):
+* clip layout: ``clip_layout`` -> ``ScalePackInfo`` (frames, attention references per scale);
+* dynamic-resolution tables: ``base_ladder``, ``h_div_w_templates``, ``nearest_h_div_w_template``,
+  ``parse_aspect_ratio``, ``image_scale_schedule``, ``pixel_size``, ``resolution_bucket``,
+  ``pt2scale_schedule``, ``schedule_table``, ``build_scale_schedule`` (any 1 or 16*D+1 frames);
+* repetitions and heads: ``parse_repetition`` (no eval), ``scale_repetitions``,
+  ``rope_scale_indices``, ``tower_split_index``, ``detail_scale_flags``;
+* the generation loop's step plan: ``build_step_plan`` -> ``ScaleStep``;
+* the interactive turn: ``interactive_segment_layout``;
+* the official modes as data: ``OFFICIAL_MODES`` / ``get_mode`` -> ``InferenceMode``;
+* cost figures: ``plan_cost`` / ``mode_cost``.
 """
 
 from __future__ import annotations
