@@ -193,3 +193,135 @@ __all__ = [
     "register_preset",
     "replace",
 ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer
+# ----------------------------------------------------------------------------------------------
+
+
+def mlp_intermediate_size(embed_dim: int, mlp_ratio: float) -> int:
+    """The reference's SwiGLU width: ``round(embed_dim * mlp_ratio / 256) * 256``.
+
+    Python's ``round`` is half-to-even, so e.g. width 160 with ratio 4 gives 512, not 640; the
+    official 8B (4096 x 4) gives 16384.
+    """
+    return int(round(embed_dim * mlp_ratio / 256)) * 256
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The spacetime decoder-only transformer (Qwen3-style blocks, 4-axis RoPE, two bit heads).
+
+    Defaults are the official ``infinity_qwen8b`` (8,768,382,112 parameters in the official state
+    dict, of which 4,096 are the dead ``sos_token`` this implementation does not keep).
+    """
+
+    depth: int = 36
+    embed_dim: int = 4096
+    num_heads: int = 32
+    # GQA: query head h uses key/value head h // (num_heads // num_kv_heads).
+    num_kv_heads: int = 8
+    # Must equal embed_dim // num_heads (the reference derives it); (head_dim / 2) % 4 == 0 for the 4-axis RoPE.
+    head_dim: int = 128
+    mlp_intermediate: int = 16384
+    # Width of the text encoder features (flan-t5-xl: 2048) and rows of the learned unconditional text.
+    text_channels: int = 2048
+    # Rows of ``cfg_uncond`` and the RoPE scale-axis offset of visual tokens (positions text_maxlen + step).
+    text_maxlen: int = 512
+    # Channels of the summed-code map fed to the input embedding.
+    d_vae: int = 64
+    # Bits per token of the detail head (``head``) and the semantic head (``semantic_head2``).
+    detail_bits: int = 64
+    semantic_bits: int = 16
+    # The reference stores norm_eps but every RMSNorm uses 1e-6.
+    norm_eps: float = 1e-6
+    # Packed training sequences are zero-padded to a multiple of this.
+    pad_to_multiplier: int = 128
+    # Blocks per checkpoint chunk only shape the official key names (block_chunks.{c}.module.{j}).
+    block_chunks: int = 6
+    qkvo_bias: bool = False
+    # Inference head rule: semantic head iff (scale index % scales per clip) < semantic_scales.
+    semantic_scales: int = 12
+    # Training head rule (and tokenizer): semantic iff h*w < detail_scale_min_tokens.
+    detail_scale_min_tokens: int = 750
+    rope_theta: float = 10000.0
+    # Latent frames the RoPE frame axis covers (reference: int(video_frames / 4 + 1)); longer schedules are
+    # rejected because the reference's tables end there.
+    rope_max_frames: int = 21
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_intermediate",
+                     "text_channels", "text_maxlen", "d_vae", "detail_bits", "semantic_bits", "pad_to_multiplier",
+                     "block_chunks", "rope_max_frames"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and v > 0, f"TransformerConfig.{name} must be a positive int, got {v!r}")
+        _require(self.head_dim * self.num_heads == self.embed_dim,
+                 f"TransformerConfig: head_dim * num_heads = {self.head_dim} * {self.num_heads} = "
+                 f"{self.head_dim * self.num_heads} != embed_dim {self.embed_dim}")
+        _require(self.num_heads % self.num_kv_heads == 0,
+                 f"TransformerConfig: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        _require(self.head_dim % 8 == 0,
+                 f"TransformerConfig.head_dim {self.head_dim}: the 4-axis RoPE needs head_dim/2 = {self.head_dim / 2} "
+                 f"divisible by 4")
+        _require(self.depth % self.block_chunks == 0,
+                 f"TransformerConfig: depth {self.depth} is not a multiple of block_chunks {self.block_chunks}")
+        _require(self.semantic_scales >= 0,
+                 f"TransformerConfig.semantic_scales must be >= 0, got {self.semantic_scales}")
+        _require(self.detail_scale_min_tokens >= 0,
+                 f"TransformerConfig.detail_scale_min_tokens must be >= 0, got {self.detail_scale_min_tokens}")
+        _require(self.norm_eps > 0, f"TransformerConfig.norm_eps must be > 0, got {self.norm_eps}")
+        _require(self.rope_theta > 0, f"TransformerConfig.rope_theta must be > 0, got {self.rope_theta}")
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def blocks_per_chunk(self) -> int:
+        return self.depth // self.block_chunks
+
+
+def _qwen(depth: int, embed_dim: int, kv_div: int, mlp_ratio: float, chunks: int, head_dim: int = 128,
+          num_heads: int | None = None, bias: bool = False, **kw: Any) -> TransformerConfig:
+    heads = num_heads if num_heads is not None else embed_dim // head_dim
+    return TransformerConfig(depth=depth, embed_dim=embed_dim, num_heads=heads, num_kv_heads=heads // kv_div,
+                             head_dim=embed_dim // heads, mlp_intermediate=mlp_intermediate_size(embed_dim, mlp_ratio),
+                             block_chunks=chunks, qkvo_bias=bias, **kw)
+
+
+# The released checkpoints (same architecture; run-time head split and RoPE frame reach differ).
+register_preset("transformer", "official-8b-720p", TransformerConfig(semantic_scales=12, detail_scale_min_tokens=750))
+# 480p supports 10 s videos (161 frames -> 41 latent frames).
+register_preset("transformer", "official-8b-480p",
+                TransformerConfig(semantic_scales=11, detail_scale_min_tokens=350, rope_max_frames=41))
+register_preset("transformer", "interactive-480p",
+                TransformerConfig(semantic_scales=11, detail_scale_min_tokens=350, rope_max_frames=41))
+# The golden `tiny` case: same code path as the 8B at a width that runs in milliseconds.
+register_preset("transformer", "tiny-test", TransformerConfig(
+    depth=4, embed_dim=128, num_heads=4, num_kv_heads=2, head_dim=32, mlp_intermediate=512, text_channels=32,
+    block_chunks=2, semantic_scales=10, detail_scale_min_tokens=200))
+# The other sizes the reference registers (all build Qwen-style blocks; MHA where kv heads are not given).
+register_preset("transformer", "qwen7b", _qwen(36, 4096, 4, 3.0, 6))
+register_preset("transformer", "qwen8b-v2", _qwen(36, 4096, 1, 3.0, 6))
+register_preset("transformer", "qwen-wide14b", _qwen(36, 5632, 4, 3.4, 6))
+register_preset("transformer", "qwen13b-mha", _qwen(40, 5120, 1, 3.4, 8, bias=True))
+register_preset("transformer", "qwen2-2b", _qwen(28, 2304, 1, 3.55, 7))
+register_preset("transformer", "qwen0b", _qwen(4, 512, 1, 3.55, 2))
+register_preset("transformer", "qwen2-30b", _qwen(54, 6144, 4, 4, 27))
+register_preset("transformer", "qwen14b", _qwen(48, 4608, 4, 4, 24))
+register_preset("transformer", "2b", _qwen(32, 2048, 1, 4, 1))
+register_preset("transformer", "sa2b", _qwen(28, 2560, 1, 4, 7))
+register_preset("transformer", "sa8b", _qwen(42, 4096, 1, 4, 7))
+register_preset("transformer", "sa14b", _qwen(40, 5120, 1, 3.4, 8))
+register_preset("transformer", "sa12b", _qwen(60, 4096, 1, 4, 1))
+register_preset("transformer", "sa16b", _qwen(42, 4096, 1, 4, 1))
+register_preset("transformer", "8b", _qwen(40, 3584, 1, 4, 1))
+register_preset("transformer", "20b", _qwen(58, 4608, 1, 4, 1))
+for _depth, _width, _heads in ((12, 768, 8), (16, 1152, 12), (24, 1536, 16), (32, 2080, 20), (40, 2688, 24),
+                               (48, 3360, 28)):
+    register_preset("transformer", f"layer{_depth}", _qwen(_depth, _width, 1, 4, 1, num_heads=_heads))
+# Not registered: the reference's `infinity_v2b` (head dim 126) fails its own RoPE assertion.
+
+__all__ += ["TransformerConfig", "mlp_intermediate_size"]
