@@ -125,3 +125,129 @@ def test_selected_without_context_raises():
     schedule = _official_schedule("video_frames=81", "0.40M", 21)
     with pytest.raises(ValueError, match="context"):
         remap_refs(schedule, [0, 20])
+
+
+# ----------------------------------------------------------------------------------------------
+# The training step on a tiny model
+# ----------------------------------------------------------------------------------------------
+
+from infinitystar.config import QuantizerConfig, TransformerConfig  # noqa: E402
+from infinitystar.train.loss import LossWeighting, raw_scale_weights  # noqa: E402
+from infinitystar.train.step import (  # noqa: E402
+    TrainSample,
+    make_optimizer,
+    packed_loss,
+    prepare_packed_batch,
+    tokenize_sample,
+    train_step,
+)
+from infinitystar.transformer.model import InfinityStarTransformer  # noqa: E402
+
+# Two clips of 3 scales: image (1,1,1) (1,2,2) (1,4,4), video (2,1,1) (2,2,2) (2,4,4); 4x4 = 16 tokens is "detail".
+VIDEO = [(1, 1, 1), (1, 2, 2), (1, 4, 4), (2, 1, 1), (2, 2, 2), (2, 4, 4)]
+IMAGE = [(1, 1, 1), (1, 2, 2), (1, 3, 3), (1, 4, 4)]
+QCFG = QuantizerConfig(detail_scale_min_tokens=16)
+TEXT_CH = 16
+
+
+def _tiny_model(seed: int = 0) -> InfinityStarTransformer:
+    cfg = TransformerConfig(depth=2, embed_dim=64, num_heads=2, num_kv_heads=1, head_dim=32, mlp_intermediate=128,
+                            text_channels=TEXT_CH, text_maxlen=32, block_chunks=1, semantic_scales=2,
+                            detail_scale_min_tokens=16, rope_max_frames=8)
+    torch.manual_seed(seed)
+    return InfinityStarTransformer(cfg)
+
+
+def _latent(schedule, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = 1 + (schedule[-1][0] if len(schedule) > 4 else 0)
+    h, w = schedule[-1][1:]
+    return torch.randn(1, 64, t, h, w, generator=g)
+
+
+def _sample(schedule, seed: int, text_len: int, scale_ids=None) -> TrainSample:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(text_len, TEXT_CH, generator=g)
+    reps = [2] * len(schedule)
+    ids = range(len(schedule)) if scale_ids is None else scale_ids
+    return tokenize_sample(_latent(schedule, seed), text, schedule, reps, QCFG, ids, g)
+
+
+def test_tokenized_sample_matches_model_heads_and_is_seeded():
+    a = _sample(VIDEO, 3, 5)
+    b = _sample(VIDEO, 3, 5)
+    assert a.scale_ids == tuple(range(6))
+    assert [y.shape[-1] for y in a.labels] == [16, 16, 64, 16, 16, 64]
+    for x, y, xb, yb in zip(a.inputs, a.labels, b.inputs, b.labels):
+        assert torch.equal(x, xb) and torch.equal(y, yb)
+    # Two repetitions per scale: the RoPE step index of scale k is 2k + (trained repetition).
+    assert all(r - 2 * k in (0, 1) for k, r in enumerate(a.real_si))
+
+
+def test_loss_falls_with_adamw_on_a_fixed_batch():
+    model = _tiny_model()
+    batch = [_sample(VIDEO, 1, 5), _sample(IMAGE, 2, 7)]
+    opt = make_optimizer(model, lr=3e-3)
+    losses = [train_step(model, opt, batch, LossWeighting(4, 40)).loss for _ in range(20)]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.8 * losses[0], f"loss did not fall: {losses[0]:.4f} -> {losses[-1]:.4f}"
+    assert losses[-1] < min(losses[:5])
+
+
+def test_packed_step_is_the_weighted_combination_of_its_samples():
+    weighting = LossWeighting(4, 40)
+    a = _sample(VIDEO, 11, 5)
+    b = _sample(IMAGE, 12, 9, scale_ids=[0, 1, 3])  # a scale subset
+
+    def run(samples):
+        model = _tiny_model(seed=5)
+        metrics = train_step(model, None, samples, weighting, grad_clip=0)
+        return metrics, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    m_ab, g_ab = run([a, b])
+    m_a, g_a = run([a])
+    m_b, g_b = run([b])
+    w_a = sum(raw_scale_weights([math.prod(a.schedule[i]) for i in a.scale_ids],
+                                [math.prod(a.schedule[-1])] * len(a.scale_ids), weighting))
+    w_b = sum(raw_scale_weights([math.prod(b.schedule[i]) for i in b.scale_ids],
+                                [math.prod(b.schedule[-1])] * len(b.scale_ids), weighting))
+    fa, fb = w_a / (w_a + w_b), w_b / (w_a + w_b)
+    assert m_ab.loss == pytest.approx(fa * m_a.loss + fb * m_b.loss, rel=1e-5, abs=1e-6)
+    assert m_ab.acc == pytest.approx(fa * m_a.acc + fb * m_b.acc, rel=1e-5, abs=1e-6)
+    assert set(g_ab) == set(g_a) == set(g_b)
+    for name in g_ab:
+        torch.testing.assert_close(g_ab[name], fa * g_a[name] + fb * g_b[name], rtol=1e-4, atol=1e-7,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    # Per-scale accuracies are reported per (sample, scale).
+    assert [(s[0], s[1]) for s in m_ab.per_scale] == [(0, i) for i in range(6)] + [(1, 0), (1, 1), (1, 3)]
+    assert sum(s[5] for s in m_ab.per_scale) == pytest.approx(1.0)
+
+
+def test_condition_dropout_uses_the_unconditional_text():
+    model = _tiny_model()
+    s = _sample(IMAGE, 4, 6)
+    dropped = train_step(model, None, [s], cond_drop_rate=1.0, backward=False)
+    with torch.no_grad():
+        manual = TrainSample(s.schedule, s.scale_ids, s.inputs, s.labels, s.real_si, model.uncond_text[:6].clone())
+        ref, _ = packed_loss(model, [manual], LossWeighting())
+        cond, _ = packed_loss(model, [s], LossWeighting())
+    assert dropped.loss == pytest.approx(float(ref.final_loss), abs=1e-6)
+    assert abs(dropped.loss - float(cond.final_loss)) > 1e-6
+
+
+def test_prepare_packed_batch_budget_and_seed():
+    texts = [torch.randn(5, TEXT_CH), torch.randn(7, TEXT_CH)]
+    lats = [_latent(VIDEO, 0), _latent(IMAGE, 1)]
+    reps = [[2] * len(VIDEO), [2] * len(IMAGE)]
+    cfg = ScaleSubsetConfig(var_len=False)
+
+    def prep(seed):
+        return prepare_packed_batch(lats, texts, [VIDEO, IMAGE], reps, QCFG, cfg, torch.Generator().manual_seed(seed),
+                                    max_tokens=60)
+
+    a, b = prep(0), prep(0)
+    assert sum(s.visual_tokens for s in a) + 12 <= 60
+    assert [s.scale_ids for s in a] == [s.scale_ids for s in b]
+    for sa, sb in zip(a, b):
+        for x, y in zip(sa.inputs + sa.labels, sb.inputs + sb.labels):
+            assert torch.equal(x, y)
