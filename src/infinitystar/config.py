@@ -11,6 +11,7 @@ name; ``get_preset("vae", "official")`` returns the configuration of the release
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -325,3 +326,142 @@ for _depth, _width, _heads in ((12, 768, 8), (16, 1152, 12), (24, 1536, 16), (32
 # Not registered: the reference's `infinity_v2b` (head dim 126) fails its own RoPE assertion.
 
 __all__ += ["TransformerConfig", "mlp_intermediate_size"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and pipelines
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How bits are drawn from the logits. Defaults are the official 720p/480p scripts' values."""
+
+    # "apg" (official T2V/I2V scripts), "cfg" (the interactive model), or "none" (conditional branch only).
+    guidance: str = "apg"
+    guidance_scale: float = 34.0
+    apg_norm_threshold: float = 0.05
+    # Logits are multiplied by 1/tau: tau_image on the first-frame pyramid, tau_video on video clips.
+    tau_image: float = 1.0
+    tau_video: float = 0.4
+
+    def __post_init__(self) -> None:
+        _require(self.guidance in ("apg", "cfg", "none"),
+                 f"SamplingConfig.guidance must be 'apg', 'cfg' or 'none', got {self.guidance!r}")
+        _require(isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)
+                 and self.guidance_scale >= 1, f"guidance scale must be a number >= 1, got {self.guidance_scale!r}")
+        _require(self.apg_norm_threshold > 0,
+                 f"SamplingConfig.apg_norm_threshold must be > 0, got {self.apg_norm_threshold}")
+        for name in ("tau_image", "tau_video"):
+            _require(getattr(self, name) > 0, f"SamplingConfig.{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance != "none" and self.guidance_scale != 1
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything a generation pipeline needs besides weights: components, resolution, lengths, defaults.
+
+    The duration prefix, prompt template, repetitions, temperatures and guidance all come from here
+    (no script globals): a user changes them by passing arguments, never by editing code.
+    """
+
+    name: str
+    vae: VAEConfig
+    quantizer: QuantizerConfig
+    transformer: TransformerConfig
+    # Pixel budget of the scale pyramid ('0.06M', '0.25M', '0.40M', '0.90M') ...
+    pn: str = "0.90M"
+    # ... optionally truncated to its first `num_scales` grids (custom small budgets; None = the pn's own).
+    num_scales: int | None = None
+    # Aspect ratio used when the user gives none ("W:H"); the official scripts ask for 0.571 (-> 16:9).
+    default_aspect: str = "16:9"
+    aspects: tuple[str, ...] = ("16:9", "9:16", "1:1", "4:3", "3:4", "21:9")
+    image_repetition: tuple[int, ...] = (3,) * 15
+    video_repetition: tuple[int, ...] = (3,) * 12 + (2, 1, 1)
+    sampling: SamplingConfig = SamplingConfig()
+    fps: int = 16
+    # Latent frames per video clip (20 = 5 s at 16 fps).
+    frames_inner_clip: int = 20
+    default_seconds: int = 5
+    # Prompt template: "<<<t=5s>>>" duration prefix for videos, and a quality suffix (the official scripts').
+    duration_prefix: bool = True
+    quality_suffix: str = ", Close-up on big objects, emphasize scale and detail"
+    # "t5" (Flan-T5 from a local folder) or "bytes" (the built-in byte-level encoder; no download).
+    text_encoder: str = "t5"
+    # The interactive model: plain CFG, per-segment prompts, the interactive schedule.
+    interactive: bool = False
+    seed: int = 41
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_repetition", tuple(int(r) for r in self.image_repetition))
+        object.__setattr__(self, "video_repetition", tuple(int(r) for r in self.video_repetition))
+        object.__setattr__(self, "aspects", tuple(self.aspects))
+        k = self.scales_per_clip
+        for name in ("image_repetition", "video_repetition"):
+            reps = getattr(self, name)
+            _require(len(reps) >= k and all(r >= 1 for r in reps),
+                     f"PipelineConfig.{name} needs {k} entries >= 1 (one per scale of a clip), got {list(reps)}")
+        _require(self.fps > 0, f"PipelineConfig.fps must be > 0, got {self.fps}")
+        _require(self.frames_inner_clip > 0,
+                 f"PipelineConfig.frames_inner_clip must be > 0, got {self.frames_inner_clip}")
+        _require(self.default_seconds >= 0, f"PipelineConfig.default_seconds must be >= 0, got {self.default_seconds}")
+        _require(self.text_encoder in ("t5", "bytes"),
+                 f"PipelineConfig.text_encoder must be 't5' or 'bytes', got {self.text_encoder!r}")
+        _require(self.quantizer.embed_dim == self.transformer.d_vae == self.vae.embed_dim,
+                 f"latent widths disagree: quantizer {self.quantizer.embed_dim}, transformer d_vae "
+                 f"{self.transformer.d_vae}, VAE {self.vae.embed_dim}")
+        _require(self.quantizer.detail_dim == self.transformer.detail_bits
+                 and self.quantizer.semantic_dim == self.transformer.semantic_bits,
+                 f"bit widths disagree: quantizer {self.quantizer.semantic_dim}/{self.quantizer.detail_dim}, "
+                 f"transformer {self.transformer.semantic_bits}/{self.transformer.detail_bits}")
+        _require(self.quantizer.detail_scale_min_tokens == self.transformer.detail_scale_min_tokens,
+                 f"detail_scale_min_tokens disagree: quantizer {self.quantizer.detail_scale_min_tokens}, "
+                 f"transformer {self.transformer.detail_scale_min_tokens}")
+
+    @property
+    def scales_per_clip(self) -> int:
+        from .schedules import num_scales_for_pn  # schedules imports nothing from here
+
+        full = num_scales_for_pn(self.pn)
+        if self.num_scales is not None:
+            _require(1 <= self.num_scales <= full,
+                     f"PipelineConfig.num_scales must be in 1..{full} for pn={self.pn!r}, got {self.num_scales}")
+            return self.num_scales
+        return full
+
+    @property
+    def frames_per_clip(self) -> int:
+        """Pixel frames per video clip."""
+        return self.frames_inner_clip * self.vae.time_stride
+
+
+_T5_720P = TransformerConfig(semantic_scales=12, detail_scale_min_tokens=750)
+_T5_480P = TransformerConfig(semantic_scales=11, detail_scale_min_tokens=350, rope_max_frames=41)
+
+register_preset("pipeline", "official-720p", PipelineConfig(
+    name="official-720p", vae=VAEConfig(), quantizer=QuantizerConfig(detail_scale_min_tokens=750),
+    transformer=_T5_720P, pn="0.90M"))
+register_preset("pipeline", "official-480p", PipelineConfig(
+    name="official-480p", vae=VAEConfig(), quantizer=QuantizerConfig(detail_scale_min_tokens=350),
+    transformer=_T5_480P, pn="0.40M", image_repetition=(3,) * 14, video_repetition=(3,) * 12 + (2, 1)))
+register_preset("pipeline", "interactive-480p", PipelineConfig(
+    name="interactive-480p", vae=VAEConfig(), quantizer=QuantizerConfig(detail_scale_min_tokens=350),
+    transformer=_T5_480P, pn="0.40M", image_repetition=(3,) * 12 + (2, 1), video_repetition=(3,) * 12 + (2, 1),
+    sampling=SamplingConfig(guidance="cfg", guidance_scale=3.0, tau_image=0.5, tau_video=0.5),
+    quality_suffix="", interactive=True, seed=0))
+# Random weights at toy size: 6 scales of the 1:1 ladder (up to 6x6 latent = 96x96 pixels), a byte-level text
+# encoder; exercises every code path in seconds on a CPU.
+register_preset("pipeline", "tiny-test", PipelineConfig(
+    name="tiny-test", vae=VAEConfig(block_out_channels=(8, 16, 16, 16, 16)),
+    quantizer=QuantizerConfig(detail_scale_min_tokens=16),
+    transformer=TransformerConfig(depth=2, embed_dim=64, num_heads=2, num_kv_heads=1, head_dim=32,
+                                  mlp_intermediate=128, text_channels=32, text_maxlen=64, block_chunks=1,
+                                  semantic_scales=3, detail_scale_min_tokens=16, rope_max_frames=21),
+    pn="0.06M", num_scales=6, default_aspect="1:1", image_repetition=(2, 2, 1, 1, 1, 1),
+    video_repetition=(2, 2, 1, 1, 1, 1), sampling=SamplingConfig(guidance_scale=3.0), default_seconds=1,
+    text_encoder="bytes", seed=0))
+
+__all__ += ["PipelineConfig", "SamplingConfig"]

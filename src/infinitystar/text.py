@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -558,3 +559,49 @@ def drop_captions(captions: Sequence[str], p: float, generator: torch.Generator,
     captions = list(captions)
     drop_B = guidance_dropout_mask(len(captions), p, generator)
     return [empty if d else c for c, d in zip(captions, drop_B.tolist())]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A small encoder that needs no download
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ByteTextEncoder(TextEncoder, torch.nn.Module):
+    """UTF-8 bytes -> learned embeddings + a sinusoidal position code, then one closing token.
+
+    For the tiny presets and the demo model: no tokenizer file, no download, a few thousand parameters
+    that live in the pipeline's ``text_encoder`` safetensors. Lower-cased text, so "Red" and "red" agree.
+    """
+
+    EOS = 256
+
+    def __init__(self, width: int, max_length: int = 128, seed: int = 0) -> None:
+        torch.nn.Module.__init__(self)
+        if width <= 0 or width % 2:
+            raise ValueError(f"ByteTextEncoder width must be a positive even number, got {width}")
+        if max_length < 2:
+            raise ValueError(f"ByteTextEncoder max_length must be >= 2, got {max_length}")
+        self.width = width
+        self.max_length = max_length
+        gen = torch.Generator().manual_seed(seed)
+        self.embedding = torch.nn.Embedding(257, width)
+        with torch.no_grad():
+            self.embedding.weight.copy_(torch.randn(257, width, generator=gen))
+        pos = torch.arange(max_length, dtype=torch.float32)[:, None]
+        freq = torch.exp(-math.log(10000.0) * torch.arange(0, width, 2, dtype=torch.float32) / width)
+        table = torch.zeros(max_length, width)
+        table[:, 0::2] = torch.sin(pos * freq)
+        table[:, 1::2] = torch.cos(pos * freq)
+        self.register_buffer("positions", table, persistent=False)
+
+    def token_ids(self, prompt: str) -> torch.Tensor:
+        data = list(prompt.strip().lower().encode("utf-8"))[: self.max_length - 1]
+        return torch.tensor([*data, self.EOS], dtype=torch.long)
+
+    def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
+        prompts = _check_prompts(prompts)
+        feats = []
+        for p in prompts:
+            ids = self.token_ids(p).to(self.embedding.weight.device)
+            feats.append((self.embedding(ids) + self.positions[: ids.shape[0]]).float())
+        return TextEmbeddings.from_features(feats)

@@ -1,0 +1,280 @@
+"""The autoregressive loop: next-scale prediction in space, next-clip prediction in time.
+
+Everything here works in latent space and owns no I/O: the pipeline encodes prompts and
+conditioning media, calls these functions, and decodes the summed codes they return.
+
+One loop serves every task. A task is a step plan (which scale, repeat, RoPE position, head,
+temperature each transformer pass uses; see :func:`infinitystar.schedules.build_step_plan`) plus an
+optional list of *forced* bit labels for the leading steps (image-to-video forces the first-frame
+pyramid, video extension the given clips). Per step:
+
+    transformer(text, cached context, this scale's input) -> logits -> 1/tau -> guidance (APG/CFG)
+    -> per-bit sampling from the call's generator -> codes -> accumulate -> next input
+
+Only the K/V that later steps can see are kept (the text and, per clip, the previous clip's last
+scale), so a long video needs constant cache memory per clip. Forced steps whose K/V nothing reads
+are not run through the transformer at all: their bits go straight into the code accumulator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .config import QuantizerConfig, SamplingConfig
+from .sampling import apply_temperature, guide_logits, sample_bits
+from .schedules import FRAMES_INNER_CLIP, Scale, ScaleStep, build_step_plan, scales_per_clip
+from .transformer.attention import KVCache
+from .transformer.model import InfinityStarTransformer
+from .transformer.rope import rope_table, visual_positions
+from .vae.multiscale import CodeAccumulator, area_resize
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What the loop hands to a per-step callback."""
+
+    index: int
+    step: ScaleStep
+    bits_BthwD: Tensor
+    logits_Bnd2: Tensor | None  # guided logits (None for forced steps that were not run)
+    forced: bool
+
+
+@dataclass
+class GenerationResult:
+    summed_codes: Tensor  # (1, 64, T', H, W): the clips concatenated on t, input of the VAE decoder
+    clip_codes: list[Tensor]  # per clip (1, 64, t_clip, H, W)
+    bits: list[Tensor] = field(default_factory=list)  # per step (1, t, h, w, d), when kept
+    peak_cache_bytes: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans
+# ----------------------------------------------------------------------------------------------
+
+
+def plan_steps(
+    schedule: Sequence[Scale],
+    *,
+    image_repetition: Sequence[int],
+    video_repetition: Sequence[int],
+    semantic_scales: int,
+    detail_scale_min_tokens: int,
+    sampling: SamplingConfig,
+    teacher_forced_scales: int = 0,
+    frames_inner_clip: int = FRAMES_INNER_CLIP,
+    rope_max_frames: int | None = None,
+) -> list[ScaleStep]:
+    """The step plan of ``schedule``, with RoPE positions kept inside what the model was trained on.
+
+    For schedules longer than the model's RoPE frame range (long videos by temporal autoregression),
+    every clip past the last covered one reuses the covered last clip's RoPE frame offset and scale
+    indices: each new clip is predicted exactly as the model's last trained clip, from the previous
+    clip's last scale, so positions never leave the trained range. Within range the plan is the
+    reference's.
+    """
+    steps = build_step_plan(
+        schedule,
+        image_repetition=image_repetition,
+        video_repetition=video_repetition,
+        semantic_scales=semantic_scales,
+        detail_scale_min_tokens=detail_scale_min_tokens,
+        tau_image=sampling.tau_image,
+        tau_video=sampling.tau_video,
+        teacher_forced_scales=teacher_forced_scales,
+        frames_inner_clip=frames_inner_clip,
+    )
+    if rope_max_frames is None or not steps or steps[-1].frames[1] <= rope_max_frames:
+        return steps
+    t0 = schedule[0][0]
+    covered_clips = (rope_max_frames - t0) // frames_inner_clip  # video clips whose frames fit in RoPE
+    if covered_clips < 1:
+        raise ValueError(f"the model's RoPE covers {rope_max_frames} latent frames: not one whole video clip of "
+                         f"{frames_inner_clip} frames after the first frame")
+    # RoPE scale index and frame offset of each step of the last covered clip, by (scale-in-clip, repeat).
+    k = scales_per_clip(schedule)
+    anchor = {(s.si % k, s.repeat): (s.rope_scale_index, s.frames[0]) for s in steps if s.clip_id == covered_clips}
+    out = []
+    for s in steps:
+        if s.clip_id > covered_clips:
+            rope_si, frame_ss = anchor[(s.si % k, s.repeat)]
+            s = replace(s, rope_scale_index=rope_si, frames=(frame_ss, frame_ss + s.scale[0]))
+        out.append(s)
+    return out
+
+
+def _later_references(steps: Sequence[ScaleStep]) -> list[set[int]]:
+    """For each step index i, the scale ids whose cached K/V a step after i reads."""
+    needed: list[set[int]] = [set() for _ in steps]
+    acc: set[int] = set()
+    for i in range(len(steps) - 1, -1, -1):
+        needed[i] = set(acc)
+        acc |= set(steps[i].ref_sids)
+    return needed
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def _tokens(x_B64thw: Tensor) -> Tensor:
+    """(1, 64, t, h, w) -> (1, t*h*w, 64), tokens in (t, h, w) row-major order."""
+    return x_B64thw.flatten(2).transpose(1, 2)
+
+
+def _sample_step(logits_Bnd2: Tensor, step: ScaleStep, sampling: SamplingConfig,
+                 generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    logits = apply_temperature(logits_Bnd2, step.tau)
+    if sampling.uses_guidance:
+        flat = guide_logits(logits.flatten(-2), sampling.guidance_scale, sampling.guidance,  # type: ignore[arg-type]
+                            sampling.apg_norm_threshold)
+        logits = flat.unflatten(-1, (-1, 2))
+    else:
+        logits = logits[0:1]
+    bits = sample_bits(logits, generator)
+    t, h, w = step.scale
+    return bits.reshape(1, t, h, w, bits.shape[-1]), logits
+
+
+@torch.no_grad()
+def generate_codes(
+    model: InfinityStarTransformer,
+    quantizer: QuantizerConfig,
+    text_LC: Tensor,
+    schedule: Sequence[Scale],
+    steps: Sequence[ScaleStep],
+    repetitions: Sequence[int],
+    sampling: SamplingConfig,
+    *,
+    generator: torch.Generator | None = None,
+    negative_LC: Tensor | None = None,
+    forced_bits: Sequence[Tensor] = (),
+    run_forced_steps: bool = False,
+    frames_inner_clip: int = FRAMES_INNER_CLIP,
+    extra_context: Sequence[Hashable] = (),
+    cache: KVCache | None = None,
+    on_step: Callable[[StepEvent], None] | None = None,
+    on_clip: Callable[[int, Tensor], None] | None = None,
+    keep_bits: bool = False,
+    progress: bool = True,
+) -> GenerationResult:
+    """Run the autoregressive loop over ``steps`` and return the summed codes.
+
+    ``forced_bits[i]`` replaces the sampled bits of step i (teacher forcing: image-to-video, video
+    extension). Forced steps are run through the transformer only when a later step reads their K/V,
+    or when ``run_forced_steps`` is set (to compare logits with the reference). ``extra_context`` are
+    cache ids every step attends besides its references and the text (the interactive conditions);
+    pass a ``cache`` that already holds them. ``on_clip(clip_id, codes)`` is called as each clip's
+    codes are complete (for streaming).
+    """
+    if len(forced_bits) > len(steps):
+        raise ValueError(f"{len(forced_bits)} forced steps for a plan of {len(steps)} steps")
+    device = next(model.parameters()).device
+    batch = 2 if sampling.uses_guidance else 1
+    if cache is None:
+        cache = model.new_cache()
+    if KVCache.TEXT not in cache:
+        negative = None if negative_LC is None else negative_LC.to(device)
+        model.prefill_text(text_LC.to(device), cache, negative_LC=negative, guidance=batch == 2)
+    later = _later_references(steps)
+    persistent = {KVCache.TEXT, *extra_context}
+    full_hw = tuple(schedule[-1][1:])
+    acc = CodeAccumulator(schedule, repetitions, quantizer, device=device, frames_inner_clip=frames_inner_clip)
+    x = acc.first_input()
+    kept_bits: list[Tensor] = []
+    peak = cache.nbytes()
+    clips_done = 0
+    for i, step in enumerate(tqdm(steps, desc="scales", disable=not progress, leave=False)):
+        forced = i < len(forced_bits)
+        store_as = step.si if (step.is_last_repeat and step.si in later[i]) else None
+        logits = None
+        if forced and store_as is None and not run_forced_steps:
+            bits = forced_bits[i].to(device)
+        else:
+            rope = rope_table(
+                visual_positions(step.scale, step.rope_scale_index, step.frames[0], full_hw, model.cfg.text_maxlen),
+                model.cfg.head_dim, model.cfg.rope_theta,
+            )
+            raw = model.step(_tokens(x), rope, cache, refs=(*step.ref_sids, *extra_context), store_as=store_as,
+                             semantic=not step.detail_head, batch=batch)
+            bits, logits = _sample_step(raw, step, sampling, generator)
+            if forced:
+                bits = forced_bits[i].to(device)
+        peak = max(peak, cache.nbytes())
+        cache.keep_only(persistent | later[i])
+        if on_step is not None:
+            on_step(StepEvent(i, step, bits, logits, forced))
+        if keep_bits:
+            kept_bits.append(bits)
+        x = acc.add_bits(bits.to(torch.uint8) if bits.dtype != torch.uint8 else bits)
+        while len(acc.clip_sums) > clips_done:
+            if on_clip is not None:
+                on_clip(clips_done, acc.clip_sums[clips_done])
+            clips_done += 1
+        if x is None:
+            break
+    return GenerationResult(acc.summed_codes, list(acc.clip_sums), kept_bits, peak)
+
+
+# ----------------------------------------------------------------------------------------------
+# Interactive turns (the ``infinity_star_interact`` schedule)
+# ----------------------------------------------------------------------------------------------
+
+SEMANTIC_CONDITION = "semantic_condition"
+DETAIL_CONDITION = "detail_condition"
+
+
+def _condition_positions(scale: Scale, rope_scale_id: int, frames: Sequence[int], full_hw: Sequence[int],
+                         text_maxlen: int) -> Tensor:
+    """RoPE positions of a condition block whose frames carry explicit (possibly non-contiguous) frame ids."""
+    t = scale[0]
+    if len(frames) != t:
+        raise ValueError(f"condition of {t} frames given {len(frames)} frame positions")
+    per_frame = visual_positions((1, scale[1], scale[2]), rope_scale_id, 0, full_hw, text_maxlen)
+    blocks = []
+    for f in frames:
+        p = per_frame.clone()
+        p[:, 1] = f
+        blocks.append(p)
+    return torch.cat(blocks)
+
+
+@torch.no_grad()
+def prefill_interactive_conditions(
+    model: InfinityStarTransformer,
+    cache: KVCache,
+    context_B64THW: Tensor,
+    first_frame_B641HW: Tensor,
+    layout,  # schedules.InteractiveSegmentLayout
+    *,
+    batch: int,
+) -> None:
+    """Cache the two condition blocks of an interactive turn.
+
+    * semantic: the previous segment (context frames 1..20) area-downsampled to the grid of clip scale 7,
+      RoPE scale id 800, frames 1..20;
+    * detail: the story's first latent frame + the previous segment's last two frames at full size,
+      RoPE scale id 801, frames 0, 19, 20.
+    """
+    full_hw = tuple(layout.schedule[-1][1:])
+    s0, s1 = layout.semantic_source
+    semantic = area_resize(context_B64THW[:, :, s0:s1], layout.semantic_condition_scale)
+    d0, d1 = layout.detail_source_from_former
+    detail = torch.cat([first_frame_B641HW, context_B64THW[:, :, d0:d1]], dim=2)
+    for name, x, scale, sid, frames in (
+        (SEMANTIC_CONDITION, semantic, layout.semantic_condition_scale, layout.semantic_rope_scale_id,
+         layout.semantic_rope_frames),
+        (DETAIL_CONDITION, detail, layout.detail_condition_scale, layout.detail_rope_scale_id,
+         layout.detail_rope_frames),
+    ):
+        # visual_positions adds text_maxlen to the scale axis; the condition ids (800, 801) are absolute
+        # scale indices of the same axis.
+        pos = _condition_positions(scale, sid, frames, full_hw, model.cfg.text_maxlen)
+        rope = rope_table(pos, model.cfg.head_dim, model.cfg.rope_theta)
+        model.step(_tokens(x), rope, cache, refs=(), store_as=name, semantic=True, batch=batch)
