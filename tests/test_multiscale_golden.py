@@ -167,3 +167,30 @@ def test_decoded_from_summed_codes(case):
         with torch.no_grad():
             video = model.decode(summed).clamp(-1, 1)
         _close(f"{p}.decoded_from_summed_codes", video, case.tensors[f"{p}.decoded_from_summed_codes"], PIXEL_ATOL)
+
+
+INFER = [d for d in golden_cases("transformer") if (d / "infer.safetensors").is_file()]
+
+
+@pytest.mark.parametrize("case_dir", INFER, ids=[d.name for d in INFER])
+def test_generation_summed_codes_from_sampled_bits(case_dir):
+    """Golden README section 7 "Codes": the running sums of a KV-cached generation, from its sampled bits
+    (clip 0 at the clip-0 full scale, video clips at the last scale) equal ``infer.summed_codes``."""
+    config = json.loads((case_dir / "config.json").read_text())
+    args, infer = config["other_args"], config["cases"]["infer"]
+    tensors = load_file(str(case_dir / "infer.safetensors"))
+    qc = QuantizerConfig(semantic_dim=args["semantic_scale_dim"], detail_dim=args["detail_scale_dim"],
+                         detail_scale_min_tokens=args["detail_scale_min_tokens"])
+    sched = [tuple(s) for s in infer["scale_schedule"]]
+    reps = schedule_repetitions(sched, args["image_scale_repetition"], args["video_scale_repetition"])
+    acc = CodeAccumulator(sched, reps, qc, frames_inner_clip=args["frames_inner_clip"])
+    assert len(acc.steps) == infer["num_steps"]
+    assert [(s.scale_index, s.repeat_index) for s in acc.steps] == [
+        (s["scale_index"], s["repeat_index"]) for s in infer["steps"]]
+    for k in range(len(acc.steps)):
+        nxt = acc.add_bits(tensors[f"infer.step{k:02d}.bits"])
+        if nxt is not None:  # the next input has the next step's scale
+            assert tuple(nxt.shape[2:]) == acc.steps[k + 1].scale
+    want = tensors["infer.summed_codes"]
+    assert list(want.shape) == infer["summed_codes_shape"]
+    _close("infer.summed_codes", acc.summed_codes, want, CODE_ATOL)
