@@ -239,3 +239,264 @@ def convert_vae_checkpoint(src_pth: str | os.PathLike, dst_safetensors: str | os
     model = load_vae(src_pth, config)
     save_vae(model, dst_safetensors, metadata={"source": Path(src_pth).name})
     return Path(dst_safetensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer: official key names <-> ours, sharded official folders, our own files
+# ----------------------------------------------------------------------------------------------
+
+TRANSFORMER_FORMAT = "infinitystar-transformer"
+OFFICIAL_INDEX_NAME = "model.safetensors.index.json"
+# The official state dict carries a [1, 1, C] `sos_token` that no forward ever reads (the first-scale
+# input is word_embed's bias). It is accepted (shape-checked) and dropped on load, written as zeros on export.
+OFFICIAL_DEAD_KEYS = ("sos_token",)
+
+# Our top-level names -> official ones (everything else maps one to one below the block prefix).
+_TOP_TO_OFFICIAL = {
+    "uncond_text": "cfg_uncond",
+    "code_embed.": "word_embed.",
+    "final_norm.": "norm_hidden_sates.",  # sic: the official spelling
+    "detail_head.": "head.",
+    "semantic_head.": "semantic_head2.",
+    "text_proj.": "text_proj.",
+}
+_BLOCK_TO_OFFICIAL = {"attn_norm.": "input_layernorm.", "mlp_norm.": "post_attention_layernorm.",
+                      "attn.": "attn.", "mlp.": "mlp."}
+_OUR_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_OFFICIAL_CHUNKED = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.+)$")
+_OFFICIAL_FLAT = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def _swap_prefix(name: str, table: Mapping[str, str]) -> str | None:
+    for src, dst in table.items():
+        if name == src or (src.endswith(".") and name.startswith(src)):
+            return dst + name[len(src):]
+    return None
+
+
+def transformer_key_to_official(key: str, config: Any) -> str:
+    """Our parameter name -> the official one (``block_chunks.{c}.module.{j}.`` when block_chunks > 1)."""
+    m = _OUR_BLOCK.match(key)
+    if m:
+        i, rest = int(m.group(1)), m.group(2)
+        sub = _swap_prefix(rest, _BLOCK_TO_OFFICIAL)
+        if sub is None or not 0 <= i < config.depth:
+            raise KeyError(f"no official name for transformer key {key!r}")
+        if config.block_chunks == 1:
+            return f"blocks.{i}.{sub}"
+        per = config.blocks_per_chunk
+        return f"block_chunks.{i // per}.module.{i % per}.{sub}"
+    out = _swap_prefix(key, _TOP_TO_OFFICIAL)
+    if out is None:
+        raise KeyError(f"no official name for transformer key {key!r}")
+    return out
+
+
+def transformer_key_from_official(key: str, config: Any) -> str | None:
+    """Official name -> ours; ``None`` for the dead keys (``sos_token``); ``KeyError`` for unknown names."""
+    if key in OFFICIAL_DEAD_KEYS:
+        return None
+    m = _OFFICIAL_CHUNKED.match(key)
+    per = config.blocks_per_chunk
+    if m and config.block_chunks > 1:
+        c, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        if j >= per:
+            raise KeyError(f"official key {key!r}: chunk module index {j} >= {per} blocks per chunk")
+        i = c * per + j
+    else:
+        m = _OFFICIAL_FLAT.match(key) if config.block_chunks == 1 else None
+        i, rest = (int(m.group(1)), m.group(2)) if m else (-1, "")
+    if i >= 0:
+        inverse = {v: k for k, v in _BLOCK_TO_OFFICIAL.items()}
+        sub = _swap_prefix(rest, inverse)
+        if sub is None:
+            raise KeyError(f"unknown official transformer key {key!r}")
+        return f"blocks.{i}.{sub}"
+    out = _swap_prefix(key, {v: k for k, v in _TOP_TO_OFFICIAL.items()})
+    if out is None:
+        raise KeyError(f"unknown official transformer key {key!r}")
+    return out
+
+
+def official_transformer_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Every official key and its shape for ``config`` (built on the meta device, so free for the 8B)."""
+    from infinitystar.transformer.model import InfinityStarTransformer
+
+    with torch.device("meta"):
+        model = InfinityStarTransformer(config)
+    shapes = {transformer_key_to_official(k, config): tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes["sos_token"] = (1, 1, config.embed_dim)
+    return shapes
+
+
+def _check_official_shapes(given: Mapping[str, tuple[int, ...]], config: Any, source: str) -> None:
+    expected = official_transformer_shapes(config)
+    missing = sorted(k for k in expected if k not in given)
+    unexpected = sorted(k for k in given if k not in expected)
+    mismatched = sorted(f"{k}: expected {expected[k]}, given {tuple(given[k])}"
+                        for k in expected if k in given and tuple(given[k]) != expected[k])
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_preview(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_preview(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches {_preview(mismatched)}")
+        raise ValueError(f"checkpoint {source} is not an official transformer of depth {config.depth}, width "
+                         f"{config.embed_dim}, {config.num_heads}/{config.num_kv_heads} heads, MLP "
+                         f"{config.mlp_intermediate}, text width {config.text_channels}: " + "; ".join(parts))
+
+
+def transformer_state_dict_from_official(state_dict: Mapping[str, Tensor], config: Any,
+                                         source: str = "<state dict>") -> dict[str, Tensor]:
+    """Strictly checked official state dict -> ours (dead keys dropped)."""
+    _check_official_shapes({k: tuple(v.shape) for k, v in state_dict.items()}, config, source)
+    out = {}
+    for k, v in state_dict.items():
+        ours = transformer_key_from_official(k, config)
+        if ours is not None:
+            out[ours] = v
+    return out
+
+
+def transformer_state_dict_to_official(state_dict: Mapping[str, Tensor], config: Any) -> dict[str, Tensor]:
+    """Our state dict -> official names, plus the dead ``sos_token`` (zeros) so the key set is complete."""
+    out = {transformer_key_to_official(k, config): v for k, v in state_dict.items()}
+    ref = next(iter(state_dict.values()))
+    out["sos_token"] = torch.zeros(1, 1, config.embed_dim, dtype=torch.float32, device=ref.device)
+    return out
+
+
+def official_shard_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of an official transformer: a single file, a folder with
+    ``model.safetensors.index.json`` (HF sharded layout), or a folder with exactly one ``.safetensors``."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"transformer checkpoint {path} does not exist")
+    index = path / OFFICIAL_INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"{index} is not a safetensors index (needs a 'weight_map'): {exc}") from exc
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} names shard files that do not exist: {absent}")
+        return files
+    candidates = sorted(path.glob("*.safetensors"))
+    if len(candidates) != 1:
+        raise ValueError(f"cannot find the transformer weights in {path}: expected {OFFICIAL_INDEX_NAME} or "
+                         f"exactly one .safetensors file, found {[p.name for p in candidates]}")
+    return candidates
+
+
+def load_official_transformer(
+    path: str | os.PathLike,
+    config: Any,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    block_dtype: torch.dtype | None = None,
+):
+    """Build an ``InfinityStarTransformer`` from official weights (one file or a sharded folder).
+
+    Keys and shapes of every shard are checked from the headers first (a checkpoint of another size
+    fails before any data is read). Then shards are read one at a time through ``safe_open`` (memory
+    mapped) and each tensor is converted and kept, so peak memory stays near one copy of the weights.
+    ``block_dtype`` (e.g. bf16, as the reference does for inference) applies to the blocks only.
+    """
+    from safetensors import safe_open
+
+    from infinitystar.transformer.model import InfinityStarTransformer
+
+    files = official_shard_files(path)
+    shapes: dict[str, tuple[int, ...]] = {}
+    owner: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            names = handle.keys()  # a safe_open handle is not iterable itself
+            for k in names:
+                if k in owner:
+                    raise ValueError(f"key {k!r} appears in both {owner[k].name} and {f.name}")
+                shapes[k] = tuple(handle.get_slice(k).get_shape())
+                owner[k] = f
+    _check_official_shapes(shapes, config, str(path))
+    ours: dict[str, Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as handle:
+            names = handle.keys()
+            for k in names:
+                name = transformer_key_from_official(k, config)
+                if name is None:
+                    continue
+                want = block_dtype if (block_dtype is not None and name.startswith("blocks.")) else dtype
+                # copy=True: get_tensor may return a view into the memory map (unaligned, and keeping the
+                # file mapped); an owned, aligned copy gives the same kernels, hence bitwise the same outputs.
+                ours[name] = handle.get_tensor(k).to(device=device, dtype=want, copy=True)
+    with torch.device("meta"):
+        model = InfinityStarTransformer(config)
+    load_state_dict_strict(model, ours, "InfinityStarTransformer", source=str(path), assign=True)
+    return model
+
+
+def export_official_transformer(model: nn.Module, out_dir: str | os.PathLike,
+                                max_shard_bytes: int = 5 * 1024**3) -> list[Path]:
+    """Write the model in the official layout: shards ``model-0000k-of-0000n.safetensors`` under official
+    names plus ``model.safetensors.index.json`` (written last, atomically)."""
+    config = model.cfg
+    sd = transformer_state_dict_to_official(model.state_dict(), config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += nbytes
+    n = len(groups)
+    weight_map: dict[str, str] = {}
+    paths = []
+    for i, keys in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_safetensors({k: sd[k] for k in keys}, out_dir / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in keys})
+        paths.append(out_dir / name)
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+             "weight_map": weight_map}
+    fd, tmp = tempfile.mkstemp(prefix=f".{OFFICIAL_INDEX_NAME}.", suffix=".tmp", dir=out_dir)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(index, fh, indent=2)
+    os.replace(tmp, out_dir / OFFICIAL_INDEX_NAME)
+    return paths
+
+
+def save_transformer(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Save under our own key names, with the config in the safetensors metadata."""
+    from infinitystar.config import config_to_dict
+
+    meta = {"format": TRANSFORMER_FORMAT, "config": json.dumps(config_to_dict(model.cfg)), **(metadata or {})}
+    save_safetensors(model.state_dict(), path, metadata=meta)
+
+
+def load_transformer(path: str | os.PathLike, config: Any = None, *, device: torch.device | str = "cpu"):
+    """Load a file written by :func:`save_transformer` (config from its metadata unless given)."""
+    from infinitystar.config import TransformerConfig, config_from_dict
+    from infinitystar.transformer.model import InfinityStarTransformer
+
+    meta = read_safetensors_metadata(path)
+    if config is None:
+        if meta.get("format") != TRANSFORMER_FORMAT or "config" not in meta:
+            raise ValueError(f"{path} carries no transformer config in its metadata; pass config=")
+        config = config_from_dict(TransformerConfig, json.loads(meta["config"]))
+    sd = {k: v.to(device) for k, v in load_safetensors(path).items()}
+    with torch.device("meta"):
+        model = InfinityStarTransformer(config)
+    load_state_dict_strict(model, sd, f"InfinityStarTransformer with {config}", source=str(path), assign=True)
+    return model
