@@ -92,7 +92,7 @@ class RandomBitFlips:
             self.drawn.append(0.0)
             return None
         g = self.generator
-        pct = int(torch.randint(0, math.floor(100 * s + 1e-9) + 1, (1,), generator=g, device=g.device).item())
+        pct = int(torch.randint(0, math.floor(100 * s) + 1, (1,), generator=g, device=g.device).item())
         p = pct * 0.01
         self.drawn.append(p)
         u = torch.rand(bits_BthwD.shape, generator=g, device=g.device)
