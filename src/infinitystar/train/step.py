@@ -2,11 +2,12 @@
 
 Pipeline (training.md sections 3-5):
 
-1. each sample arrives tokenized for **all** scales of its schedule (the bitwise self-correction
-   tokenizer, ``train.self_correction``): per scale, the input of its trained repetition
-   ``[1, n_s, 64]``, the clean bit labels ``[1, n_s, d_s]`` and the RoPE step index ``real_si``;
-2. a scale subset is drawn per sample (``train.scale_subsets``: the reference's outcome tables,
-   optionally under a token budget for packing);
+1. a scale subset is drawn per sample (``train.scale_subsets``: the reference's outcome tables,
+   optionally under a token budget when several samples share one sequence);
+2. each sample's cached latent is tokenized (the bitwise self-correction tokenizer,
+   ``train.self_correction``, run over the whole schedule): per trained scale, the input of its
+   randomly chosen repetition ``[1, n_s, 64]``, the clean bit labels ``[1, n_s, d_s]`` and the RoPE
+   step index ``real_si`` (:func:`tokenize_sample`, :func:`prepare_packed_batch`);
 3. the selected scales of all samples are packed into one sequence
    ``[visual of sample 0, sample 1, ... | texts | pad]`` (``transformer.sequence``) and run through
    the model's training forward; condition dropout replaces a sample's text by the learned
