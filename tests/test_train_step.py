@@ -251,3 +251,75 @@ def test_prepare_packed_batch_budget_and_seed():
     for sa, sb in zip(a, b):
         for x, y in zip(sa.inputs + sa.labels, sb.inputs + sb.labels):
             assert torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Golden: raw latent -> tokenizer (recorded flips and repeats) -> train_step == the reference's step
+# ----------------------------------------------------------------------------------------------
+
+import re  # noqa: E402
+
+from safetensors.torch import load_file  # noqa: E402
+
+from conftest import golden_cases  # noqa: E402
+from infinitystar.checkpoints import (  # noqa: E402
+    load_safetensors,
+    transformer_key_to_official,
+    transformer_state_dict_from_official,
+)
+from infinitystar.train.self_correction import GivenFlipMasks, tokenize_for_training  # noqa: E402
+from infinitystar.train.step import train_sample_from_tokens  # noqa: E402
+from infinitystar.vae.multiscale import schedule_repetitions  # noqa: E402
+
+GOLDEN_TRAIN = [(c, k) for c in golden_cases("transformer") for k in ("video", "image")
+                if (c / f"train_{k}.safetensors").is_file()]
+
+
+def _golden_model(config: dict, case) -> InfinityStarTransformer:
+    a, kw, oa = config["resulting_architecture"], config["constructor_kwargs"], config["other_args"]
+    cfg = TransformerConfig(
+        depth=a["depth"], embed_dim=a["embed_dim"], num_heads=a["num_heads"], num_kv_heads=a["num_key_value_heads"],
+        head_dim=a["head_dim"], mlp_intermediate=a["mlp_intermediate"], text_channels=a["text_channels"],
+        text_maxlen=a["text_maxlen"], d_vae=a["d_vae"], detail_bits=a["head_out"] // 2,
+        semantic_bits=a["semantic_head2_out"] // 2, norm_eps=kw["norm_eps"], pad_to_multiplier=kw["pad_to_multiplier"],
+        block_chunks=a["block_chunks"], semantic_scales=oa["semantic_scales"],
+        detail_scale_min_tokens=oa["detail_scale_min_tokens"], rope_max_frames=int(kw["video_frames"] / 4 + 1),
+    )
+    model = InfinityStarTransformer(cfg)
+    state = transformer_state_dict_from_official(load_safetensors(case / "weights.safetensors"), cfg, str(case))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+@pytest.mark.parametrize(("case", "kind"), GOLDEN_TRAIN, ids=[f"{c.name}-{k}" for c, k in GOLDEN_TRAIN])
+def test_train_step_from_raw_latent_matches_golden(case, kind):
+    config = json.loads((case / "config.json").read_text())
+    section, oa = config["cases"][kind], config["other_args"]
+    t = {k[len(kind) + 1:]: v for k, v in load_file(str(case / f"train_{kind}.safetensors")).items()}
+    schedule = [tuple(s) for s in section["scale_schedule"]]
+    reps = schedule_repetitions(schedule, oa["image_scale_repetition"], oa["video_scale_repetition"])
+    selected = [p["selected_repeat_idx"] for p in section["per_scale"]]
+    flips = {int(m.group(1)): v for k, v in t.items() if (m := re.match(r"^bsc_call(\d+)\.flip_mask$", k))}
+    qcfg = QuantizerConfig(semantic_dim=oa["semantic_scale_dim"], detail_dim=oa["detail_scale_dim"],
+                           detail_scale_min_tokens=oa["detail_scale_min_tokens"])
+    tokens = tokenize_for_training(t["raw_features"], schedule, reps, selected, qcfg, GivenFlipMasks(flips),
+                                   frames_inner_clip=oa["frames_inner_clip"])
+    sample = train_sample_from_tokens(tokens, schedule, t["text.kv_compact"])
+    assert list(sample.real_si) == [p["real_si (rope scale index)"] for p in section["per_scale"]]
+
+    model = _golden_model(config, case)
+    weighting = LossWeighting(oa["reweight_loss_by_scale"], oa["max_reweight_value"])
+    metrics = train_step(model, None, [sample], weighting, grad_clip=0)
+    assert metrics.seq_len == section["padded_seq_len"]
+    assert abs(metrics.loss - t["final_loss"].item()) <= 1e-5, f"final_loss {metrics.loss} vs {t['final_loss']}"
+    assert abs(metrics.acc - t["final_acc"].item()) <= 1e-5
+    torch.testing.assert_close(torch.tensor([s[5] for s in metrics.per_scale]), t["scale_weights"], rtol=0, atol=1e-5)
+    stored = {k[len("grad_norm."):]: v for k, v in t.items() if k.startswith("grad_norm.")}
+    grads = {transformer_key_to_official(n, model.cfg): p.grad for n, p in model.named_parameters()}
+    assert set(stored) == set(grads)
+    for name, want in stored.items():
+        got = grads[name].norm() if grads[name] is not None else torch.zeros(())
+        torch.testing.assert_close(got.reshape(1), want, rtol=1e-4, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+    # The step's reported pre-clip norm is the global norm of those gradients.
+    total = torch.stack([v.double().reshape(()) for v in stored.values()]).norm().item()
+    assert metrics.grad_norm == pytest.approx(total, rel=1e-4)

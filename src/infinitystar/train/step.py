@@ -33,7 +33,7 @@ from infinitystar.config import QuantizerConfig
 from infinitystar.schedules import FRAMES_INNER_CLIP
 from infinitystar.train.loss import LossOutput, LossWeighting, bit_loss_per_token, reduce_loss
 from infinitystar.train.scale_subsets import ScaleSubsetConfig, plan_packed_step
-from infinitystar.train.self_correction import RandomBitFlips, tokenize_for_training
+from infinitystar.train.self_correction import RandomBitFlips, TrainingTokens, tokenize_for_training
 from infinitystar.transformer.model import InfinityStarTransformer
 from infinitystar.transformer.sequence import PackedLayout, PackedSample, build_packed_layout
 
@@ -122,6 +122,14 @@ def tokenize_sample(
         latent_B64THW, schedule, repetitions, selected_repeats, quantizer_config, RandomBitFlips(bsc_strength, gen),
         trained_scales=scale_ids, frames_inner_clip=frames_inner_clip,
     )
+    return train_sample_from_tokens(tokens, schedule, text)
+
+
+def train_sample_from_tokens(tokens: TrainingTokens, schedule: Sequence[Sequence[int]],
+                             text: torch.Tensor) -> TrainSample:
+    """Wrap the self-correction tokenizer's output (one sample, batch 1) as a :class:`TrainSample`."""
+    if tokens.x_BLC.shape[0] != 1:
+        raise ValueError(f"expected the tokens of one sample (batch 1), got x_BLC {tuple(tokens.x_BLC.shape)}")
     xs = list(tokens.x_BLC.split(tokens.scale_lengths, dim=1))
     return TrainSample(tuple(tuple(int(v) for v in s) for s in schedule), tuple(tokens.scales), xs,
                        list(tokens.gt_bits), list(tokens.real_si), text)
