@@ -1,0 +1,754 @@
+"""Reading and writing images and videos (PyAV and Pillow only), and the pixel transform.
+
+The models see pixels as float tensors in [-1, 1], RGB, laid out ``[3, T, H, W]`` (a batch adds a
+leading ``B``). This module owns every step between files and those tensors:
+
+* images: :func:`read_image` (png/jpg/webp -> RGB PIL image), :func:`load_image_tensor`;
+* videos: :func:`probe_video` -> :class:`VideoInfo`, :func:`read_video` (optionally resampled to a
+  target fps by frame presentation times), :func:`load_video_tensor`;
+* the reference's pixel transform (spec vae.md 2, training.md 2.5, inference.md 3): PIL LANCZOS resize
+  so the picture *covers* the target box, then centre crop -- :func:`resize_and_center_crop`;
+* uint8 frames <-> tensors: :func:`frames_to_tensor`, :func:`tensor_to_frames`;
+* output: :func:`write_video` (H.264 mp4), :func:`write_image` (png/jpg/webp), :func:`write_gif`, and
+  :func:`save_output` which picks one by the file suffix. Every writer is atomic: it writes a temp
+  file in the target's directory and ``os.replace``-s it, so an interrupted or failed write never
+  leaves a partial file at the target path (and removes its temp file).
+
+Where we differ from the reference, on purpose:
+
+* Frames are written in RGB. The reference flips decoded frames to BGR for OpenCV and flips back
+  before ``imageio``; we never leave RGB.
+* float -> uint8 rounds to nearest by default (the reference truncates, i.e. is on average half a
+  level darker); ``tensor_to_frames(x, rounding="truncate")`` reproduces the reference's values.
+* Video frames are sampled by presentation timestamp (nearest frame to ``start + i/fps``), not by
+  the reference's ``linspace`` over frame indices, whose half-open window duplicates frame 0 of a
+  16 fps source and drifts by up to two frames on 24 fps sources (training.md 2.4 allows this).
+* The "copy decoded frame 1 over frame 0" step of the reference's output path is not done here; it
+  belongs to the pipeline (inference.md 2.6), which decides whether to reproduce it.
+
+Errors: a missing file raises ``FileNotFoundError``; every other bad input (unsupported suffix,
+unreadable or corrupt file, no video stream, no frames, wrong array shape/dtype, bad fps/size)
+raises :class:`MediaError` (a ``ValueError``) whose message names the path or the bad value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+import av
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "DEFAULT_CRF",
+    "DEFAULT_FPS",
+    "GIF_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "VIDEO_READ_SUFFIXES",
+    "VIDEO_WRITE_SUFFIXES",
+    "MediaError",
+    "VideoInfo",
+    "cover_resize_size",
+    "frames_to_tensor",
+    "h264_encoder",
+    "load_image_tensor",
+    "load_video_tensor",
+    "probe_video",
+    "read_image",
+    "read_video",
+    "resize_and_center_crop",
+    "sample_times",
+    "save_output",
+    "tensor_to_frames",
+    "write_gif",
+    "write_image",
+    "write_video",
+]
+
+PathLike = str | os.PathLike
+# What the writers accept as "frames": uint8 [T,H,W,3] (numpy or torch), one uint8 [H,W,3] frame,
+# or a sequence of PIL images / uint8 [H,W,3] arrays.
+FramesLike = np.ndarray | torch.Tensor | Image.Image | Sequence[Image.Image | np.ndarray]
+
+DEFAULT_FPS = 16  # the frame rate the models were trained at and generate at
+DEFAULT_CRF = 18  # libx264 constant-rate factor: visually near-lossless, ~10x smaller than crf 0
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+GIF_SUFFIXES = (".gif",)
+VIDEO_READ_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".gif")
+VIDEO_WRITE_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")
+_MUXER_BY_SUFFIX = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
+_PIL_FORMAT_BY_SUFFIX = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".gif": "GIF"}
+
+# Tried in order by :func:`h264_encoder`. "h264" is whatever the FFmpeg build registers as its default
+# H.264 encoder (libx264 in the PyPI wheels); hardware encoders (nvenc, vaapi, ...) are left out on
+# purpose because their presence in the build says nothing about the machine having the hardware.
+_H264_CANDIDATES = ("libx264", "h264", "libopenh264")
+
+
+class MediaError(ValueError):
+    """A media file or frame array that cannot be used; the message names the path or value."""
+
+
+# --------------------------------------------------------------------------------------------- paths
+
+
+def _checked_input(path: PathLike, suffixes: Sequence[str], kind: str) -> Path:
+    """``path`` as a Path after checking that it exists, is a file and has a supported suffix."""
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise MediaError(f"unsupported {kind} file suffix {p.suffix!r} for {p}; expected one of {', '.join(suffixes)}")
+    if not p.exists():
+        raise FileNotFoundError(f"{kind} file not found: {p}")
+    if not p.is_file():
+        raise MediaError(f"{kind} path {p} is not a regular file")
+    return p
+
+
+def _checked_output(path: PathLike, suffixes: Sequence[str], kind: str) -> Path:
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise MediaError(f"cannot write {kind} to {p}: unsupported suffix {p.suffix!r}; "
+                         f"expected one of {', '.join(suffixes)}")
+    if p.is_dir():
+        raise MediaError(f"cannot write {kind} to {p}: it is a directory")
+    return p
+
+
+@contextlib.contextmanager
+def _atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a fresh temp path next to ``path``; on success fsync it and ``os.replace`` it onto ``path``.
+
+    The temp file lives in the same directory so the final rename is atomic (same filesystem); it is
+    hidden (leading dot) and keeps the target's suffix so format detection by name still works. On
+    any exception, including KeyboardInterrupt, the temp file is removed and ``path`` is untouched.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
+        try:
+            # O_EXCL: never clobber another writer's temp file; mode 0o666 & ~umask like a plain open().
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 48 random bits
+        raise MediaError(f"could not create a temporary file next to {path}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+# -------------------------------------------------------------------------------------------- images
+
+
+def _pil_to_rgb(img: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB.
+
+    Alpha is dropped by default, as the reference's ``cv2.imread(IMREAD_COLOR)`` does; pass
+    ``background`` to composite transparent pixels onto that colour instead. 16-bit greyscale is
+    scaled to 8 bits (v / 257, rounded) instead of Pillow's clipping conversion.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(img).astype(np.float64)
+        a8 = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(a8, mode="L").convert("RGB")
+    if background is not None and (img.mode in ("RGBA", "LA", "PA", "La", "RGBa")
+                                   or (img.mode == "P" and "transparency" in img.info)):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def read_image(path: PathLike, *, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """Read a png/jpg/jpeg/webp file as an RGB PIL image.
+
+    EXIF orientation is applied (as ``cv2.imread`` does in the reference). RGBA/LA/P/L/CMYK/16-bit
+    inputs are converted to 8-bit RGB (see :func:`_pil_to_rgb` for alpha). Animated files give their
+    first frame. Raises ``FileNotFoundError`` for a missing file and :class:`MediaError` for an
+    unsupported suffix or a file Pillow cannot decode (random bytes, a truncated png, ...).
+    """
+    p = _checked_input(path, IMAGE_SUFFIXES, "image")
+    try:
+        with Image.open(p) as img:
+            img.load()  # decode now: a truncated file fails here, not later in a resize
+            oriented = ImageOps.exif_transpose(img)
+            return _pil_to_rgb(oriented, background).copy()
+    except UnidentifiedImageError as e:
+        raise MediaError(f"cannot read image {p}: not a recognised image file ({e})") from e
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow reports corrupt/truncated data as OSError/SyntaxError
+        raise MediaError(f"cannot read image {p}: corrupt or truncated ({e})") from e
+
+
+def cover_resize_size(width: int, height: int, target_width: int, target_height: int) -> tuple[int, int]:
+    """Size ``(w, h)`` the reference resizes a ``width x height`` picture to before its centre crop.
+
+    Keep the aspect ratio and cover the target box: scale to the target width when the picture is
+    relatively taller (``width/height <= target_width/target_height``), else to the target height; the
+    other side is truncated with ``int()`` like the reference. The reference's float division can
+    truncate the other side to one pixel *below* the target (its crop would then be too small); we
+    clamp to the target size instead.
+    """
+    for name, v in (("width", width), ("height", height), ("target_width", target_width),
+                    ("target_height", target_height)):
+        if int(v) != v or v < 1:
+            raise MediaError(f"{name} must be a positive integer, got {v!r}")
+    if width / height <= target_width / target_height:
+        return target_width, max(target_height, int(target_width / (width / height)))
+    return max(target_width, int(width / height * target_height)), target_height
+
+
+def _resize_crop_pil(img: Image.Image, height: int, width: int) -> Image.Image:
+    rw, rh = cover_resize_size(img.width, img.height, width, height)
+    resized = img.resize((rw, rh), resample=Image.Resampling.LANCZOS)
+    top, left = (rh - height) // 2, (rw - width) // 2  # floor, as the reference's `// 2` on the array
+    return resized.crop((left, top, left + width, top + height))
+
+
+def resize_and_center_crop(
+    frames: np.ndarray | Image.Image, height: int, width: int
+) -> np.ndarray | Image.Image:
+    """The reference's pixel transform (without the final [-1, 1] mapping), applied per frame.
+
+    LANCZOS-resize so the picture covers ``height x width`` (:func:`cover_resize_size`), then crop the
+    centre (offset ``(resized - target) // 2`` on each axis). Accepts a PIL image (returns a PIL image),
+    one uint8 frame ``[H, W, 3]`` or uint8 frames ``[T, H, W, 3]`` (returns the same layout).
+    """
+    cover_resize_size(1, 1, width, height)  # validates the target size
+    if isinstance(frames, Image.Image):
+        return _resize_crop_pil(_pil_to_rgb(frames), height, width)
+    arr = _check_uint8_frames(frames, "resize_and_center_crop input", allow_single=True)
+    single = arr.ndim == 3
+    arr_THW3 = arr[None] if single else arr
+    out_THW3 = np.empty((arr_THW3.shape[0], height, width, 3), dtype=np.uint8)
+    for i, frame_HW3 in enumerate(arr_THW3):
+        out_THW3[i] = np.asarray(_resize_crop_pil(Image.fromarray(frame_HW3), height, width))
+    return out_THW3[0] if single else out_THW3
+
+
+# -------------------------------------------------------------------------------- frames <-> tensors
+
+
+def _check_uint8_frames(frames: object, what: str, *, allow_single: bool = False) -> np.ndarray:
+    """``frames`` as a uint8 numpy array ``[T, H, W, 3]`` (or ``[H, W, 3]`` when ``allow_single``)."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    if not isinstance(frames, np.ndarray):
+        raise MediaError(f"{what} must be a uint8 numpy array [T, H, W, 3], got {type(frames).__name__}")
+    ok_ndim = (3, 4) if allow_single else (4,)
+    if frames.ndim not in ok_ndim or frames.shape[-1] != 3 or 0 in frames.shape:
+        want = "[T, H, W, 3] or [H, W, 3]" if allow_single else "[T, H, W, 3]"
+        raise MediaError(f"{what} must have shape {want} (RGB, channels last, non-empty), got {tuple(frames.shape)}")
+    if frames.dtype != np.uint8:
+        raise MediaError(f"{what} must be uint8, got {frames.dtype} (use tensor_to_frames for float tensors "
+                         "in [-1, 1])")
+    return frames
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames ``[T, H, W, 3]`` -> float32 ``[3, T, H, W]`` in [-1, 1].
+
+    Same arithmetic as the reference (``to_tensor``: ``x / 255`` in float32, then ``x + x - 1``), so
+    the values match it bit for bit.
+    """
+    arr_THW3 = np.ascontiguousarray(_check_uint8_frames(frames, "frames"))
+    if not arr_THW3.flags.writeable:  # e.g. np.asarray(PIL image); torch.from_numpy warns on read-only memory
+        arr_THW3 = arr_THW3.copy()
+    x_3THW = torch.from_numpy(arr_THW3).permute(3, 0, 1, 2).float().div(255)
+    return x_3THW.add(x_3THW).sub_(1)
+
+
+def tensor_to_frames(x: torch.Tensor, rounding: Literal["round", "truncate"] = "round") -> np.ndarray:
+    """Float pixels in [-1, 1], ``[3, T, H, W]`` or ``[1, 3, T, H, W]`` -> uint8 frames ``[T, H, W, 3]``.
+
+    ``v = clamp((x + 1) / 2, 0, 1) * 255`` computed in float32 (the VAE output is not clamped, so the
+    clamp matters), then converted to uint8:
+
+    * ``rounding="round"`` (default): round half to even (``torch.round``), i.e. the nearest level;
+    * ``rounding="truncate"``: drop the fraction, exactly the reference's ``.to(uint8)``.
+
+    NaN/inf values raise :class:`MediaError` instead of becoming arbitrary bytes.
+    """
+    if rounding not in ("round", "truncate"):
+        raise MediaError(f"rounding must be 'round' or 'truncate', got {rounding!r}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        what = f"{x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise MediaError(f"tensor_to_frames expects a float tensor in [-1, 1], got {what}")
+    if x.ndim == 5:
+        if x.shape[0] != 1:
+            raise MediaError(f"tensor_to_frames takes one video; got a batch of {x.shape[0]} "
+                             f"(shape {tuple(x.shape)}), pass x[b] for each")
+        x = x[0]
+    if x.ndim != 4 or x.shape[0] != 3 or 0 in x.shape:
+        raise MediaError(f"tensor_to_frames expects [3, T, H, W] or [1, 3, T, H, W], got {tuple(x.shape)}")
+    x = x.detach().to(device="cpu", dtype=torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise MediaError("tensor_to_frames: the tensor holds NaN or inf values")
+    v = x.add(1).div_(2).clamp_(0, 1).mul_(255)
+    if rounding == "round":
+        v.round_()
+    return v.to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()
+
+
+def load_image_tensor(image: PathLike | Image.Image, height: int, width: int) -> torch.Tensor:
+    """An image file or PIL image -> float32 ``[3, H, W]`` in [-1, 1] after the reference's transform.
+
+    This is the I2V conditioning input (inference.md 3); add ``[None, :, None]`` for ``[1, 3, 1, H, W]``.
+    """
+    img = image if isinstance(image, Image.Image) else read_image(image)
+    img = _resize_crop_pil(_pil_to_rgb(img), height, width)
+    return frames_to_tensor(np.asarray(img)[None])[:, 0]
+
+
+# --------------------------------------------------------------------------------------- video input
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about a video's first video stream (nothing is decoded).
+
+    ``fps`` is the stream's average frame rate (None if the container gives none); ``duration`` in
+    seconds from the stream, else the container (None if unknown); ``num_frames`` as stored in the
+    container (None when it does not store one, e.g. webm).
+    """
+
+    path: Path
+    width: int
+    height: int
+    fps: float | None
+    duration: float | None
+    num_frames: int | None
+    codec: str
+
+
+@contextlib.contextmanager
+def _open_video(path: Path) -> Iterator[tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
+    try:
+        container = av.open(str(path), mode="r")
+    except av.FFmpegError as e:
+        raise MediaError(f"cannot read video {path}: not a readable media file ({e})") from e
+    try:
+        if not container.streams.video:
+            kinds = ", ".join(s.type for s in container.streams) or "none"
+            raise MediaError(f"{path} has no video stream (streams: {kinds})")
+        yield container, container.streams.video[0]
+    finally:
+        container.close()
+
+
+def _stream_rate(stream: av.video.stream.VideoStream) -> Fraction | None:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate:
+            return Fraction(rate)
+    return None
+
+
+def probe_video(path: PathLike) -> VideoInfo:
+    """Frame size, fps, duration, frame count and codec of a video file, without decoding it."""
+    p = _checked_input(path, VIDEO_READ_SUFFIXES, "video")
+    with _open_video(p) as (container, stream):
+        rate = _stream_rate(stream)
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        else:
+            duration = None
+        return VideoInfo(path=p, width=stream.codec_context.width, height=stream.codec_context.height,
+                         fps=float(rate) if rate else None, duration=duration,
+                         num_frames=stream.frames or None, codec=stream.codec_context.name)
+
+
+def sample_times(start_time: float, fps: float, count: int) -> list[Fraction]:
+    """Target presentation times ``start_time + i / fps`` for ``i < count``, as exact fractions."""
+    start, step = Fraction(start_time), 1 / Fraction(fps)
+    return [start + i * step for i in range(count)]
+
+
+def _frame_to_rgb(frame: av.VideoFrame, apply_rotation: bool) -> np.ndarray:
+    # rgb24 conversion honours the frame's colour tags (matrix, range), so full-range and BT.709
+    # sources come out right; untagged video is treated as BT.601 limited range by swscale.
+    arr_HW3 = frame.to_ndarray(format="rgb24")
+    if apply_rotation:
+        rot = frame.rotation or 0  # counter-clockwise degrees from the display matrix
+        k = round(rot / 90) % 4
+        if k:
+            arr_HW3 = np.ascontiguousarray(np.rot90(arr_HW3, k))
+    return arr_HW3
+
+
+def _timed_frames(container, stream, p: Path, seek_to: Fraction) -> Iterator[tuple[Fraction, av.VideoFrame]]:
+    """Decoded frames with their presentation time in seconds relative to the stream start.
+
+    Seeks to the keyframe at or before ``seek_to`` first (when > 0); if the demuxer overshoots (first
+    frame after the target), decodes again from the beginning so no wanted frame is skipped.
+    """
+    tb = stream.time_base
+    origin = Fraction(stream.start_time * tb) if stream.start_time is not None and tb is not None else Fraction(0)
+    rate = _stream_rate(stream)
+    seeked = False
+    if seek_to > 0 and tb is not None:
+        with contextlib.suppress(av.FFmpegError):
+            container.seek(math.floor((seek_to + origin) / tb), stream=stream, backward=True, any_frame=False)
+            seeked = True
+    count = 0
+    last_t: Fraction | None = None
+    try:
+        for frame in container.decode(stream):
+            if frame.pts is not None and frame.time_base is not None:
+                t = Fraction(frame.pts * frame.time_base) - origin
+            elif last_t is not None and rate:  # no timestamps: assume a constant rate
+                t = last_t + 1 / rate
+            elif rate:
+                t = count / rate
+            else:
+                raise MediaError(f"{p}: frames carry no timestamps and the stream has no frame rate")
+            if seeked and count == 0 and t > seek_to:
+                seeked = False
+                container.seek(stream.start_time or 0, stream=stream, backward=True, any_frame=False)
+                yield from _timed_frames(container, stream, p, Fraction(0))
+                return
+            count += 1
+            last_t = t
+            yield t, frame
+    except av.FFmpegError as e:
+        where = f"after t={float(last_t):.3f}s" if last_t is not None else "at the first frame"
+        raise MediaError(f"error decoding video {p} {where}: {e}") from e
+
+
+def read_video(
+    path: PathLike,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    start_time: float = 0.0,
+    *,
+    apply_rotation: bool = True,
+) -> tuple[np.ndarray, float]:
+    """Decode a video (mp4, webm, mov, mkv, avi, gif) into uint8 RGB frames ``[T, H, W, 3]``.
+
+    Returns ``(frames, fps_out)``.
+
+    * ``fps=None``: every frame whose presentation time is at or after ``start_time`` (up to
+      ``max_frames``); ``fps_out`` is the stream's average frame rate.
+    * ``fps`` given: resample by time. Output frame ``i`` is the decoded frame whose presentation
+      time is nearest to ``t_i = start_time + i / fps`` (a tie -- a target exactly half-way, within one
+      tick of the stream's time base -- goes to the earlier frame, i.e. the frame being shown then).
+      Targets run while ``t_i`` is before the end of the last frame (its time + one source frame
+      duration), up to ``max_frames``. So a 32 fps source read at 16 fps gives every second frame and
+      an 8 fps source gives each frame twice. ``fps_out == fps``.
+
+    Times are measured from the stream's first presentation time; ``start_time`` seeks to the
+    keyframe before it and decodes forward (no decoding from frame 0). Frames whose container
+    stores a display rotation (phone videos) are rotated upright unless ``apply_rotation=False``.
+    Raises ``FileNotFoundError`` / :class:`MediaError` (bad suffix, unreadable file, no video
+    stream, a decode error, no frame in the requested window).
+    """
+    p = _checked_input(path, VIDEO_READ_SUFFIXES, "video")
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise MediaError(f"fps must be a positive number, got {fps!r}")
+    if max_frames is not None and (int(max_frames) != max_frames or max_frames < 1):
+        raise MediaError(f"max_frames must be a positive integer or None, got {max_frames!r}")
+    if not (math.isfinite(start_time) and start_time >= 0):
+        raise MediaError(f"start_time must be a finite number >= 0, got {start_time!r}")
+
+    with _open_video(p) as (container, stream):
+        stream.thread_type = "AUTO"  # frame + slice threads; decoding order/output is unaffected
+        rate = _stream_rate(stream)
+        tol = Fraction(stream.time_base) if stream.time_base else Fraction(1, 1_000_000)
+        start = Fraction(start_time)
+        out: list[np.ndarray] = []
+        if fps is None:
+            for t, frame in _timed_frames(container, stream, p, start):
+                if t >= start - tol:
+                    out.append(_frame_to_rgb(frame, apply_rotation))
+                    if max_frames is not None and len(out) >= max_frames:
+                        break
+            if rate is None:
+                raise MediaError(f"{p}: the stream reports no frame rate")
+            fps_out = float(rate)
+        else:
+            out = _resample_by_time(_timed_frames(container, stream, p, start), start, Fraction(fps), max_frames,
+                                    tol, rate, apply_rotation)
+            fps_out = float(fps)
+    if not out:
+        info = probe_video(p)
+        raise MediaError(f"{p}: no video frames at or after start_time={start_time}s "
+                         f"(duration {info.duration}s, {info.num_frames} frames)")
+    return np.stack(out), fps_out
+
+
+def _resample_by_time(
+    timed: Iterator[tuple[Fraction, av.VideoFrame]],
+    start: Fraction,
+    fps: Fraction,
+    max_frames: int | None,
+    tol: Fraction,
+    rate: Fraction | None,
+    apply_rotation: bool,
+) -> list[np.ndarray]:
+    """Nearest-frame sampling at ``start + i / fps`` over a stream of (time, frame) in display order."""
+    step = 1 / fps
+    limit = max_frames if max_frames is not None else math.inf
+    out: list[np.ndarray] = []
+    prev: tuple[Fraction, av.VideoFrame] | None = None
+    prev_rgb: np.ndarray | None = None  # converted lazily, once, however often the frame is picked
+    cur_rgb: np.ndarray | None = None
+    last_gap: Fraction | None = None
+
+    def target(i: int) -> Fraction:
+        return start + i * step
+
+    for t, frame in timed:
+        cur_rgb = None
+        while len(out) < limit and target(len(out)) <= t:
+            tgt = target(len(out))
+            # Pick the earlier frame unless the current one is strictly nearer (beyond one tick).
+            if prev is not None and not (t - tgt < tgt - prev[0] - tol):
+                if prev_rgb is None:
+                    prev_rgb = _frame_to_rgb(prev[1], apply_rotation)
+                out.append(prev_rgb)
+            else:
+                if cur_rgb is None:
+                    cur_rgb = _frame_to_rgb(frame, apply_rotation)
+                out.append(cur_rgb)
+        if len(out) >= limit:
+            break
+        if prev is not None:
+            last_gap = t - prev[0]
+        prev, prev_rgb = (t, frame), cur_rgb
+    else:
+        # End of stream: targets after the last frame but before its end show the last frame.
+        if prev is not None and len(out) < limit:
+            frame_dur = 1 / rate if rate else (last_gap or Fraction(0))
+            end = prev[0] + frame_dur
+            # A target within one tick of the end counts as past it (webm rounds times to milliseconds).
+            while len(out) < limit and target(len(out)) < end - tol:
+                if prev_rgb is None:
+                    prev_rgb = _frame_to_rgb(prev[1], apply_rotation)
+                out.append(prev_rgb)
+    return out
+
+
+def load_video_tensor(
+    path: PathLike,
+    height: int,
+    width: int,
+    fps: float | None = DEFAULT_FPS,
+    max_frames: int | None = None,
+    start_time: float = 0.0,
+) -> torch.Tensor:
+    """Read, resample, resize/centre-crop and map a video to float32 ``[3, T, H, W]`` in [-1, 1].
+
+    E.g. the V2V conditioning clip of inference.md 4 (first 5 s at 16 fps, 81 frames) is
+    ``load_video_tensor(path, 480, 848, fps=16, max_frames=81)``.
+    """
+    frames_THW3, _ = read_video(path, fps=fps, max_frames=max_frames, start_time=start_time)
+    return frames_to_tensor(resize_and_center_crop(frames_THW3, height, width))
+
+
+# -------------------------------------------------------------------------------------- video output
+
+
+@functools.lru_cache(maxsize=1)
+def h264_encoder() -> str:
+    """Name of the first H.264 encoder of this PyAV build that opens: libx264, h264, libopenh264.
+
+    The check opens a tiny encoder context, so a codec that is registered but unusable is skipped.
+    Raises :class:`MediaError` if none works.
+    """
+    tried = []
+    for name in _H264_CANDIDATES:
+        try:
+            ctx = av.CodecContext.create(name, "w")
+            ctx.width, ctx.height, ctx.pix_fmt = 64, 64, "yuv420p"
+            ctx.time_base = Fraction(1, DEFAULT_FPS)
+            ctx.open()
+            return ctx.codec.name
+        except (av.FFmpegError, ValueError) as e:  # unknown codec name -> ValueError subclass
+            tried.append(f"{name} ({type(e).__name__}: {e})")
+    raise MediaError("no usable H.264 encoder in this PyAV build; tried " + "; ".join(tried))
+
+
+def _as_uint8_frames(frames: FramesLike, path: Path, *, single_ok: bool) -> np.ndarray:
+    """Normalise writer input to a contiguous uint8 ``[T, H, W, 3]`` array; errors name ``path``."""
+    what = f"frames for {path}"
+    if isinstance(frames, torch.Tensor) and frames.is_floating_point():
+        frames = tensor_to_frames(frames)
+    if isinstance(frames, Image.Image):
+        frames = [frames]
+    if isinstance(frames, (list, tuple)):
+        if not frames:
+            raise MediaError(f"{what}: got an empty sequence (zero frames)")
+        arrs = []
+        for i, f in enumerate(frames):
+            if isinstance(f, Image.Image):
+                f = np.asarray(_pil_to_rgb(f))
+            f = _check_uint8_frames(f, f"frame {i} of {what}", allow_single=True)
+            arrs.append(f if f.ndim == 3 else _only_frame(f, f"frame {i} of {what}"))
+        if len({a.shape for a in arrs}) != 1:
+            raise MediaError(f"{what}: frames differ in size: {sorted({a.shape for a in arrs})}")
+        frames = np.stack(arrs)
+    arr = _check_uint8_frames(frames, what, allow_single=single_ok)
+    if arr.ndim == 3:
+        arr = arr[None]
+    return np.ascontiguousarray(arr)
+
+
+def _only_frame(arr_THW3: np.ndarray, what: str) -> np.ndarray:
+    if arr_THW3.shape[0] != 1:
+        raise MediaError(f"{what}: expected one frame, got {arr_THW3.shape[0]}")
+    return arr_THW3[0]
+
+
+def write_video(
+    frames: FramesLike,
+    path: PathLike,
+    fps: float = DEFAULT_FPS,
+    *,
+    crf: int = DEFAULT_CRF,
+    preset: str = "medium",
+    codec: str | None = None,
+    pad_odd: bool = True,
+) -> Path:
+    """Write uint8 RGB frames ``[T, H, W, 3]`` (or PIL images) as an H.264 video (mp4/m4v/mov/mkv).
+
+    * Encoder: ``codec`` or :func:`h264_encoder` (libx264 when present). ``crf`` (0-51, lower is
+      better, 0 is lossless in YUV) and ``preset`` apply to libx264; other encoders get a bit rate of
+      ~0.25 bit per pixel per frame.
+    * Pixels: converted to yuv420p with the BT.709 matrix, limited range, and the stream is tagged
+      BT.709 so players and :func:`read_video` convert back with the same matrix. 4:2:0 needs even
+      sizes: with ``pad_odd`` (default) an odd height/width is padded by one replicated row/column
+      (the file is then one pixel larger); with ``pad_odd=False`` odd sizes raise :class:`MediaError`.
+    * Timing: constant ``fps`` (presentation time of frame i is i / fps); mp4/mov get "faststart"
+      (index at the front, so browsers can start playing before the download ends).
+    * Atomic: written to a temp file next to ``path`` and renamed; on failure nothing is left.
+
+    Returns ``path``.
+    """
+    p = _checked_output(path, VIDEO_WRITE_SUFFIXES, "video")
+    arr_THW3 = _as_uint8_frames(frames, p, single_ok=False)
+    if not (isinstance(fps, (int, float, Fraction)) and math.isfinite(fps) and fps > 0):
+        raise MediaError(f"fps must be a positive number, got {fps!r} (writing {p})")
+    if int(crf) != crf or not 0 <= crf <= 51:
+        raise MediaError(f"crf must be an integer in [0, 51], got {crf!r} (writing {p})")
+    _, h, w, _ = arr_THW3.shape
+    if h % 2 or w % 2:
+        if not pad_odd:
+            raise MediaError(f"cannot write {p}: H.264 yuv420p needs an even frame size, got {w}x{h} "
+                             "(pass pad_odd=True to pad by one pixel)")
+        arr_THW3 = np.pad(arr_THW3, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        _, h, w, _ = arr_THW3.shape
+    encoder = codec or h264_encoder()
+    rate = Fraction(fps).limit_denominator(1_000_000)
+    suffix = p.suffix.lower()
+    container_options = {"movflags": "+faststart"} if _MUXER_BY_SUFFIX[suffix] in ("mp4", "mov") else {}
+    bt709 = av.video.reformatter.Colorspace.ITU709
+    limited = av.video.reformatter.ColorRange.MPEG
+    with _atomic_output(p) as tmp:
+        try:
+            with av.open(str(tmp), mode="w", format=_MUXER_BY_SUFFIX[suffix],
+                         container_options=container_options) as container:
+                stream = container.add_stream(encoder, rate=rate)
+                stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+                cc = stream.codec_context
+                cc.colorspace, cc.color_range = 1, 1  # AVCOL_SPC_BT709, AVCOL_RANGE_MPEG (limited)
+                cc.color_primaries, cc.color_trc = 1, 1  # BT.709 primaries and transfer
+                if cc.codec.name == "libx264":
+                    stream.options = {"crf": str(int(crf)), "preset": preset}
+                else:
+                    stream.bit_rate = max(200_000, int(0.25 * w * h * float(rate)))
+                for i, frame_HW3 in enumerate(arr_THW3):
+                    frame = av.VideoFrame.from_ndarray(frame_HW3, format="rgb24")
+                    frame = frame.reformat(format="yuv420p", dst_colorspace=bt709, dst_color_range=limited)
+                    frame.pts, frame.time_base = i, 1 / rate
+                    container.mux(stream.encode(frame))
+                container.mux(stream.encode(None))  # flush delayed (B-)frames
+        except MediaError:
+            raise
+        except (av.FFmpegError, ValueError) as e:  # ValueError: e.g. an unknown codec name
+            raise MediaError(f"cannot write video {p} with encoder {encoder}: {e}") from e
+    return p
+
+
+def write_image(frame: FramesLike, path: PathLike, *, quality: int = 95) -> Path:
+    """Write one RGB frame (uint8 ``[H, W, 3]``, ``[1, H, W, 3]`` or a PIL image) as png/jpg/webp.
+
+    ``quality`` applies to jpg/webp. Atomic like :func:`write_video`. Returns ``path``.
+    """
+    p = _checked_output(path, IMAGE_SUFFIXES, "image")
+    arr_THW3 = _as_uint8_frames(frame, p, single_ok=True)
+    img = Image.fromarray(_only_frame(arr_THW3, f"write_image {p}"), mode="RGB")
+    fmt = _PIL_FORMAT_BY_SUFFIX[p.suffix.lower()]
+    kwargs = {"quality": int(quality)} if fmt in ("JPEG", "WEBP") else {}
+    with _atomic_output(p) as tmp:
+        img.save(tmp, format=fmt, **kwargs)
+    return p
+
+
+def _gif_durations_ms(count: int, fps: float) -> list[int]:
+    """Per-frame GIF delays: GIF stores centiseconds, so spread the rounding to keep the mean at 1/fps
+    (16 fps -> 60, 70, 60, 70 ... ms instead of a uniform 60 ms, i.e. 16.7 fps)."""
+    cs = [round((i + 1) * 100 / fps) - round(i * 100 / fps) for i in range(count)]
+    return [10 * max(1, c) for c in cs]
+
+
+def write_gif(frames: FramesLike, path: PathLike, fps: float = DEFAULT_FPS, *, loop: int = 0) -> Path:
+    """Write frames as an animated GIF (Pillow), looping ``loop`` times (0 = forever). Atomic.
+
+    Each frame is reduced to its own 256-colour adaptive palette (exact when a frame has at most 256
+    colours). Pillow merges consecutive identical frames into one longer frame, so a reader may see
+    fewer frames than written while the timing is kept. Returns ``path``.
+    """
+    p = _checked_output(path, GIF_SUFFIXES, "gif")
+    arr_THW3 = _as_uint8_frames(frames, p, single_ok=True)
+    if not (math.isfinite(fps) and fps > 0):
+        raise MediaError(f"fps must be a positive number, got {fps!r} (writing {p})")
+    images = [Image.fromarray(f, mode="RGB") for f in arr_THW3]
+    durations = _gif_durations_ms(len(images), fps)
+    with _atomic_output(p) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations,
+                       loop=loop)
+    return p
+
+
+def save_output(frames: FramesLike, path: PathLike, fps: float = DEFAULT_FPS, **kwargs) -> Path:
+    """Save generated frames by the suffix of ``path``.
+
+    ``.mp4/.m4v/.mov/.mkv`` -> :func:`write_video`; ``.png/.jpg/.jpeg/.webp`` -> :func:`write_image`
+    (exactly one frame); ``.gif`` -> :func:`write_gif`. ``frames`` may also be the decoder's float
+    tensor ``[3, T, H, W]`` / ``[1, 3, T, H, W]`` in [-1, 1] (converted by :func:`tensor_to_frames`).
+    Extra keyword arguments go to the chosen writer. Unknown suffixes raise :class:`MediaError`.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in VIDEO_WRITE_SUFFIXES:
+        return write_video(frames, p, fps, **kwargs)
+    if suffix in GIF_SUFFIXES:
+        return write_gif(frames, p, fps, **kwargs)
+    if suffix in IMAGE_SUFFIXES:
+        arr_THW3 = _as_uint8_frames(frames, p, single_ok=True)
+        if arr_THW3.shape[0] != 1:
+            raise MediaError(f"cannot save {arr_THW3.shape[0]} frames to the image file {p}; use .mp4 or .gif, "
+                             "or pass one frame")
+        return write_image(arr_THW3, p, **kwargs)
+    known = VIDEO_WRITE_SUFFIXES + GIF_SUFFIXES + IMAGE_SUFFIXES
+    raise MediaError(f"cannot save output to {p}: unknown suffix {p.suffix!r}; expected one of {', '.join(known)}")
