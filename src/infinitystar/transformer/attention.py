@@ -103,8 +103,12 @@ def attend(
     v_BHLD: torch.Tensor,
     mask: SegmentMask | None = None,
     backend: Backend = "sdpa",
+    key_mask_BL: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention (scale ``D**-0.5``, no causal mask) with GQA; returns ``[B, H, Lq, D]``.
+
+    ``key_mask_BL`` (inference, SDPA only; True = real key) hides padded keys, e.g. the padding of a
+    negative prompt shorter or longer than the prompt in the batch-of-2 text prefix.
 
     ``k``/``v`` may have fewer heads than ``q``; kv head j serves query heads ``j*g .. j*g+g-1``.
     ``mask`` (packed training) restricts which keys each query sees; without it every query sees
@@ -125,6 +129,11 @@ def attend(
     if groups > 1:
         k_BHLD = k_BHLD.repeat_interleave(groups, dim=1)
         v_BHLD = v_BHLD.repeat_interleave(groups, dim=1)
+    if key_mask_BL is not None:
+        if mask is not None:
+            raise ValueError("key_mask_BL is for cached inference; packed training uses the segment mask")
+        return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLD, attn_mask=key_mask_BL[:, None, None, :],
+                                              scale=scale)
     if mask is None:
         return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLD, scale=scale)
     out = F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLD, attn_mask=mask.dense(), scale=scale)
@@ -150,6 +159,8 @@ class KVCache:
     def __init__(self, depth: int) -> None:
         self.depth = depth
         self._store: list[dict[Hashable, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(depth)]
+        # Key-padding masks [B, L] (True = real key) of entries that have padding; shared by all layers.
+        self._key_masks: dict[Hashable, torch.Tensor] = {}
 
     def put(self, layer: int, key: Hashable, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor) -> None:
         self._store[layer][key] = (k_BHLD, v_BHLD)
@@ -160,6 +171,27 @@ class KVCache:
         if missing:
             raise KeyError(f"KV cache of layer {layer} holds {sorted(map(str, store))}, not {missing}")
         return [store[k][0] for k in keys], [store[k][1] for k in keys]
+
+    def set_key_mask(self, key: Hashable, mask_BL: torch.Tensor) -> None:
+        self._key_masks[key] = mask_BL
+
+    def key_mask(self, keys: Sequence[Hashable], own_mask_BL: torch.Tensor | None, own_len: int,
+                 batch: int) -> torch.Tensor | None:
+        """The [B, Lk] key mask of ``[cache[k] for k in keys] + own``, or None when nothing is padded."""
+        if own_mask_BL is None and not any(k in self._key_masks for k in keys):
+            return None
+        parts = []
+        for k in keys:
+            m = self._key_masks.get(k)
+            if m is None:
+                kt = self._store[0][k][0]
+                m = torch.ones(batch, kt.shape[2], dtype=torch.bool, device=kt.device)
+            parts.append(m.expand(batch, -1))
+        if own_mask_BL is None:
+            dev = parts[0].device
+            own_mask_BL = torch.ones(batch, own_len, dtype=torch.bool, device=dev)
+        parts.append(own_mask_BL)
+        return torch.cat(parts, dim=1)
 
     def keys(self) -> list[Hashable]:
         return list(self._store[0]) if self.depth else []
@@ -173,6 +205,8 @@ class KVCache:
         for store in self._store:
             for k in [k for k in store if k not in keep]:
                 del store[k]
+        for k in [k for k in self._key_masks if k not in keep]:
+            del self._key_masks[k]
 
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
@@ -186,6 +220,8 @@ class CacheStep:
     cache: KVCache
     context: tuple[Hashable, ...] = ()
     store_as: Hashable | None = None
+    # [B, L] mask of this step's own keys (True = real token), stored with them; None = no padding.
+    key_mask: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,12 +257,16 @@ class SelfAttention(nn.Module):
         k = self.k_norm(self.k_proj(x_BLC).view(B, L, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x_BLC).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, rope_2LD), apply_rope(k, rope_2LD)
+        key_mask = None
         if cache_step is not None:
+            key_mask = cache_step.cache.key_mask(cache_step.context, cache_step.key_mask, L, B)
             if cache_step.store_as is not None:
                 cache_step.cache.put(layer, cache_step.store_as, k, v)
+                if cache_step.key_mask is not None and layer == 0:
+                    cache_step.cache.set_key_mask(cache_step.store_as, cache_step.key_mask)
             if cache_step.context:
                 ks, vs = cache_step.cache.get(layer, cache_step.context)
                 k = torch.cat([*ks, k], dim=2)
                 v = torch.cat([*vs, v], dim=2)
-        o = attend(q, k, v, mask, backend)
+        o = attend(q, k, v, mask, backend, key_mask_BL=key_mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))

@@ -195,27 +195,31 @@ class InfinityStarTransformer(nn.Module):
                      guidance: bool = True) -> None:
         """Run the text prefix through every block and cache its K/V under ``KVCache.TEXT``.
 
-        With ``guidance`` the batch is 2: row 0 the prompt, row 1 the unconditional text (the learned rows
-        ``uncond_text[:L]``, or ``negative_LC`` zero-padded/cut to the prompt length). Text sees only text.
+        With ``guidance`` the batch is 2: row 0 the prompt, row 1 the unconditional text: the learned rows
+        ``uncond_text[:L]`` (the reference), or the features of a negative prompt of any length. Rows of
+        different lengths are right-padded to the longer one and the padding is masked out of every later
+        attention (the reference zero-pads a shorter negative prompt without a mask and rejects a longer one).
+        Text sees only text.
         """
         self._check_text(text_LC)
-        L = text_LC.shape[0]
         rows = [text_LC.float()]
         if guidance:
             if negative_LC is None:
-                rows.append(self.uncond_text[:L].to(text_LC.device))
+                rows.append(self.uncond_text[: text_LC.shape[0]].to(text_LC.device))
             else:
                 self._check_text(negative_LC)
-                if negative_LC.shape[0] > L:
-                    raise ValueError(f"negative prompt of {negative_LC.shape[0]} tokens is longer than the prompt "
-                                     f"({L}); both rows share one length")
-                neg = negative_LC.new_zeros(L, negative_LC.shape[1])
-                neg[: negative_LC.shape[0]] = negative_LC
-                rows.append(neg.float())
+                rows.append(negative_LC.float())
+        lens = [r.shape[0] for r in rows]
+        L = max(lens)
+        key_mask = None
+        if len(set(lens)) > 1:
+            rows = [torch.cat([r, r.new_zeros(L - r.shape[0], r.shape[1])]) for r in rows]
+            lens_B1 = torch.tensor(lens, device=text_LC.device)[:, None]
+            key_mask = torch.arange(L, device=text_LC.device)[None, :] < lens_B1
         # One projection over the row-concatenation, as the reference (GEMM tiling affects the last bits).
         x = self.embed_text(torch.cat(rows)).view(len(rows), L, -1)
         rope = rope_table(text_positions(L), self.cfg.head_dim, self.cfg.rope_theta).to(x.device)
-        step = CacheStep(cache, (), KVCache.TEXT)
+        step = CacheStep(cache, (), KVCache.TEXT, key_mask=key_mask)
         dtype = next(self.blocks.parameters()).dtype if len(self.blocks) else x.dtype
         x = x.to(dtype)
         for i, blk in enumerate(self.blocks):
