@@ -140,9 +140,13 @@ class InfinityStarPipeline:
         return FlanT5Encoder.from_pretrained(folder)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, preset: str | None = None,
+    def from_pretrained(cls, path: str | os.PathLike, *, preset: str | PipelineConfig | None = None,
                         block_dtype: torch.dtype | None = None) -> InfinityStarPipeline:
-        """Load our layout (``model_index.json``) or the official download layout from a local folder."""
+        """Load our layout (``model_index.json``) or the official download layout from a local folder.
+
+        For the official layout ``preset`` picks the transformer folder when several are present (a preset name),
+        or gives the whole configuration (a :class:`PipelineConfig`, e.g. for a small stand-in of that layout).
+        """
         root = Path(path)
         if not root.is_dir():
             raise FileNotFoundError(f"model folder {root} does not exist")
@@ -168,14 +172,15 @@ class InfinityStarPipeline:
         return cls(transformer, vae, text, cfg)
 
     @classmethod
-    def _from_official_layout(cls, root: Path, preset: str | None,
+    def _from_official_layout(cls, root: Path, preset: str | PipelineConfig | None,
                               block_dtype: torch.dtype | None) -> InfinityStarPipeline:
         found = {name: p for name, p in OFFICIAL_TRANSFORMER_DIRS.items() if (root / name).exists()}
-        if preset is None:
+        if preset is None or isinstance(preset, PipelineConfig):
             if len(found) != 1:
                 raise ValueError(f"{root} holds transformer folders {sorted(found) or 'none'}; pass preset= one of "
                                  f"{sorted(OFFICIAL_TRANSFORMER_DIRS.values())}")
-            folder_name, preset = next(iter(found.items()))
+            folder_name, name = next(iter(found.items()))
+            cfg = preset if isinstance(preset, PipelineConfig) else get_preset("pipeline", name)
         else:
             names = [n for n, p in OFFICIAL_TRANSFORMER_DIRS.items() if p == preset]
             if not names:
@@ -184,7 +189,7 @@ class InfinityStarPipeline:
             folder_name = names[0]
             if not (root / folder_name).exists():
                 raise FileNotFoundError(f"preset {preset!r} needs the transformer folder {root / folder_name}")
-        cfg = get_preset("pipeline", preset)
+            cfg = get_preset("pipeline", preset)
         transformer = checkpoints.load_official_transformer(root / folder_name, cfg.transformer,
                                                             block_dtype=block_dtype)
         vae = checkpoints.load_vae(root / OFFICIAL_VAE_FILE, cfg.vae)
