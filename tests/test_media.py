@@ -130,8 +130,38 @@ def test_mp4_lossless_crf0_is_near_exact_and_rgb_not_bgr(tmp_path):
     frames[0, ..., 0] = 255  # red
     frames[1, ..., 1] = 255  # green
     frames[2, ..., 2] = 255  # blue
-    back, _ = read_video(write_video(frames, tmp_path / "rgb.mp4", fps=16, crf=0))
+    path = write_video(frames, tmp_path / "rgb.mp4", fps=16, crf=0)
+    back, _ = read_video(path)
     # crf 0 is lossless in YUV; the RGB<->YUV conversion itself costs a few levels.
+    assert np.abs(back.astype(int) - frames.astype(int)).max() <= 4
+    # The file is BT.709, limited range, and tagged so: luma of pure red is 16 + 219 * 0.2126 = 62.6
+    # (BT.601 would give 16 + 219 * 0.299 = 81.5).
+    with av.open(str(path)) as container:
+        first = next(container.decode(video=0))
+        assert (first.colorspace, first.color_range) == (1, 1)  # AVCOL_SPC_BT709, AVCOL_RANGE_MPEG
+        plane = first.planes[0]  # the Y plane exactly as decoded (no conversion)
+        y_plane = np.frombuffer(bytes(plane), np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
+    assert abs(float(y_plane.mean()) - 62.6) <= 1.5
+
+
+def test_full_range_video_is_read_with_its_range(tmp_path):
+    # A full-range ("JPEG" range, as phones and MJPEG write) H.264 file: reading it as limited range
+    # would stretch the levels (255 clipped, 10 -> 0); honouring the tag brings the colours back.
+    frames = np.zeros((2, 32, 32, 3), np.uint8)
+    frames[0, ..., 0] = 255
+    frames[1] = (10, 240, 128)
+    path = tmp_path / "full.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=16)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.options = {"crf": "0"}
+        stream.codec_context.color_range = 2  # AVCOL_RANGE_JPEG
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p", dst_color_range="JPEG")
+            vf.pts, vf.time_base = i, Fraction(1, 16)
+            container.mux(stream.encode(vf))
+        container.mux(stream.encode(None))
+    back, _ = read_video(path)
     assert np.abs(back.astype(int) - frames.astype(int)).max() <= 4
 
 
@@ -257,6 +287,16 @@ def test_8fps_read_at_16fps_duplicates_each_frame(tmp_path):
     back, fps = read_video(path, fps=16)
     assert fps == 16.0
     assert _indices(back) == [i // 2 for i in range(16)]
+
+
+def test_end_tolerance_lets_the_last_target_hold_the_last_frame(tmp_path):
+    # 5.0 s at 8 fps (40 frames): 81 targets k/16 need t = 5.0 s, exactly the end -> 80 frames by default.
+    path = _pyav_write(tmp_path / "s8.mp4", _grey_frames(40, step=6), 8, "libx264")
+    assert read_video(path, fps=16, max_frames=81)[0].shape[0] == 80
+    back, _ = read_video(path, fps=16, max_frames=81, end_tolerance=0.2)
+    assert back.shape[0] == 81
+    np.testing.assert_array_equal(back[80], back[79])  # the extra target repeats the last frame
+    assert read_video(path, fps=16, end_tolerance=0.2)[0].shape[0] == 84  # targets up to 5.1875 s < 5.2 s
 
 
 @pytest.mark.parametrize("src_fps", [24, 30])
@@ -488,12 +528,23 @@ def test_corrupt_files_raise_media_error(tmp_path):
     with pytest.raises(MediaError, match="text.jpg"):
         read_image(notimg)
 
-    # An mp4 cut short of its index is unreadable too.
-    whole = write_video(_grey_frames(8), tmp_path / "whole.mp4")
+    # An mp4 cut inside its index (written first: faststart) cannot be opened.
+    rng = np.random.default_rng(5)
+    whole = write_video(rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), tmp_path / "whole.mp4")
+    data = whole.read_bytes()
     cut = tmp_path / "cut.mp4"
-    cut.write_bytes(whole.read_bytes()[:200])
+    cut.write_bytes(data[:200])
     with pytest.raises(MediaError, match="cut.mp4"):
         read_video(cut)
+    # Cut after the index, in the frame data: FFmpeg would quietly return the first part of the video.
+    tail_cut = tmp_path / "tail_cut.mp4"
+    tail_cut.write_bytes(data[: len(data) * 6 // 10])
+    with pytest.raises(MediaError, match=r"tail_cut\.mp4 is truncated"):
+        read_video(tail_cut)
+    with pytest.raises(MediaError, match="truncated"):
+        read_video(tail_cut, fps=16)
+    # ...while reading only frames before the cut is fine.
+    assert read_video(tail_cut, max_frames=5)[0].shape[0] == 5
 
 
 def test_file_without_video_stream(tmp_path):

@@ -67,7 +67,6 @@ __all__ = [
     "read_image",
     "read_video",
     "resize_and_center_crop",
-    "sample_times",
     "save_output",
     "tensor_to_frames",
     "write_gif",
@@ -300,19 +299,29 @@ def tensor_to_frames(x: torch.Tensor, rounding: Literal["round", "truncate"] = "
         x = x[0]
     if x.ndim != 4 or x.shape[0] != 3 or 0 in x.shape:
         raise MediaError(f"tensor_to_frames expects [3, T, H, W] or [1, 3, T, H, W], got {tuple(x.shape)}")
-    x = x.detach().to(device="cpu", dtype=torch.float32)
-    if not bool(torch.isfinite(x).all()):
-        raise MediaError("tensor_to_frames: the tensor holds NaN or inf values")
-    v = x.add(1).div_(2).clamp_(0, 1).mul_(255)
-    if rounding == "round":
-        v.round_()
-    return v.to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()
+    x = x.detach()
+    _, t, h, w = x.shape
+    out_THW3 = torch.empty((t, h, w, 3), dtype=torch.uint8)
+    # A few frames at a time: bounds the float temporaries (a 720p 81-frame video is 0.9 GB in float32)
+    # and keeps them in cache; a device tensor is copied to the CPU chunk by chunk too.
+    chunk = max(1, (8 << 20) // max(1, 3 * h * w))
+    for t0 in range(0, t, chunk):
+        x_c = x[:, t0:t0 + chunk].to(device="cpu", dtype=torch.float32)
+        if not bool(torch.isfinite(x_c).all()):
+            raise MediaError(f"tensor_to_frames: NaN or inf values in frames {t0}..{min(t, t0 + chunk) - 1}")
+        v = x_c.add(1).div_(2).clamp_(0, 1).mul_(255)  # the reference's order of operations
+        if rounding == "round":
+            v.round_()
+        out_THW3[t0:t0 + chunk] = v.permute(1, 2, 3, 0)  # float -> uint8 truncates toward zero
+    return out_THW3.numpy()
 
 
 def load_image_tensor(image: PathLike | Image.Image, height: int, width: int) -> torch.Tensor:
     """An image file or PIL image -> float32 ``[3, H, W]`` in [-1, 1] after the reference's transform.
 
     This is the I2V conditioning input (inference.md 3); add ``[None, :, None]`` for ``[1, 3, 1, H, W]``.
+    A file goes through :func:`read_image` (EXIF orientation, RGB); a PIL image is used as given,
+    only converted to RGB.
     """
     img = image if isinstance(image, Image.Image) else read_image(image)
     img = _resize_crop_pil(_pil_to_rgb(img), height, width)
@@ -378,12 +387,6 @@ def probe_video(path: PathLike) -> VideoInfo:
                          num_frames=stream.frames or None, codec=stream.codec_context.name)
 
 
-def sample_times(start_time: float, fps: float, count: int) -> list[Fraction]:
-    """Target presentation times ``start_time + i / fps`` for ``i < count``, as exact fractions."""
-    start, step = Fraction(start_time), 1 / Fraction(fps)
-    return [start + i * step for i in range(count)]
-
-
 def _frame_to_rgb(frame: av.VideoFrame, apply_rotation: bool) -> np.ndarray:
     # rgb24 conversion honours the frame's colour tags (matrix, range), so full-range and BT.709
     # sources come out right; untagged video is treated as BT.601 limited range by swscale.
@@ -394,6 +397,16 @@ def _frame_to_rgb(frame: av.VideoFrame, apply_rotation: bool) -> np.ndarray:
         if k:
             arr_HW3 = np.ascontiguousarray(np.rot90(arr_HW3, k))
     return arr_HW3
+
+
+def _frame_duration(frame: av.VideoFrame, rate: Fraction | None, fallback: Fraction | None = None) -> Fraction:
+    """How long ``frame`` is shown: its own duration when the container stores one (exact for VFR
+    video), else one period of the stream's frame rate, else ``fallback`` (or 0)."""
+    if frame.duration and frame.time_base is not None:
+        return Fraction(frame.duration * frame.time_base)
+    if rate:
+        return 1 / rate
+    return fallback or Fraction(0)
 
 
 def _timed_frames(container, stream, p: Path, seek_to: Fraction) -> Iterator[tuple[Fraction, av.VideoFrame]]:
@@ -412,6 +425,7 @@ def _timed_frames(container, stream, p: Path, seek_to: Fraction) -> Iterator[tup
             seeked = True
     count = 0
     last_t: Fraction | None = None
+    last_frame: av.VideoFrame | None = None
     try:
         for frame in container.decode(stream):
             if frame.pts is not None and frame.time_base is not None:
@@ -423,16 +437,24 @@ def _timed_frames(container, stream, p: Path, seek_to: Fraction) -> Iterator[tup
             else:
                 raise MediaError(f"{p}: frames carry no timestamps and the stream has no frame rate")
             if seeked and count == 0 and t > seek_to:
-                seeked = False
                 container.seek(stream.start_time or 0, stream=stream, backward=True, any_frame=False)
                 yield from _timed_frames(container, stream, p, Fraction(0))
                 return
             count += 1
-            last_t = t
+            last_t, last_frame = t, frame
             yield t, frame
     except av.FFmpegError as e:
         where = f"after t={float(last_t):.3f}s" if last_t is not None else "at the first frame"
         raise MediaError(f"error decoding video {p} {where}: {e}") from e
+    # Reached only when decoding ran to the end (a consumer that stops early closes us at `yield`).
+    # FFmpeg stops quietly at the end of a file cut short after its index (e.g. a faststart mp4 copied
+    # partially), so compare with the duration the stream's index promises: more than two frames
+    # missing means the file is truncated, and returning the partial video would be silent data loss.
+    if stream.duration is not None and tb is not None and rate and last_t is not None:
+        promised_end = Fraction(stream.duration * tb)  # a length: times here are relative to the stream start
+        if last_t + _frame_duration(last_frame, rate) < promised_end - 2 / rate:
+            raise MediaError(f"video {p} is truncated: decoding stopped at t={float(last_t):.3f}s but the "
+                             f"stream's index says it lasts {float(promised_end):.3f}s")
 
 
 def read_video(
@@ -441,6 +463,7 @@ def read_video(
     max_frames: int | None = None,
     start_time: float = 0.0,
     *,
+    end_tolerance: float = 0.0,
     apply_rotation: bool = True,
 ) -> tuple[np.ndarray, float]:
     """Decode a video (mp4, webm, mov, mkv, avi, gif) into uint8 RGB frames ``[T, H, W, 3]``.
@@ -452,9 +475,12 @@ def read_video(
     * ``fps`` given: resample by time. Output frame ``i`` is the decoded frame whose presentation
       time is nearest to ``t_i = start_time + i / fps`` (a tie -- a target exactly half-way, within one
       tick of the stream's time base -- goes to the earlier frame, i.e. the frame being shown then).
-      Targets run while ``t_i`` is before the end of the last frame (its time + one source frame
-      duration), up to ``max_frames``. So a 32 fps source read at 16 fps gives every second frame and
-      an 8 fps source gives each frame twice. ``fps_out == fps``.
+      Targets run while ``t_i`` is before the end of the last frame (its time + its duration), up to
+      ``max_frames``. So a 32 fps source read at 16 fps gives every second frame and an 8 fps source
+      gives each frame twice. ``fps_out == fps``. A clip of ``n`` frames at ``fps`` spans
+      ``(n - 1) / fps`` seconds of start times, so e.g. 81 frames at 16 fps need a video *longer* than
+      5 s; a 5.0 s video gives 80. ``end_tolerance`` (seconds) lets targets run that far past the end,
+      repeating the last frame (the reference accepts windows up to 0.2 s past the end).
 
     Times are measured from the stream's first presentation time; ``start_time`` seeks to the
     keyframe before it and decodes forward (no decoding from frame 0). Frames whose container
@@ -469,6 +495,8 @@ def read_video(
         raise MediaError(f"max_frames must be a positive integer or None, got {max_frames!r}")
     if not (math.isfinite(start_time) and start_time >= 0):
         raise MediaError(f"start_time must be a finite number >= 0, got {start_time!r}")
+    if not (math.isfinite(end_tolerance) and end_tolerance >= 0):
+        raise MediaError(f"end_tolerance must be a finite number >= 0, got {end_tolerance!r}")
 
     with _open_video(p) as (container, stream):
         stream.thread_type = "AUTO"  # frame + slice threads; decoding order/output is unaffected
@@ -487,8 +515,10 @@ def read_video(
             fps_out = float(rate)
         else:
             out = _resample_by_time(_timed_frames(container, stream, p, start), start, Fraction(fps), max_frames,
-                                    tol, rate, apply_rotation)
+                                    tol, rate, apply_rotation, Fraction(end_tolerance))
             fps_out = float(fps)
+    if out and len({f.shape for f in out}) > 1:
+        raise MediaError(f"{p}: the frame size changes within the video ({sorted({f.shape for f in out})})")
     if not out:
         info = probe_video(p)
         raise MediaError(f"{p}: no video frames at or after start_time={start_time}s "
@@ -504,6 +534,7 @@ def _resample_by_time(
     tol: Fraction,
     rate: Fraction | None,
     apply_rotation: bool,
+    end_tolerance: Fraction = Fraction(0),
 ) -> list[np.ndarray]:
     """Nearest-frame sampling at ``start + i / fps`` over a stream of (time, frame) in display order."""
     step = 1 / fps
@@ -538,8 +569,7 @@ def _resample_by_time(
     else:
         # End of stream: targets after the last frame but before its end show the last frame.
         if prev is not None and len(out) < limit:
-            frame_dur = 1 / rate if rate else (last_gap or Fraction(0))
-            end = prev[0] + frame_dur
+            end = prev[0] + _frame_duration(prev[1], rate, last_gap) + end_tolerance
             # A target within one tick of the end counts as past it (webm rounds times to milliseconds).
             while len(out) < limit and target(len(out)) < end - tol:
                 if prev_rgb is None:
@@ -555,13 +585,16 @@ def load_video_tensor(
     fps: float | None = DEFAULT_FPS,
     max_frames: int | None = None,
     start_time: float = 0.0,
+    end_tolerance: float = 0.0,
 ) -> torch.Tensor:
     """Read, resample, resize/centre-crop and map a video to float32 ``[3, T, H, W]`` in [-1, 1].
 
     E.g. the V2V conditioning clip of inference.md 4 (first 5 s at 16 fps, 81 frames) is
-    ``load_video_tensor(path, 480, 848, fps=16, max_frames=81)``.
+    ``load_video_tensor(path, 480, 848, fps=16, max_frames=81, end_tolerance=0.2)`` (the tolerance so
+    that a video of exactly 5.0 s gives 81 frames, see :func:`read_video`).
     """
-    frames_THW3, _ = read_video(path, fps=fps, max_frames=max_frames, start_time=start_time)
+    frames_THW3, _ = read_video(path, fps=fps, max_frames=max_frames, start_time=start_time,
+                                end_tolerance=end_tolerance)
     return frames_to_tensor(resize_and_center_crop(frames_THW3, height, width))
 
 
