@@ -402,7 +402,7 @@ class PipelineConfig:
         k = self.scales_per_clip
         for name in ("image_repetition", "video_repetition"):
             reps = getattr(self, name)
-            _require(len(reps) >= k and all(r >= 1 for r in reps),
+            _require(len(reps) == k and all(r >= 1 for r in reps),
                      f"PipelineConfig.{name} needs {k} entries >= 1 (one per scale of a clip), got {list(reps)}")
         _require(self.fps > 0, f"PipelineConfig.fps must be > 0, got {self.fps}")
         _require(self.frames_inner_clip > 0,

@@ -342,7 +342,9 @@ class InfinityStarPipeline:
                 return x.float()
             from . import media
 
-            frames, _ = media.read_video(video, fps=self.config.fps)
+            # A 5.0 s file holds frames at t = 0 .. 5.0 s only up to its end; the reference's reader allows this
+            # slack so that 81 frames (1 + 4*20) are read from a 5 s video.
+            frames, _ = media.read_video(video, fps=self.config.fps, end_tolerance=0.2)
             frames = media.resize_and_center_crop(frames, h, w)
             return media.frames_to_tensor(frames)[None]
         return None

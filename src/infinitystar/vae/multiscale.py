@@ -13,7 +13,6 @@ per-step list here (bits, BSQ inputs, transformer inputs) and the k-th self-corr
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,7 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from infinitystar.config import QuantizerConfig
-from infinitystar.schedules import FRAMES_INNER_CLIP, ScalePackInfo, clip_layout, scales_per_clip
+from infinitystar.schedules import (
+    FRAMES_INNER_CLIP,
+    ScalePackInfo,
+    clip_layout,
+    parse_repetition,
+    scale_repetitions,
+)
 from infinitystar.vae.bsq import bits_to_codes, bsq_quantize
 
 Scale = tuple[int, int, int]
@@ -89,23 +94,7 @@ class StepInfo:
 
 def parse_repetitions(value: str | Sequence[int]) -> list[int]:
     """A repetition list given as a JSON string ('[3, 3, 2, 1]'), the reference's '[3]*12+[2,1,1]' form, or ints."""
-    if isinstance(value, str):
-        out: list[int] = []
-        text = value.replace(" ", "")
-        try:
-            for term in text.split("+"):
-                if "*" in term:
-                    lst, times = term.split("*")
-                    out += json.loads(lst) * int(times)
-                else:
-                    out += json.loads(term)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"cannot parse repetition list {value!r}") from e
-        value = out
-    reps = [int(v) for v in value]
-    if any(r < 1 for r in reps):
-        raise ValueError(f"repetitions must be >= 1, got {reps}")
-    return reps
+    return parse_repetition(value)
 
 
 def schedule_repetitions(
@@ -114,15 +103,10 @@ def schedule_repetitions(
     video_scale_repetition: str | Sequence[int],
 ) -> list[int]:
     """Per-scale repetition counts of a whole schedule: clip 0 uses the image list, video clips the video list,
-    both indexed by the scale's position inside its clip."""
-    k = scales_per_clip([tuple(s) for s in schedule])
-    image = parse_repetitions(image_scale_repetition)
-    video = parse_repetitions(video_scale_repetition)
-    n_clips = len(schedule) // k
-    for name, lst, needed in (("image_scale_repetition", image, True), ("video_scale_repetition", video, n_clips > 1)):
-        if needed and len(lst) < k:
-            raise ValueError(f"{name} has {len(lst)} entries, the schedule has {k} scales per clip")
-    return [(image if si < k else video)[si % k] for si in range(len(schedule))]
+    both indexed by the scale's position inside its clip (lists may be given in the reference's string form)."""
+    sched = [tuple(int(v) for v in s) for s in schedule]
+    return scale_repetitions(sched, parse_repetition(image_scale_repetition),  # type: ignore[arg-type]
+                             parse_repetition(video_scale_repetition))
 
 
 def build_steps(
