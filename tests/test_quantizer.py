@@ -132,7 +132,7 @@ def test_repetition_parsing():
     assert schedule_repetitions(VIDEO_SCHEDULE, "[3]*4", "[3,3,2,1]") == [3, 3, 3, 3, 3, 3, 2, 1]
     with pytest.raises(ValueError):
         parse_repetitions("[0, 1]")
-    with pytest.raises(ValueError, match="video_scale_repetition"):
+    with pytest.raises(ValueError, match="video_repetition"):
         schedule_repetitions(VIDEO_SCHEDULE, "[3]*4", "[3]")
 
 
