@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GOLDEN_DIR, golden_cases
 from safetensors.torch import load_file
 
+from conftest import GOLDEN_DIR, golden_cases
 from infinitystar.checkpoints import load_vae
 from infinitystar.config import VAEConfig, get_preset
 from infinitystar.vae.model import VideoVAE

@@ -106,15 +106,15 @@ def save_safetensors(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
-    seen: set[tuple[int, int]] = set()
+    seen_storages: set[int] = set()
     for k, v in state_dict.items():
         if not isinstance(v, Tensor):
             raise ValueError(f"cannot save {k!r}: not a tensor ({type(v).__name__})")
         t = v.detach().to("cpu").contiguous()
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
-        if ident in seen:
+        storage = t.untyped_storage().data_ptr()
+        if t.numel() and storage in seen_storages:
             t = t.clone()
-        seen.add(ident)
+        seen_storages.add(storage)
         tensors[k] = t
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -221,7 +221,11 @@ def load_vae(path_or_dir: str | os.PathLike, config: VAEConfig | None = None) ->
     with torch.device("meta"):
         model = VideoVAE(config)
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-    load_state_dict_strict(model, sd, f"VideoVAE with {config}", source=str(path), assign=True)
+    what = (
+        f"VideoVAE with block_out_channels={config.block_out_channels}, layers_per_block={config.layers_per_block}, "
+        f"latent_channels={config.latent_channels}"
+    )
+    load_state_dict_strict(model, sd, what, source=str(path), assign=True)
     return model.eval().requires_grad_(False)
 
 

@@ -4,13 +4,146 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infinitystar", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_convert(subparsers)
+    _add_generate(subparsers)
+    _add_interactive(subparsers)
     return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# generate / interactive
+# ----------------------------------------------------------------------------------------------
+
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo" / "weights"
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", help="model folder: our layout (model_index.json) or the official "
+                   "download (infinitystar_videovae.pth, transformer shards, text_encoder/flan-t5-xl-official); "
+                   "default: the embedded demo model")
+    p.add_argument("--preset", help="with --model on an official download: which transformer to load "
+                   "(official-720p, official-480p, interactive-480p); without --model: random weights of a preset")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the preset's)")
+    p.add_argument("--guidance", type=float, default=None, metavar="G",
+                   help="guidance scale (default: the preset's; 1 disables guidance)")
+    p.add_argument("--aspect", default=None, help="aspect ratio W:H, e.g. 16:9 (default: the preset's)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    p.add_argument("--offload", action="store_true", help="keep components on the CPU except while they work")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="generate an image or a video from a prompt",
+                              description="Text-to-image (--frames 1), text-to-video, image-to-video (--image), "
+                              "video extension (--video).")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("-o", "--output", default=None, help="output file: .mp4 for videos, .png for images "
+                   "(default: outputs/infinitystar.mp4 or .png)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--image", metavar="PATH", help="image-to-video: the first frame")
+    p.add_argument("--video", metavar="PATH", help="video extension: continue this video")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--seconds", type=float, default=None, help="video length in seconds")
+    length.add_argument("--frames", type=int, default=None, help="number of frames (1 = image, else 1 + 4k)")
+    p.add_argument("--resolution", choices=["480p", "720p"], default=None,
+                   help="must match the model (720p or 480p checkpoint)")
+    _add_model_options(p)
+    p.set_defaults(func=_run_generate)
+
+
+def _add_interactive(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("interactive", help="interactive long video: one prompt per segment",
+                              description="PROMPTS_FILE holds one prompt per line; each line generates the next "
+                              "segment, continuing the previous one.")
+    p.add_argument("prompts_file", metavar="PROMPTS_FILE")
+    p.add_argument("-o", "--output", default="outputs/interactive.mp4", help="output .mp4 (all segments joined)")
+    p.add_argument("--video", metavar="PATH", help="reference video for segment 0 (default: generate it)")
+    p.add_argument("--save-segments", action="store_true", help="also write OUTPUT_0000.mp4, ... per segment")
+    _add_model_options(p)
+    p.set_defaults(func=_run_interactive)
+
+
+def load_pipeline(model: str | None, preset: str | None, device: str = "cpu", offload: bool = False):
+    """The pipeline the CLI and the web page use: --model, else the demo model, else random weights."""
+    from infinitystar.pipeline import InfinityStarPipeline
+
+    if model is not None:
+        pipe = InfinityStarPipeline.from_pretrained(model, preset=preset)
+    elif preset is not None:
+        print(f"note: preset {preset!r} with RANDOM weights (no --model given): the output is noise", file=sys.stderr)
+        pipe = InfinityStarPipeline.from_preset(preset)
+    elif (DEMO_WEIGHTS / "model_index.json").is_file():
+        pipe = InfinityStarPipeline.from_pretrained(DEMO_WEIGHTS)
+    else:
+        print("note: no demo model is shipped yet; using the tiny-test preset with RANDOM weights: the output is "
+              "noise, but every stage of the pipeline runs", file=sys.stderr)
+        pipe = InfinityStarPipeline.from_preset("tiny-test")
+    if offload:
+        pipe.enable_model_cpu_offload(device)
+    else:
+        pipe.to(device)
+    return pipe
+
+
+def _check_output(path: Path, is_image: bool) -> None:
+    want = (".png",) if is_image else (".mp4",)
+    if path.suffix.lower() not in want:
+        kind = "an image (1 frame)" if is_image else "a video"
+        raise ValueError(f"output {path} must end in {' or '.join(want)} for {kind}")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from infinitystar.pipeline import export_to_video
+
+    for name in ("image", "video"):
+        value = getattr(args, name)
+        if value is not None and not Path(value).is_file():
+            raise FileNotFoundError(f"--{name} {value}: no such file")
+    is_image = args.frames == 1 or (args.seconds == 0)
+    default_name = "infinitystar.png" if is_image else "infinitystar.mp4"
+    out = Path(args.output) if args.output else Path("outputs") / default_name
+    _check_output(out, is_image)
+    pipe = load_pipeline(args.model, args.preset, args.device, args.offload)
+    t0 = time.perf_counter()
+    result = pipe(args.prompt, args.negative_prompt, image=args.image, video=args.video, num_frames=args.frames,
+                  seconds=args.seconds, resolution=args.resolution, aspect=args.aspect, guidance_scale=args.guidance,
+                  seed=args.seed, progress=not args.quiet)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_to_video(result.frames, out, fps=result.fps)
+    frames = result.frames
+    print(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
+          f"{time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _run_interactive(args: argparse.Namespace) -> int:
+    from infinitystar.pipeline import export_to_video
+
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompt (one per line)")
+    out = Path(args.output)
+    _check_output(out, is_image=False)
+    pipe = load_pipeline(args.model, args.preset, args.device, args.offload)
+    result = pipe.interactive(prompts, video=args.video, aspect=args.aspect, guidance_scale=args.guidance,
+                              seed=args.seed, progress=not args.quiet)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_to_video(result.frames, out, fps=result.fps)
+    if args.save_segments:
+        for i, seg in enumerate(result.segments):
+            export_to_video(seg, out.with_name(f"{out.stem}_{i:04d}.mp4"), fps=result.fps)
+    print(f"wrote {out} ({len(prompts)} segments, {result.frames.shape[0]} frames)")
+    return 0
 
 
 def _add_convert(subparsers: argparse._SubParsersAction) -> None:
@@ -23,14 +156,16 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("src", metavar="SRC", help="official checkpoint, e.g. infinitystar_videovae.pth")
     p.add_argument("dst", metavar="DST", help="output .safetensors file (written atomically)")
     p.add_argument("--kind", choices=["vae"], default="vae", help="which model the checkpoint holds (default: vae)")
+    p.add_argument("--preset", default="official", help="architecture preset of the checkpoint (default: official)")
     p.set_defaults(func=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     from infinitystar.checkpoints import convert_vae_checkpoint
+    from infinitystar.config import get_preset
 
     if args.kind == "vae":
-        out = convert_vae_checkpoint(args.src, args.dst)
+        out = convert_vae_checkpoint(args.src, args.dst, get_preset("vae", args.preset))
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(f"unknown checkpoint kind {args.kind!r}")
     print(f"wrote {out}")
@@ -43,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        # Bad input: a one-line message that names the problem, not a traceback.
+        print(f"infinitystar {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -155,15 +155,25 @@ def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
-def _edge_ramp(length: int, ramp: int, rise: bool, fall: bool) -> Tensor:
-    """1-D blend weight of a tile: linear ramps (strictly > 0) over ``ramp`` samples at shared edges."""
+def _edge_weights(length: int, overlap: int, rise: bool, fall: bool) -> Tensor:
+    """1-D blend weight of a tile along one axis, over ``overlap`` samples at each edge shared with a neighbour.
+
+    The outer 3/8 of the overlap gets weight 0 (those pixels saw the tile's zero padding within their
+    receptive field), the middle quarter a linear ramp, the rest 1. The neighbour mirrors it, so
+    every pixel keeps a positive total weight. (A ramp over the whole overlap, as in the
+    reference's unused tiled decode, is ~20x less accurate at the same cost: measured on random
+    weights, tile 16 / overlap 8 cells, mean error 3.7e-3 vs 3.5e-5.)
+    """
     w = torch.ones(length)
-    if ramp > 0:
-        r = (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp
+    if overlap > 0:
+        ramp = max(overlap // 4, 1)
+        margin = (overlap - ramp) // 2
+        ramp_w = (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp
+        edge = torch.cat([torch.zeros(margin), ramp_w, torch.ones(overlap - margin - ramp)])
         if rise:
-            w[:ramp] = torch.minimum(w[:ramp], r)
+            w[:overlap] = torch.minimum(w[:overlap], edge)
         if fall:
-            w[-ramp:] = torch.minimum(w[-ramp:], r.flip(0))
+            w[-overlap:] = torch.minimum(w[-overlap:], edge.flip(0))
     return w
 
 
@@ -353,10 +363,12 @@ class VideoVAE(nn.Module):
 
         ``tile_size`` (in latent cells, 1 cell = 16 pixels; square tiles) decodes the frame in
         overlapping spatial tiles so that activation memory is bounded by the tile size rather than
-        the frame size. ``tile_overlap`` (latent cells, default ``tile_size // 4``) is blended with
-        linear ramps. Tiling is not exact: a tile's border pixels see zero padding where the full
-        frame had neighbours (the decoder's receptive field is ~12 latent cells), and blending only
-        hides the seams. ``tile_size`` >= the latent size decodes untiled.
+        the frame size. ``tile_overlap`` (latent cells, default ``tile_size // 4``) is where
+        neighbouring tiles are blended: each tile's outer 3/8 of the overlap is discarded and the
+        middle quarter is a linear cross-fade. Tiling is not exact: pixels near a tile border see the
+        tile's zero padding where the full frame had neighbours (the decoder's receptive field is
+        ~12 latent cells); the larger the overlap, the smaller the error (see tests/test_vae_model.py
+        for measured figures). ``tile_size`` >= the latent size decodes untiled.
         """
         z = self.latent_to_decoder_input(latent)
         h, w = z.shape[3:]
@@ -386,13 +398,14 @@ class VideoVAE(nn.Module):
                     b, c, t = part.shape[:3]
                     out = part.new_zeros(b, c, t, h * up, w * up)
                     weight = part.new_zeros(h * up, w * up)
-                wy = _edge_ramp(th * up, overlap * up, rise=y0 > 0, fall=y0 + th < h)
-                wx = _edge_ramp(tw * up, overlap * up, rise=x0 > 0, fall=x0 + tw < w)
+                wy = _edge_weights(th * up, overlap * up, rise=y0 > 0, fall=y0 + th < h)
+                wx = _edge_weights(tw * up, overlap * up, rise=x0 > 0, fall=x0 + tw < w)
                 w2 = (wy[:, None] * wx[None, :]).to(part)
                 py, px = slice(y0 * up, (y0 + th) * up), slice(x0 * up, (x0 + tw) * up)
                 out[..., py, px] += part * w2
                 weight[py, px] += w2
         assert out is not None and weight is not None
+        assert bool((weight > 0).all()), "tiling left pixels without weight"  # guaranteed by the tile layout
         return out / weight
 
 
