@@ -465,3 +465,106 @@ register_preset("pipeline", "tiny-test", PipelineConfig(
     text_encoder="bytes", seed=0))
 
 __all__ += ["PipelineConfig", "SamplingConfig"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training data
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training records and cached latents live, and how clips and captions are drawn.
+
+    Defaults follow the released 480p fine-tuning scripts (training spec sections 2 and 10): 16 fps,
+    whole-second durations clamped to 5 s (``video_frames=81``), the ``<<<t=Ns>>>`` duration prefix on
+    video captions, sentence truncation with probability 0.3 and 10 % condition (caption) dropout.
+    """
+
+    # jsonl files or glob patterns (``data/*/*.jsonl``); records in the reference format.
+    jsonl: tuple[str, ...] = ()
+    # Root of the safetensors latent cache written by ``infinitystar extract-features``.
+    cache_dir: str = ""
+    # Relative ``video_path`` / ``image_path`` values are resolved against this folder (None = the
+    # folder of the jsonl file that holds the record).
+    video_root: str | None = None
+    # Training frame rate; clips are sampled by timestamp at this rate whatever the native fps.
+    fps: int = 16
+    # Pixel budget of the bucket table and of the scale pyramid ('0.06M', '0.25M', '0.40M', '0.90M') ...
+    pn: str = "0.40M"
+    # ... optionally truncated to its first `num_scales` grids (tiny test models; None = the pn's own).
+    num_scales: int | None = None
+    # Latent frames per clip of the space-time pyramid (20 = 5 s at 16 fps with the 4x temporal VAE).
+    frames_inner_clip: int = 20
+    # VAE temporal compression (latent frames = (pixel frames - 1) / time_stride + 1).
+    time_stride: int = 4
+    # Clips longer than this many whole seconds are clamped to it (or dropped with drop_long_video);
+    # 5 = the released `video_frames=81`, 10 = 161.
+    max_seconds: int = 5
+    # Clips shorter than this many whole seconds are dropped (0 keeps everything, as the scripts).
+    min_seconds: int = 0
+    drop_long_video: bool = False
+    # Caption processing: "<<<t=Ns>>>" prefix on video captions (images never get one).
+    duration_prefix: bool = True
+    # Probability of sentence truncation (videos) / of the short caption (images): `short_cap_prob`.
+    short_caption_prob: float = 0.3
+    # Sentence truncation on/off (`enable_dynamic_length_prompt`); images still pick short vs long.
+    sentence_truncation: bool = True
+    # Probability that a sample's caption is replaced by the unconditional one (`cfg` = 0.1).
+    cond_dropout: float = 0.1
+    # Image records: "both" keeps images and videos, "video"/"image" keeps only one kind.
+    media: str = "both"
+    # If set, the fraction of each epoch's samples that are images (images are repeated or
+    # subsampled to reach it); None = the records' own proportion.
+    image_fraction: float | None = None
+    # Extraction: "mean" stores the posterior mean, "sample" a seeded posterior sample (the reference).
+    latent_sampling: str = "mean"
+    # Seed of every data random stream (shuffling, caption draws, dropout); persisted in checkpoints.
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        from .schedules import num_scales_for_pn  # schedules imports nothing from here
+
+        jsonl = (self.jsonl,) if isinstance(self.jsonl, str) else tuple(self.jsonl)
+        object.__setattr__(self, "jsonl", jsonl)
+        _require(all(isinstance(p, str) and p for p in jsonl),
+                 f"DataConfig.jsonl must be non-empty path strings, got {list(jsonl)}")
+        _require(isinstance(self.fps, int) and self.fps > 0, f"DataConfig.fps must be an int > 0, got {self.fps!r}")
+        try:
+            full = num_scales_for_pn(self.pn)
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"DataConfig.pn: unknown pixel budget {self.pn!r} ({err})") from None
+        if self.num_scales is not None:
+            _require(1 <= self.num_scales <= full,
+                     f"DataConfig.num_scales must be in 1..{full} for pn={self.pn!r}, got {self.num_scales}")
+        _require(self.frames_inner_clip > 0,
+                 f"DataConfig.frames_inner_clip must be > 0, got {self.frames_inner_clip}")
+        _require(self.time_stride > 0, f"DataConfig.time_stride must be > 0, got {self.time_stride}")
+        _require(self.fps % self.time_stride == 0,
+                 f"DataConfig.fps ({self.fps}) must be a multiple of time_stride ({self.time_stride}) so whole "
+                 f"seconds map to whole latent frames")
+        _require(self.max_seconds >= 0, f"DataConfig.max_seconds must be >= 0, got {self.max_seconds}")
+        _require(0 <= self.min_seconds <= self.max_seconds,
+                 f"DataConfig.min_seconds must be in 0..max_seconds ({self.max_seconds}), got {self.min_seconds}")
+        for name in ("short_caption_prob", "cond_dropout"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, f"DataConfig.{name} must be in [0, 1], got {value}")
+        _require(self.media in ("both", "video", "image"),
+                 f"DataConfig.media must be 'both', 'video' or 'image', got {self.media!r}")
+        if self.image_fraction is not None:
+            _require(0.0 <= self.image_fraction <= 1.0,
+                     f"DataConfig.image_fraction must be in [0, 1], got {self.image_fraction}")
+            _require(self.media == "both",
+                     f"DataConfig.image_fraction needs media='both', got media={self.media!r}")
+        _require(self.latent_sampling in ("mean", "sample"),
+                 f"DataConfig.latent_sampling must be 'mean' or 'sample', got {self.latent_sampling!r}")
+        _require(isinstance(self.seed, int), f"DataConfig.seed must be an int, got {self.seed!r}")
+        _require(self.num_workers >= 0, f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
+
+    @property
+    def latent_frames_per_second(self) -> int:
+        return self.fps // self.time_stride
+
+
+__all__ += ["DataConfig"]
