@@ -207,6 +207,10 @@ class InfinityStarPipeline:
         _save_json_atomic(config_to_dict(self.config.vae), root / "vae" / "config.json")
         if isinstance(self.text_encoder, nn.Module):
             checkpoints.save_safetensors(self.text_encoder.state_dict(), root / "text_encoder" / "model.safetensors")
+        elif isinstance(self.text_encoder, FlanT5Encoder):
+            # A Flan-T5 folder (tokenizer + encoder weights) that FlanT5Encoder.from_pretrained reads back.
+            self.text_encoder.tokenizer.save_pretrained(str(root / "text_encoder"))
+            self.text_encoder.model.save_pretrained(str(root / "text_encoder"))
         else:
             warnings.warn("the text encoder is not a module; save its folder separately", stacklevel=2)
         _save_json_atomic({"_class_name": type(self).__name__, "config": _pipeline_config_to_dict(self.config)},
@@ -446,6 +450,9 @@ class InfinityStarPipeline:
         receives each finished clip's frames (``output_type`` format) as soon as it is decoded.
         """
         cfg = self.config
+        # Checked before the template adds the duration tag and quality suffix (which would make "" non-empty).
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
         if output_type not in ("np", "pil", "pt", "latent"):
             raise ValueError(f"unknown output_type {output_type!r}; valid: 'np', 'pil', 'pt', 'latent'")
         sampling = self._sampling(guidance_scale)
