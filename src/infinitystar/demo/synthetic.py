@@ -1,0 +1,383 @@
+"""The demo domain: procedurally rendered, captioned clips of one coloured shape moving in a straight line.
+
+Every clip shows one shape (circle, square, triangle) of one pure colour (red, green, blue, yellow, white,
+magenta) on black, moving left, right, up or down at constant speed from a random start, for 33 frames at
+16 fps (2 s -- the reference's duration mapping gives ``<<<t=2s>>>`` and exactly 33 sampled frames). The
+domain is small enough for a demo model trained on one GPU to learn, and simple enough for
+:mod:`infinitystar.demo.evaluate` to judge colour, shape and direction analytically from the frames.
+
+Twelve (colour, shape, direction) triples, :data:`HELD_OUT`, never occur in the training split: a model
+that draws them right has composed attributes it only saw apart. Every colour, shape and direction, and
+every (colour, shape) pair but none of the held-out triples, still occur in training.
+
+:func:`make_dataset` writes real mp4 files plus a jsonl in the reference's metadata format (training
+spec 2.1: ``video_path``, ``begin_frame_id``, ``end_frame_id``, ``fps``, ``tarsier2_caption`` and
+optionally ``MiniCPM_V_2_6_caption``), so the ordinary data pipeline and commands consume it. ``video_path``
+is relative to the jsonl's folder. The extra ``demo`` field (ignored by the reference's loader) records the
+ground truth of each clip.
+
+Everything is deterministic by seed: clip ``i`` of a split depends only on ``(seed, split, i)`` and the
+clip size, so a larger dataset starts with the clips of a smaller one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "ALL_TRIPLES",
+    "CAPTION_TEMPLATES",
+    "COLOURS",
+    "DIRECTIONS",
+    "DIRECTION_VECTORS",
+    "EVAL_TEMPLATES",
+    "HELD_OUT",
+    "SHAPES",
+    "SPLITS",
+    "TRAIN_TRIPLES",
+    "ClipSpec",
+    "DemoClip",
+    "caption",
+    "count_triples",
+    "make_dataset",
+    "read_ground_truth",
+    "render_clip",
+    "sample_clips",
+    "shape_coverage",
+    "triples_for_split",
+]
+
+Triple = tuple[str, str, str]  # (colour, shape, direction)
+
+# Pure, fully saturated colours: after an H.264 round trip or a VAE they are still far apart when each
+# pixel is divided by its brightest channel (the judge's colour space).
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "white": (255, 255, 255),
+    "magenta": (255, 0, 255),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
+# Unit motion per direction in image coordinates (x right, y down).
+DIRECTION_VECTORS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+ALL_TRIPLES: tuple[Triple, ...] = tuple(itertools.product(COLOURS, SHAPES, DIRECTIONS))
+# Held out of all training data (the DEMO MODEL issue, part 2): 12 of the 72 triples, two per colour,
+# four per shape, three per direction.
+HELD_OUT: tuple[Triple, ...] = (
+    ("red", "triangle", "up"),
+    ("green", "circle", "left"),
+    ("blue", "square", "down"),
+    ("yellow", "triangle", "right"),
+    ("white", "circle", "up"),
+    ("magenta", "square", "left"),
+    ("red", "square", "right"),
+    ("green", "triangle", "down"),
+    ("blue", "circle", "right"),
+    ("yellow", "square", "up"),
+    ("white", "triangle", "left"),
+    ("magenta", "circle", "down"),
+)
+TRAIN_TRIPLES: tuple[Triple, ...] = tuple(t for t in ALL_TRIPLES if t not in set(HELD_OUT))
+SPLITS: tuple[str, ...] = ("train", "heldout")
+
+# Caption templates. Placeholders: {colour}, {shape}, {dir} (left/right/up/down) and {towards}
+# ("to the left", "to the right", "upwards", "downwards"). Colour and shape words never vary (a small
+# model learns them from few examples); verbs and direction phrasing do. No template contains another
+# palette colour, shape or direction word, so :func:`infinitystar.demo.evaluate.parse_prompt` reads every
+# caption back unambiguously ("black" is not a palette colour).
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "a {colour} {shape} moving {dir}",
+    "a {colour} {shape} slides {towards}",
+    "a {colour} {shape} moves {towards} on a black background",
+    "a {colour} {shape} travelling {dir} in a straight line",
+    "a single {colour} {shape} drifts {towards} at a steady speed",
+    "the {colour} {shape} glides {towards} across the frame",
+    "{colour} {shape} going {dir}",
+    "a {colour} {shape} heading {dir} against black",
+)
+# Templates for evaluation prompts ("held-out-safe"): they are also training templates, so a held-out
+# prompt differs from the training captions only by its attribute combination, never by its wording.
+EVAL_TEMPLATES: tuple[str, ...] = CAPTION_TEMPLATES[:2]
+_TOWARDS = {"left": "to the left", "right": "to the right", "up": "upwards", "down": "downwards"}
+
+# Geometry, as fractions of the frame side (64 px -> shapes of 16-24 px, 19-35 px of travel). The shape
+# stays entirely inside the frame for the whole clip, so its colour, shape and centroid are never cut.
+_SIZE_RANGE = (0.25, 0.375)
+_TRAVEL_RANGE = (0.30, 0.55)
+_SUPERSAMPLE = 4  # anti-aliasing: coverage from 4x4 samples per pixel
+
+
+def caption(triple: Triple, template: int | str = 0) -> str:
+    """The caption of ``triple`` with template ``template`` (an index into :data:`CAPTION_TEMPLATES` or a
+    template string)."""
+    colour, shape, direction = _checked_triple(triple)
+    if isinstance(template, int):
+        if not 0 <= template < len(CAPTION_TEMPLATES):
+            raise ValueError(f"caption template index {template} out of range 0..{len(CAPTION_TEMPLATES) - 1}")
+        template = CAPTION_TEMPLATES[template]
+    return template.format(colour=colour, shape=shape, dir=direction, towards=_TOWARDS[direction])
+
+
+def _checked_triple(triple: Sequence[str]) -> Triple:
+    if len(triple) != 3:
+        raise ValueError(f"a demo triple is (colour, shape, direction), got {triple!r}")
+    colour, shape, direction = triple
+    if colour not in COLOURS:
+        raise ValueError(f"unknown colour {colour!r}; valid: {', '.join(COLOURS)}")
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    return colour, shape, direction
+
+
+def triples_for_split(split: str) -> tuple[Triple, ...]:
+    """The triples a split draws from: the 60 training triples, or the 12 held-out ones."""
+    if split == "train":
+        return TRAIN_TRIPLES
+    if split == "heldout":
+        return HELD_OUT
+    raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Everything that defines one clip. Positions are the centre of the shape's bounding box in pixel
+    coordinates (pixel ``(row i, column j)`` covers ``[j, j+1) x [i, i+1)``); ``size`` is the side of the
+    square, the diameter of the circle, and both base and height of the triangle (apex up)."""
+
+    colour: str
+    shape: str
+    direction: str
+    size: float
+    start: tuple[float, float]  # (x, y) at frame 0
+    speed: float  # pixels per frame
+
+    @property
+    def triple(self) -> Triple:
+        return self.colour, self.shape, self.direction
+
+    def position(self, t: float) -> tuple[float, float]:
+        dx, dy = DIRECTION_VECTORS[self.direction]
+        return self.start[0] + dx * self.speed * t, self.start[1] + dy * self.speed * t
+
+
+def shape_coverage(shape: str, cx: float, cy: float, size: float, height: int, width: int,
+                   supersample: int = _SUPERSAMPLE) -> np.ndarray:
+    """Fraction of each pixel covered by the shape, float32 ``[height, width]`` in [0, 1].
+
+    Coverage is counted on ``supersample x supersample`` points per pixel, and only inside the shape's
+    bounding box (the rest of the frame stays 0), so a frame costs O(size^2), not O(frame).
+    """
+    cov_HW = np.zeros((height, width), np.float32)
+    half = size / 2
+    x0, x1 = max(0, int(np.floor(cx - half))), min(width, int(np.ceil(cx + half)))
+    y0, y1 = max(0, int(np.floor(cy - half))), min(height, int(np.ceil(cy + half)))
+    if x1 <= x0 or y1 <= y0:
+        return cov_HW
+    offs = (np.arange(supersample, dtype=np.float64) + 0.5) / supersample
+    xs = (np.arange(x0, x1)[:, None] + offs[None, :]).reshape(-1) - cx  # sample x relative to the centre
+    ys = (np.arange(y0, y1)[:, None] + offs[None, :]).reshape(-1) - cy
+    gx, gy = np.meshgrid(xs, ys)  # [rows, cols] of samples
+    if shape == "circle":
+        inside = gx * gx + gy * gy <= half * half
+    elif shape == "square":
+        inside = (np.abs(gx) <= half) & (np.abs(gy) <= half)
+    elif shape == "triangle":
+        # Apex at (0, -half), base from (-half, half) to (half, half): the half-width grows linearly downwards.
+        inside = (gy >= -half) & (gy <= half) & (np.abs(gx) <= (gy + half) / 2)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
+    s = supersample
+    cov = inside.reshape(y1 - y0, s, x1 - x0, s).mean(axis=(1, 3))
+    cov_HW[y0:y1, x0:x1] = cov
+    return cov_HW
+
+
+def render_clip(spec: ClipSpec, size: int = 64, frames: int = 33) -> np.ndarray:
+    """The clip of ``spec`` as uint8 RGB frames ``[frames, size, size, 3]``: the shape's pure colour times
+    its anti-aliased coverage, on black."""
+    if size < 16:
+        raise ValueError(f"clip size must be >= 16 pixels, got {size}")
+    if frames < 2:
+        raise ValueError(f"a clip needs at least 2 frames to show motion, got {frames}")
+    rgb = np.asarray(COLOURS[spec.colour], np.float32)
+    out_THW3 = np.empty((frames, size, size, 3), np.uint8)
+    for t in range(frames):
+        cx, cy = spec.position(t)
+        cov_HW = shape_coverage(spec.shape, cx, cy, spec.size, size, size)
+        out_THW3[t] = np.rint(cov_HW[..., None] * rgb).astype(np.uint8)
+    return out_THW3
+
+
+def _sample_spec(rng: np.random.Generator, triple: Triple, size: int, frames: int) -> ClipSpec:
+    """Random size, speed and a start position from which the whole straight path stays in frame."""
+    colour, shape, direction = triple
+    side = rng.uniform(*_SIZE_RANGE) * size
+    room = size - side  # range of the centre along either axis with the shape fully inside
+    travel = min(rng.uniform(*_TRAVEL_RANGE) * size, room - 1.0)
+    speed = travel / (frames - 1)
+    lo, hi = side / 2, size - side / 2
+    along = rng.uniform(lo, hi - travel)  # the end of the path nearer to the origin of the moving axis
+    across = rng.uniform(lo, hi)
+    dx, dy = DIRECTION_VECTORS[direction]
+    if dx:
+        x = along if dx > 0 else along + travel
+        start = (x, across)
+    else:
+        y = along if dy > 0 else along + travel
+        start = (across, y)
+    return ClipSpec(colour, shape, direction, float(side), (float(start[0]), float(start[1])), float(speed))
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True)
+class DemoClip:
+    """One clip of a split: its index, its spec, and two captions from different templates."""
+
+    index: int
+    split: str
+    spec: ClipSpec
+    caption: str
+    alt_caption: str
+
+
+def _split_seed(split: str) -> int:
+    return SPLITS.index(split) if split in SPLITS else -1
+
+
+def _triple_order(seed: int, split: str, n: int) -> list[Triple]:
+    """``n`` triples in balanced rounds: each round is a fresh permutation of the split's triples, so
+    counts differ by at most one, and the first rounds do not depend on ``n``."""
+    triples = triples_for_split(split)
+    rng = np.random.default_rng([seed, _split_seed(split), 0])
+    order: list[Triple] = []
+    while len(order) < n:
+        order.extend(triples[i] for i in rng.permutation(len(triples)))
+    return order[:n]
+
+
+def sample_clips(n_clips: int, seed: int, split: str = "train", size: int = 64, frames: int = 33) -> list[DemoClip]:
+    """The first ``n_clips`` clips of ``split`` for ``seed`` (specs and captions; nothing is rendered)."""
+    if not isinstance(n_clips, int) or n_clips < 1:
+        raise ValueError(f"n_clips must be a positive integer, got {n_clips!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if size < 16:
+        raise ValueError(f"clip size must be >= 16 pixels, got {size}")
+    if frames < 2:
+        raise ValueError(f"a clip needs at least 2 frames to show motion, got {frames}")
+    clips = []
+    for i, triple in enumerate(_triple_order(seed, split, n_clips)):
+        rng = np.random.default_rng([seed, _split_seed(split), 1, i])
+        spec = _sample_spec(rng, triple, size, frames)
+        t1, t2 = rng.choice(len(CAPTION_TEMPLATES), size=2, replace=False)
+        clips.append(DemoClip(i, split, spec, caption(triple, int(t1)), caption(triple, int(t2))))
+    return clips
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _write_text_atomic(text: str, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file a plain open()'s mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _record(clip: DemoClip, video_rel: str, size: int, frames: int, fps: int, seed: int) -> dict:
+    """One jsonl row in the reference's format (training spec 2.1) plus the ``demo`` ground truth."""
+    spec = clip.spec
+    return {
+        "video_path": video_rel,
+        "begin_frame_id": 0,
+        "end_frame_id": frames,  # exclusive: the clip is frames [0, frames)
+        "fps": float(fps),
+        "tarsier2_caption": clip.caption,
+        # The reference picks one of the two captions uniformly each epoch when this one is present.
+        "MiniCPM_V_2_6_caption": clip.alt_caption,
+        "width": size,
+        "height": size,
+        "demo": {
+            "split": clip.split, "seed": seed, "index": clip.index, **{k: v for k, v in asdict(spec).items()},
+        },
+    }
+
+
+def make_dataset(out_dir: str | os.PathLike, n_clips: int, seed: int, size: int = 64, frames: int = 33,
+                 fps: int = 16, split: str = "train", crf: int = 0) -> Path:
+    """Render ``n_clips`` clips of ``split`` ('train' or 'heldout') and write them under ``out_dir``.
+
+    Writes ``out_dir/videos/{split}_{i:06d}.mp4`` (H.264 via :func:`infinitystar.media.write_video`;
+    ``crf=0`` is lossless in YUV 4:2:0, so colours survive the codec) and ``out_dir/{split}.jsonl`` (one
+    record per clip, see :func:`_record`; ``video_path`` relative to ``out_dir``). Every file is written
+    atomically. Returns the jsonl path.
+    """
+    from infinitystar import media
+
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if not isinstance(fps, int) or fps < 1:
+        raise ValueError(f"fps must be a positive integer, got {fps!r}")
+    clips = sample_clips(n_clips, seed, split, size, frames)
+    root = Path(out_dir)
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for clip in clips:
+        rel = f"videos/{split}_{clip.index:06d}.mp4"
+        media.write_video(render_clip(clip.spec, size, frames), root / rel, fps=fps, crf=crf)
+        rows.append(json.dumps(_record(clip, rel, size, frames, fps, seed)))
+    jsonl = root / f"{split}.jsonl"
+    _write_text_atomic("".join(r + "\n" for r in rows), jsonl)
+    return jsonl
+
+
+def read_ground_truth(jsonl: str | os.PathLike) -> list[tuple[Path, Triple]]:
+    """(absolute video path, triple) for each record of a jsonl written by :func:`make_dataset`."""
+    path = Path(jsonl)
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        demo = rec.get("demo")
+        if not isinstance(demo, dict):
+            raise ValueError(f"{path}:{n}: record has no 'demo' ground truth (not written by make_dataset?)")
+        out.append((path.parent / rec["video_path"], _checked_triple((demo["colour"], demo["shape"],
+                                                                      demo["direction"]))))
+    return out
+
+
+def count_triples(clips: Iterable[DemoClip]) -> dict[Triple, int]:
+    """How many clips show each triple."""
+    counts: dict[Triple, int] = {}
+    for c in clips:
+        counts[c.spec.triple] = counts.get(c.spec.triple, 0) + 1
+    return counts
