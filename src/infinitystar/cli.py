@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(subparsers)
     _add_generate(subparsers)
     _add_interactive(subparsers)
+    _add_extract_features(subparsers)
     return parser
 
 
@@ -170,6 +171,62 @@ def _run_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown checkpoint kind {args.kind!r}")
     print(f"wrote {out}")
     return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# extract-features
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_extract_features(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "extract-features",
+        help="encode training clips with the VAE into the latent cache",
+        description="Sample every jsonl record's clip at the training fps, resize/crop it to its resolution "
+        "bucket, encode it with the VAE and store the latent as safetensors under a collision-free key. "
+        "Resumable: valid cached files are skipped, corrupt ones rebuilt; bad rows are reported with file:line.",
+    )
+    p.add_argument("jsonl", nargs="*", metavar="JSONL", help="jsonl files, folders or glob patterns")
+    p.add_argument("--config", metavar="FILE", help="DataConfig as JSON (the flags below override it)")
+    p.add_argument("--cache-dir", help="output folder of the latent cache")
+    p.add_argument("--vae", required=True, metavar="PATH", help="VAE checkpoint (official .pth or our safetensors)")
+    p.add_argument("--vae-preset", default=None, help="architecture preset of --vae (default: from the file)")
+    p.add_argument("--video-root", default=None, help="folder that relative media paths are resolved against")
+    p.add_argument("--pn", default=None, help="pixel budget of the buckets: 0.06M, 0.25M, 0.40M or 0.90M")
+    p.add_argument("--num-scales", type=int, default=None, help="truncate the scale ladder (small models)")
+    p.add_argument("--max-seconds", type=int, default=None, help="clamp clips to this many whole seconds")
+    p.add_argument("--sample", action="store_true", help="store a seeded posterior sample instead of the mean")
+    p.add_argument("--seed", type=int, default=None, help="seed of --sample")
+    p.add_argument("--rank", type=int, default=0, help="this process's share: records RANK::WORLD_SIZE")
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="torch device for the VAE")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_extract_features)
+
+
+def _run_extract_features(args: argparse.Namespace) -> int:
+    import json
+
+    from infinitystar.checkpoints import load_vae
+    from infinitystar.config import DataConfig, config_from_dict, get_preset, replace
+    from infinitystar.train.features import extract_features
+
+    config = DataConfig()
+    if args.config:
+        config = config_from_dict(DataConfig, json.loads(Path(args.config).read_text(encoding="utf-8")))
+    changes = {"jsonl": tuple(args.jsonl) or None, "cache_dir": args.cache_dir, "video_root": args.video_root,
+               "pn": args.pn, "num_scales": args.num_scales, "max_seconds": args.max_seconds, "seed": args.seed,
+               "latent_sampling": "sample" if args.sample else None}
+    config = replace(config, **{k: v for k, v in changes.items() if v is not None})
+    if not config.jsonl:
+        raise ValueError("no jsonl given (positional JSONL or \"jsonl\" in --config)")
+    vae = load_vae(args.vae, get_preset("vae", args.vae_preset) if args.vae_preset else None).to(args.device)
+    stats = extract_features(config, vae, rank=args.rank, world_size=args.world_size, device=args.device,
+                             progress=not args.quiet)
+    print(f"extract-features: {stats.summary()} -> {config.cache_dir}")
+    for line in stats.failures:
+        print(f"  failed: {line}", file=sys.stderr)
+    return 1 if stats.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
