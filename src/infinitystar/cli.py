@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     _add_interactive(subparsers)
     _add_extract_features(subparsers)
+    _add_make_demo_data(subparsers)
+    _add_evaluate(subparsers)
     return parser
 
 
@@ -170,6 +172,99 @@ def _run_convert(args: argparse.Namespace) -> int:
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(f"unknown checkpoint kind {args.kind!r}")
     print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# make-demo-data / evaluate (the demo domain: infinitystar.demo)
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_make_demo_data(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "make-demo-data", help="write the synthetic demo dataset (mp4 clips + jsonl)",
+        description="Render captioned clips of one coloured shape moving in a straight line (infinitystar.demo."
+        "synthetic) as mp4 files plus train.jsonl and heldout.jsonl in the reference's metadata format. "
+        "The 12 held-out (colour, shape, direction) triples appear only in heldout.jsonl. Deterministic by seed.")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--clips", type=int, default=2048, help="training clips (default: 2048)")
+    p.add_argument("--heldout-clips", type=int, default=48, help="held-out clips (default: 48; 0 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64, help="frame side in pixels (default: 64)")
+    p.add_argument("--frames", type=int, default=33, help="frames per clip (default: 33 = 2 s at 16 fps)")
+    p.add_argument("--fps", type=int, default=16)
+    p.add_argument("--crf", type=int, default=0, help="libx264 quality, 0 = lossless (default)")
+    p.set_defaults(func=_run_make_demo_data)
+
+
+def _run_make_demo_data(args: argparse.Namespace) -> int:
+    from infinitystar.demo.synthetic import make_dataset
+
+    if args.heldout_clips < 0:
+        raise ValueError(f"--heldout-clips must be >= 0, got {args.heldout_clips}")
+    t0 = time.perf_counter()
+    common = dict(seed=args.seed, size=args.size, frames=args.frames, fps=args.fps, crf=args.crf)
+    train = make_dataset(args.out_dir, args.clips, split="train", **common)
+    print(f"wrote {train} ({args.clips} clips)")
+    if args.heldout_clips:
+        held = make_dataset(args.out_dir, args.heldout_clips, split="heldout", **common)
+        print(f"wrote {held} ({args.heldout_clips} clips)")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="score a model on the demo domain (seen and held-out prompts)",
+        description="Generate clips for 12 seen and the 12 held-out demo prompts and judge colour, shape and "
+        "direction from the frames (infinitystar.demo.evaluate). Writes report.md (table), report.json and "
+        "contact_sheet.png to --out. --check-judge N instead measures the judge on N ground-truth clips.")
+    p.add_argument("--clips-per-prompt", type=int, default=4, metavar="N", help="clips per prompt (default: 4)")
+    p.add_argument("--out", default="outputs/evaluate", metavar="DIR", help="report folder")
+    p.add_argument("--frames", type=int, default=33, help="frames per clip (default: 33 = 2 s)")
+    p.add_argument("--limit", type=int, default=None, metavar="K", help="only the first K prompts of each set")
+    p.add_argument("--template", type=int, default=0, help="caption template of the prompts (default: 0)")
+    p.add_argument("--save-clips", action="store_true", help="also write every clip as mp4 under OUT/clips")
+    p.add_argument("--check-judge", type=int, default=None, metavar="N",
+                   help="no model: report the judge's accuracy on N ground-truth clips")
+    _add_model_options(p)
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from infinitystar.demo import evaluate as ev
+
+    if args.check_judge is not None:
+        acc, misses = ev.check_judge(args.check_judge, seed=args.seed or 0, frames=args.frames)
+        print(f"judge on {acc['n']} ground-truth clips: colour {acc['colour']:.1%}, shape {acc['shape']:.1%}, "
+              f"direction {acc['direction']:.1%}, all three {acc['all']:.1%}")
+        for truth, j in misses[:10]:
+            print(f"  miss: {' '.join(truth)} judged {j.colour} {j.shape} {j.direction}")
+        return 0
+    prompts = ev.default_prompts(args.template)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        prompts = {g: ps[: args.limit] for g, ps in prompts.items()}
+    pipe = load_pipeline(args.model, args.preset, args.device, args.offload)
+    kwargs = {k: v for k, v in (("guidance_scale", args.guidance), ("aspect", args.aspect)) if v is not None}
+    out = Path(args.out)
+    total = sum(len(ps) for ps in prompts.values()) * args.clips_per_prompt
+    done = []
+
+    def report_clip(r: ev.ClipResult) -> None:
+        done.append(r)
+        if not args.quiet:
+            j = r.judgement
+            print(f"[{len(done)}/{total}] [{r.group}] {r.prompt} (seed {r.seed}): {j.colour} {j.shape} "
+                  f"{j.direction} ({r.seconds:.1f} s)", flush=True)
+
+    report = ev.evaluate_pipeline(pipe, prompts, args.clips_per_prompt, args.seed or 0, num_frames=args.frames,
+                                  clips_dir=out / "clips" if args.save_clips else None, on_clip=report_clip,
+                                  **kwargs)
+    paths = report.save(out)
+    print(report.table())
+    print(f"wrote {paths['markdown']}, {paths['json']}, {paths['contact_sheet']}")
     return 0
 
 
