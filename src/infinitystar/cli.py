@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract_features(subparsers)
     _add_make_demo_data(subparsers)
     _add_evaluate(subparsers)
+    _add_train(subparsers)
     return parser
 
 
@@ -322,6 +323,13 @@ def _run_extract_features(args: argparse.Namespace) -> int:
     for line in stats.failures:
         print(f"  failed: {line}", file=sys.stderr)
     return 1 if stats.failed else 0
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    """``train CONFIG`` and ``export RUN_DIR OUT_DIR`` (defined in ``infinitystar.train.commands``)."""
+    from infinitystar.train.commands import add_train_commands
+
+    add_train_commands(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

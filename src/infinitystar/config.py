@@ -568,3 +568,164 @@ class DataConfig:
 
 
 __all__ += ["DataConfig"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer training
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One transformer training run (``infinitystar train CONFIG``), loadable from TOML or JSON.
+
+    Defaults are the released fine-tuning scripts' (training spec sections 5 and 9): AdamW with lr
+    4e-5, betas (0.9, 0.97), eps 1e-8, no weight decay, constant LR without warmup, gradient clip 5,
+    bf16 autocast on CUDA with fp32 master weights, per-block activation checkpointing, no EMA,
+    bitwise self-correction strength 0.3 and the 480p scale-subset table. Condition (caption) dropout
+    is a data setting: ``data.cond_dropout``.
+    """
+
+    # What to train: a pipeline preset name (random initialisation, e.g. "tiny-test") or a model folder in
+    # our layout or the official download (fine-tuning; see InfinityStarPipeline.from_pretrained).
+    pipeline: str = "tiny-test"
+    # With a folder holding several official transformers: which one (official-720p, official-480p, ...).
+    pipeline_preset: str | None = None
+    # Records, latent cache, captions, buckets; its pn/num_scales/frames_inner_clip must match the pipeline's.
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    # Run folder: train_config.json, train_log.jsonl, checkpoints/step_XXXXXXXX.
+    output_dir: str = "runs/train"
+    # Optimizer steps of the whole run (a resumed run continues up to this number).
+    steps: int = 1000
+    # Samples per step per data-parallel rank, packed into one sequence (global batch = batch_size x ranks).
+    batch_size: int = 1
+    # Token budget (text + visual) of a packed sequence: samples draw only scale subsets that fit; None = none.
+    max_tokens: int | None = None
+    lr: float = 4e-5
+    betas: tuple[float, float] = (0.9, 0.97)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # "constant" (the reference), "cosine" or "linear" decay from lr to lr*min_lr_ratio at `steps`, after warmup.
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    # Global gradient-norm clip (<= 0 disables it).
+    grad_clip: float = 5.0
+    # bf16 autocast of the blocks on CUDA (the reference's fp16=2); CPU always trains in float32.
+    bf16: bool = True
+    # FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) instead of fp32 parameters (CUDA only).
+    fsdp_bf16_params: bool = False
+    # Recompute every block in backward (the reference's enable_checkpointing=full-block).
+    activation_checkpointing: bool = True
+    # Exponential moving average of the weights, 0 = off (the reference: off; 0.9999 when on).
+    ema_decay: float = 0.0
+    # Bitwise self-correction: per-scale flip probability drawn from {0, 0.01, ..., strength}.
+    bsc_strength: float = 0.3
+    # Scale subsets ("outcomes"): off trains every scale of every sample. The default table needs the
+    # official pyramids; small presets whose clips have fewer scales than the table names get only
+    # outcome 0 (the first-frame pyramid), so train them with var_len = false.
+    var_len: bool = True
+    var_len_prob: tuple[float, ...] = (40, 30, 20, 6, 3, 1, 60, 40, 12, 6, 2)
+    drop_720p_last_scale: bool = True
+    # Loss weights per scale (reweight_loss_by_scale=4, max_reweight_value=40 in the scripts).
+    reweight_loss_by_scale: float = 4.0
+    max_reweight_value: float = 40.0
+    # Log every N steps (console + train_log.jsonl), checkpoint every N steps and at the end, keep the newest K.
+    log_every: int = 1
+    ckpt_every: int = 200
+    keep_last_k: int = 3
+    # Seed of the model initialisation (presets) and of the per-sample training draws (scale subsets,
+    # repetitions, BSC flips); the data order has its own seed, data.seed.
+    seed: int = 0
+    # "auto" (CUDA if available), "cpu" or "cuda".
+    device: str = "auto"
+    # Attention backend of the training forward: "auto" (FlexAttention on CUDA, SDPA on CPU), "sdpa", "flex".
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        object.__setattr__(self, "var_len_prob", tuple(float(p) for p in self.var_len_prob))
+        if isinstance(self.data, dict):
+            object.__setattr__(self, "data", config_from_dict(DataConfig, self.data))
+        _require(isinstance(self.data, DataConfig), f"TrainConfig.data must be a DataConfig, got {self.data!r}")
+        _require(isinstance(self.pipeline, str) and bool(self.pipeline),
+                 f"TrainConfig.pipeline must be a preset name or a folder, got {self.pipeline!r}")
+        _require(isinstance(self.output_dir, str) and bool(self.output_dir),
+                 f"TrainConfig.output_dir must be a non-empty path, got {self.output_dir!r}")
+        for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_last_k"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                     f"TrainConfig.{name} must be an int >= 1, got {v!r}")
+        _require(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens > 0),
+                 f"TrainConfig.max_tokens must be None or a positive int, got {self.max_tokens!r}")
+        _require(self.lr > 0 and math.isfinite(self.lr), f"TrainConfig.lr must be > 0, got {self.lr}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas}")
+        _require(self.eps > 0, f"TrainConfig.eps must be > 0, got {self.eps}")
+        _require(self.weight_decay >= 0, f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.lr_schedule in ("constant", "cosine", "linear"),
+                 f"TrainConfig.lr_schedule must be 'constant', 'cosine' or 'linear', got {self.lr_schedule!r}")
+        _require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+                 f"TrainConfig.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        _require(0 <= self.min_lr_ratio <= 1, f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(math.isfinite(self.grad_clip), f"TrainConfig.grad_clip must be finite, got {self.grad_clip}")
+        _require(0 <= self.ema_decay < 1, f"TrainConfig.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        _require(0 <= self.bsc_strength <= 1, f"TrainConfig.bsc_strength must be in [0, 1], got {self.bsc_strength}")
+        _require(bool(self.var_len_prob) and all(p >= 0 for p in self.var_len_prob)
+                 and any(p > 0 for p in self.var_len_prob),
+                 f"TrainConfig.var_len_prob must be non-negative with a positive entry, got {self.var_len_prob}")
+        _require(self.reweight_loss_by_scale >= 0,
+                 f"TrainConfig.reweight_loss_by_scale must be >= 0, got {self.reweight_loss_by_scale}")
+        _require(self.max_reweight_value > 0,
+                 f"TrainConfig.max_reweight_value must be > 0, got {self.max_reweight_value}")
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool),
+                 f"TrainConfig.seed must be an int, got {self.seed!r}")
+        _require(self.device in ("auto", "cpu", "cuda"),
+                 f"TrainConfig.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        _require(self.attention in ("auto", "sdpa", "flex"),
+                 f"TrainConfig.attention must be 'auto', 'sdpa' or 'flex', got {self.attention!r}")
+
+
+def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """A :class:`TrainConfig` from plain data (a ``[data]`` table becomes the DataConfig); unknown keys are
+    rejected by name, at both levels."""
+    data = dict(data)
+    if "data" in data:
+        if not isinstance(data["data"], dict):
+            raise ConfigError(f"TrainConfig.data must be a table/object, got {data['data']!r}")
+        data["data"] = config_from_dict(DataConfig, data["data"])
+    return config_from_dict(TrainConfig, data)
+
+
+def load_train_config(path: str, **overrides: Any) -> TrainConfig:
+    """Read a TrainConfig from a ``.toml`` or ``.json`` file; ``overrides`` replace top-level fields."""
+    import json
+    from pathlib import Path
+
+    import tomllib
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"training config {p} does not exist")
+    if p.suffix.lower() == ".toml":
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    elif p.suffix.lower() == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{p}: invalid JSON: {exc}") from None
+    else:
+        raise ConfigError(f"training config {p} must be a .toml or .json file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a table/object, got {type(data).__name__}")
+    data.update(overrides)
+    try:
+        return train_config_from_dict(data)
+    except TypeError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+
+
+__all__ += ["TrainConfig", "load_train_config", "train_config_from_dict"]

@@ -241,23 +241,35 @@ def train_step(
     backend: str = "sdpa",
     autocast_dtype: torch.dtype | None = None,
     backward: bool = True,
+    uncond: Sequence[bool] | None = None,
+    loss_scale: float = 1.0,
 ) -> StepMetrics:
     """Forward, loss, backward, clip and step on one packed sequence.
 
     ``optimizer=None`` (or ``backward=False``) leaves the parameters alone; with ``backward`` the
     gradients are left in ``.grad`` for inspection when no optimizer is given. The optimizer's
     gradients are cleared after stepping (``set_to_none``), as the reference does.
+
+    ``uncond`` gives the condition dropout per sample (e.g. drawn by the data pipeline) instead of
+    drawing it here with ``cond_drop_rate``. ``loss_scale`` multiplies the loss before backward only
+    (the reported loss is unscaled): the distributed trainer uses it so that the data-parallel average
+    of the gradients equals the gradient of one packed step over the global batch. Parameters may be
+    FSDP2-sharded (DTensor gradients); the clip then uses the global norm.
     """
     weighting = weighting if weighting is not None else LossWeighting()
-    uncond = draw_condition_dropout(len(samples), cond_drop_rate, generator)
+    if uncond is None:
+        uncond = draw_condition_dropout(len(samples), cond_drop_rate, generator)
+    elif len(uncond) != len(samples):
+        raise ValueError(f"uncond has {len(uncond)} entries for {len(samples)} samples")
     reduced, layout = packed_loss(model, samples, weighting, uncond=uncond, backend=backend,
                                   autocast_dtype=autocast_dtype)
     grad_norm = float("nan")
     if backward:
-        reduced.final_loss.backward()
+        (reduced.final_loss * loss_scale if loss_scale != 1.0 else reduced.final_loss).backward()
         params = [p for p in model.parameters() if p.grad is not None]
         max_norm = grad_clip if grad_clip > 0 else float("inf")
-        grad_norm = float(nn.utils.clip_grad_norm_(params, max_norm))
+        norm = nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

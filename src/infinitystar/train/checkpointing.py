@@ -1,0 +1,285 @@
+"""Training checkpoints with ``torch.distributed.checkpoint`` (DCP): written atomically, pruned, resumed.
+
+Layout of a run's checkpoint folder::
+
+    checkpoints/
+      step_00000200/          complete: DCP shards (one file per rank) + .metadata + complete.json
+      step_00000400.tmp/      a save in progress, or one interrupted by a crash: never read
+
+A save writes everything into ``step_{N:08d}.tmp``: every rank its DCP shard (model, optimizer,
+optional EMA), then rank 0 writes ``complete.json`` (step, per-rank data positions and RNG states)
+and renames the folder to ``step_{N:08d}``. The rename is atomic on POSIX file systems, so a folder
+without the ``.tmp`` suffix is always complete; a crash at any point leaves at most a ``.tmp``
+folder, which :func:`latest_checkpoint` ignores and the next save of that step replaces. Only the
+newest ``keep_last_k`` complete checkpoints are kept.
+
+Resume: DCP loads the model and optimizer *sharded* (each rank reads its own slices; the world size
+may even change), :func:`torch.distributed.checkpoint.state_dict.set_state_dict` puts them in place,
+and ``complete.json`` restores the step, the data position and the RNG states of this rank.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from .distributed import DistInfo, barrier, broadcast_object, gather_objects
+
+COMPLETE_FILE = "complete.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states as JSON
+# ----------------------------------------------------------------------------------------------
+
+
+def _tensor_b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _b64_tensor(s: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
+
+
+def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Python, numpy, torch CPU (and CUDA) RNG states plus named generators, JSON-serialisable."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, np.asarray(np_keys).tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": _tensor_b64(torch.get_rng_state()),
+        "cuda": [_tensor_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "generators": {k: _tensor_b64(g.get_state()) for k, g in (generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, np_gauss))
+    torch.set_rng_state(_b64_tensor(state["torch"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_b64_tensor(s) for s in state["cuda"]])
+    for key, gen in (generators or {}).items():
+        if key not in state.get("generators", {}):
+            raise ValueError(f"checkpoint holds no state for generator {key!r} "
+                             f"(it has {sorted(state.get('generators', {}))})")
+        gen.set_state(_b64_tensor(state["generators"][key]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def complete_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every complete checkpoint, oldest first (``.tmp`` folders are never listed)."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / COMPLETE_FILE).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    found = complete_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def read_complete(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``complete.json`` of a checkpoint folder (error if the folder is not a complete checkpoint)."""
+    p = Path(path) / COMPLETE_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_FILE})")
+    return json.loads(p.read_text())
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Save / load
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    # DCP warns that it "assumes a single process" whenever no process group exists; that is the intent here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+           ema: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+    else:
+        model_sd, optim_sd = get_model_state_dict(model), None
+    state: dict[str, Any] = {"model": model_sd}
+    if optim_sd is not None:
+        state["optim"] = optim_sd
+    if ema is not None:
+        state["ema"] = ema
+    return state
+
+
+def save_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    step: int,
+    info: DistInfo,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    ema: dict[str, torch.Tensor] | None = None,
+    data_position: Any = None,
+    extra: dict[str, Any] | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+    keep_last_k: int | None = None,
+) -> Path:
+    """Collective: every rank calls it. Writes ``step_{step:08d}`` atomically and prunes old checkpoints.
+
+    ``data_position`` (JSON-serialisable) and the RNG states are stored per rank; ``extra`` (rank 0's) is
+    stored as is (e.g. the config, the sample counter).
+    """
+    root = Path(ckpt_dir)
+    final = root / step_dir_name(step)
+    tmp = root / (step_dir_name(step) + ".tmp")
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # an earlier interrupted save of the same step
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier(info)
+    with _quiet_single_process():
+        dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp), no_dist=not info.distributed)
+    per_rank = gather_objects({"data_position": data_position, "rng": capture_rng_state(generators)}, info)
+    if info.is_main:
+        record = {"step": int(step), "world_size": info.world_size,
+                  "data_positions": [r["data_position"] for r in per_rank],
+                  "rng": [r["rng"] for r in per_rank], "extra": extra or {}}
+        _write_json_atomic(record, tmp / COMPLETE_FILE)
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (e.g. a resumed run that saves the same step again)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if keep_last_k is not None:
+            prune_checkpoints(root, keep_last_k)
+    barrier(info)
+    return final
+
+
+def prune_checkpoints(ckpt_dir: str | os.PathLike, keep_last_k: int) -> list[Path]:
+    """Delete all but the newest ``keep_last_k`` complete checkpoints; returns the deleted folders."""
+    if keep_last_k < 1:
+        raise ValueError(f"keep_last_k must be >= 1, got {keep_last_k}")
+    found = complete_checkpoints(ckpt_dir)
+    doomed = [p for _, p in found[:-keep_last_k]]
+    for p in doomed:
+        # Rename first so a crash mid-delete leaves no half-deleted folder that looks complete.
+        trash = p.with_name(p.name + ".deleting.tmp")
+        os.replace(p, trash)
+        shutil.rmtree(trash)
+    return doomed
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    info: DistInfo,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    ema: dict[str, torch.Tensor] | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Collective: load model/optimizer (and EMA, in place) from a complete checkpoint; return ``complete.json``
+    with ``data_position`` set to this rank's entry."""
+    record = broadcast_object(read_complete(path) if info.is_main else None, info)
+    if record["world_size"] != info.world_size:
+        raise ValueError(f"checkpoint {path} was written by {record['world_size']} processes, this run has "
+                         f"{info.world_size}: the per-rank data positions and RNG states cannot be mapped")
+    state = _state(model, optimizer, ema)
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not info.distributed)
+    if optimizer is not None:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        set_model_state_dict(model, state["model"])
+    if restore_rng:
+        restore_rng_state(record["rng"][info.rank], generators)
+    record = dict(record)
+    record["data_position"] = record["data_positions"][info.rank]
+    return record
+
+
+def load_model_weights(path: str | os.PathLike, model: nn.Module, *, use_ema: bool = False) -> None:
+    """Load the (unsharded) model weights of a training checkpoint into a plain module, in one process.
+
+    DCP reassembles the full tensors from however many ranks wrote them. ``use_ema`` loads the EMA
+    weights instead (error if the run kept none).
+    """
+    read_complete(path)
+    target = {k: v for k, v in model.state_dict().items()}
+    key = "ema" if use_ema else "model"
+    state = {key: target}
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    except Exception as exc:  # DCP raises a generic CheckpointException listing the missing keys
+        raise ValueError(f"cannot load {key!r} weights from {path}: {exc}") from exc
+    model.load_state_dict(state[key], strict=True)

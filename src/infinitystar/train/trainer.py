@@ -1,0 +1,473 @@
+"""The transformer training loop (``infinitystar train CONFIG``) and the export of a run.
+
+One process (CPU or one GPU)::
+
+    infinitystar train configs/train_tiny.toml
+
+Several processes on one machine (FSDP2 over all of them; gloo on CPU, nccl on CUDA)::
+
+    torchrun --standalone --nproc_per_node 2 -m infinitystar.cli train configs/train_tiny.toml
+
+A killed run continues from its newest complete checkpoint when started again with the same
+command (``--resume auto``, the default). ``infinitystar export RUN_DIR OUT_DIR`` turns a run into a
+pipeline folder that ``InfinityStarPipeline.from_pretrained`` loads.
+
+What one step does, per data-parallel rank (training spec sections 3-6):
+
+1. take ``batch_size`` samples (cached latent, schedule, caption, condition-dropout flag) from the
+   rank's shard of :class:`~infinitystar.train.data.LatentDataset`;
+2. encode the captions with the pipeline's *frozen* text encoder (Flan-T5 as in the reference; the
+   byte-level encoder of the small presets is frozen too: it is a fixed random code of full rank per
+   byte and position, the transformer's ``text_proj`` and attention learn everything on top of it,
+   the trained model stays the only module under FSDP and the exported encoder is the base one);
+3. per sample, draw its scale subset, repetitions and bitwise self-correction flips from a generator
+   seeded by ``(seed, step, global sample index)`` and tokenize it (``train.step.prepare_packed_batch``),
+   then pack all samples into one sequence and run ``train.step.train_step`` (bf16 autocast on CUDA,
+   fp32 on CPU; global-norm gradient clipping; AdamW);
+4. log the loss and bit accuracy, per scale too, to the console (tqdm) and ``train_log.jsonl``;
+5. every ``ckpt_every`` steps and at the end, write a DCP checkpoint (``train.checkpointing``).
+
+Determinism: every random draw of a step is a function of the seeds, the step and the sample's index
+in the global batch, and the data order of ``(data.seed, epoch)``; none depends on the world size or
+on where a run was resumed. With the loss of every rank scaled by ``dp_size * W_rank / W_global``
+(``W`` = summed scale weights), the data-parallel mean of the gradients equals the gradient of one
+packed step over the global batch, so ``N`` processes with ``batch_size = B`` train the same model as
+one process with ``batch_size = N * B`` (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from infinitystar.config import ConfigError, TrainConfig, config_to_dict, get_preset, train_config_from_dict
+from infinitystar.schedules import scale_repetitions, scales_per_clip
+from infinitystar.train import checkpointing
+from infinitystar.train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    apply_activation_checkpointing,
+    apply_fsdp,
+    gather_objects,
+    init_distributed,
+    mixed_precision_policy,
+    rank_seed,
+    seed_process,
+)
+from infinitystar.train.ema import EMA
+from infinitystar.train.loss import LossWeighting, raw_scale_weights
+from infinitystar.train.scale_subsets import ScaleSubsetConfig
+from infinitystar.train.step import TrainSample, make_optimizer, prepare_packed_batch, train_step
+
+CONFIG_FILE = "train_config.json"
+LOG_FILE = "train_log.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pure pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then constant, cosine or linear decay
+    to ``lr * min_lr_ratio`` at ``cfg.steps``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, max(0.0, (step - cfg.warmup_steps) / span))
+    low = cfg.lr * cfg.min_lr_ratio
+    if cfg.lr_schedule == "cosine":
+        return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr + (low - cfg.lr) * progress
+
+
+def sample_generator(seed: int, step: int, global_index: int) -> torch.Generator:
+    """The generator of one sample's training draws: a function of (seed, step, index in the global batch) only."""
+    digest = hashlib.sha256(f"train\0{seed}\0{step}\0{global_index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def sample_weight_mass(sample: TrainSample, weighting: LossWeighting) -> float:
+    """Sum of the raw (un-normalised) loss weights of a sample's trained scales."""
+    counts = [math.prod(sample.schedule[i]) for i in sample.scale_ids]
+    full = [math.prod(sample.schedule[-1])] * len(counts)
+    return float(sum(raw_scale_weights(counts, full, weighting)))
+
+
+def latent_seconds(schedule: Sequence[Sequence[int]], time_stride: int = 4, fps: int = 16) -> float:
+    """Duration of a schedule's clip in seconds ((latent frames - 1) * stride / fps), for the per-scale log keys."""
+    k = scales_per_clip(schedule)
+    frames = sum(int(schedule[c + k - 1][0]) for c in range(0, len(schedule), k))
+    return (frames - 1) * time_stride / fps
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``train_log.jsonl`` (a last line cut by a kill is ignored)."""
+    out = []
+    p = Path(path)
+    if not p.is_file():
+        return out
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def step_losses(path: str | os.PathLike) -> dict[int, float]:
+    """``{step: loss}`` from a run's log; a step logged twice (before a kill and after resuming) keeps its
+    last record."""
+    return {r["step"]: r["loss"] for r in read_log(path) if r.get("event") == "step"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def load_base_pipeline(cfg: TrainConfig):
+    """The pipeline a run starts from: a model folder (fine-tuning) or a preset with seeded random weights."""
+    from infinitystar.pipeline import InfinityStarPipeline
+
+    if Path(cfg.pipeline).is_dir():
+        return InfinityStarPipeline.from_pretrained(cfg.pipeline, preset=cfg.pipeline_preset)
+    get_preset("pipeline", cfg.pipeline)  # a clear error listing the presets if neither folder nor preset
+    return InfinityStarPipeline.from_preset(cfg.pipeline, seed=cfg.seed)
+
+
+def check_data_matches_pipeline(cfg: TrainConfig, pipe_cfg: Any) -> None:
+    """The data's pyramid must be the one the model generates (pixel budget, scales, clip length, VAE stride)."""
+    d = cfg.data
+    from infinitystar.schedules import num_scales_for_pn
+
+    data_scales = d.num_scales if d.num_scales is not None else num_scales_for_pn(d.pn)
+    pairs = [("pn", d.pn, pipe_cfg.pn), ("num_scales", data_scales, pipe_cfg.scales_per_clip),
+             ("frames_inner_clip", d.frames_inner_clip, pipe_cfg.frames_inner_clip),
+             ("time_stride", d.time_stride, pipe_cfg.vae.time_stride), ("fps", d.fps, pipe_cfg.fps)]
+    bad = [f"data.{name}={a!r} but the pipeline has {b!r}" for name, a, b in pairs if a != b]
+    if bad:
+        raise ConfigError(f"the data does not match pipeline {cfg.pipeline!r}: " + "; ".join(bad))
+
+
+def _text_encoder_to(encoder: Any, device: torch.device) -> None:
+    if isinstance(encoder, nn.Module):
+        encoder.to(device).eval().requires_grad_(False)
+    elif isinstance(getattr(encoder, "model", None), nn.Module):
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        encoder.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_run_config(cfg: TrainConfig, run_dir: Path) -> None:
+    _write_json_atomic(config_to_dict(cfg), run_dir / CONFIG_FILE)
+
+
+def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
+    p = Path(run_dir) / CONFIG_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run folder (no {CONFIG_FILE})")
+    return train_config_from_dict(json.loads(p.read_text(encoding="utf-8")))
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run reports: its folder, the step reached and the logged losses."""
+
+    run_dir: Path
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)
+    samples_per_s: float = float("nan")
+    tokens_per_s: float = float("nan")
+    resumed_from: int | None = None
+
+
+class Trainer:
+    """Holds the model, optimizer, data stream and run folder of one training run; :meth:`run` trains.
+
+    ``resume``: ``"auto"`` (newest complete checkpoint of the run folder, if any), ``"none"`` (start fresh;
+    existing checkpoints are kept and later overwritten step by step), or a checkpoint folder.
+    ``dataset`` replaces the :class:`~infinitystar.train.data.LatentDataset` built from ``cfg.data``
+    (anything with ``iterate(start)``, ``state_dict(position)`` and ``resume_position(state)``).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, resume: str = "auto", progress: bool = True,
+                 info: DistInfo | None = None, dataset: Any = None) -> None:
+        self.cfg = cfg
+        self.info = info if info is not None else init_distributed(cfg.device)
+        self.progress = progress and self.info.is_main
+        self.run_dir = Path(cfg.output_dir)
+        self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
+        self.log_path = self.run_dir / LOG_FILE
+        info = self.info
+        seed_process(rank_seed(cfg.seed, info.dp_rank))
+
+        pipe = load_base_pipeline(cfg)
+        self.pipe_cfg = pipe.config
+        check_data_matches_pipeline(cfg, pipe.config)
+        self.device = info.device
+        self.text_encoder = pipe.text_encoder
+        _text_encoder_to(self.text_encoder, self.device)
+        vae = pipe.vae
+        model = pipe.transformer
+        del pipe
+        self.model = self._parallelize(model)
+        self.optimizer = make_optimizer(self.model, lr=lr_at(0, cfg), betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                        eps=cfg.eps)
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.weighting = LossWeighting(cfg.reweight_loss_by_scale, cfg.max_reweight_value)
+        self.subsets = ScaleSubsetConfig(cfg.var_len_prob, cfg.drop_720p_last_scale, cfg.var_len)
+        cuda = self.device.type == "cuda"
+        self.autocast_dtype = torch.bfloat16 if cfg.bf16 and cuda else None
+        self.backend = cfg.attention if cfg.attention != "auto" else ("flex" if cuda else "sdpa")
+        self.dataset = dataset if dataset is not None else self._build_dataset(vae)
+        del vae
+
+        self.step = 0
+        self.position: Any = None
+        self.resumed_from: int | None = None
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_run_config(cfg, self.run_dir)
+        self._resume(resume)
+
+    # -- construction helpers ----------------------------------------------------------------------
+
+    def _parallelize(self, model: nn.Module) -> nn.Module:
+        """Train mode, activation checkpointing, device, then FSDP2 over the dp mesh when there are several ranks."""
+        cfg, info = self.cfg, self.info
+        model.train().requires_grad_(True)
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        model.to(self.device)
+        if info.distributed:
+            bf16_params = cfg.fsdp_bf16_params and self.device.type == "cuda"
+            apply_fsdp(model, info.mesh, mixed_precision_policy(torch.bfloat16 if bf16_params else None))
+        return model
+
+    def _build_dataset(self, vae: nn.Module) -> Any:
+        from infinitystar.train.data import LatentDataset
+        from infinitystar.train.features import feature_tag, vae_identity
+
+        # Only latents extracted with *this* pipeline's VAE (and the configured posterior mode) are used.
+        tag = feature_tag(vae_identity(vae), self.cfg.data.latent_sampling, self.cfg.data.seed)
+        return LatentDataset(self.cfg.data, rank=self.info.dp_rank, world_size=self.info.dp_size, feature_tag=tag)
+
+    def _resume(self, resume: str) -> None:
+        if resume == "none":
+            return
+        if resume == "auto":
+            path = checkpointing.latest_checkpoint(self.ckpt_dir)
+            if path is None:
+                return
+        else:
+            path = Path(resume)
+        record = checkpointing.load_checkpoint(path, self.info, self.model, self.optimizer,
+                                               ema=self.ema.state_dict() if self.ema is not None else None)
+        self.step = int(record["step"])
+        self.resumed_from = self.step
+        state = record["data_position"]
+        self.position = self.dataset.resume_position(state) if state is not None else None
+        self._log({"event": "resume", "step": self.step, "checkpoint": str(path)})
+
+    # -- logging -----------------------------------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.info.is_main:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def _encode_texts(self, captions: list[str]) -> list[torch.Tensor]:
+        with torch.no_grad():
+            feats = self.text_encoder(captions).split()
+        return [t.to(self.device, torch.float32) for t in feats]
+
+    def _prepare(self, batch: list[Any], step: int) -> tuple[list[TrainSample], list[bool], int]:
+        """Tokenized samples, their dropout flags, and how many samples the token budget left out."""
+        cfg, info = self.cfg, self.info
+        texts = self._encode_texts([s.caption for s in batch])
+        global_batch = cfg.batch_size * info.dp_size
+        remaining = cfg.max_tokens
+        out, uncond, left_out = [], [], 0
+        for k, (ds, text) in enumerate(zip(batch, texts)):
+            if remaining is not None and remaining - int(text.shape[0]) < math.prod(ds.schedule[0]):
+                left_out += 1
+                continue
+            gen = sample_generator(cfg.seed, step, step * global_batch + info.dp_rank * cfg.batch_size + k)
+            reps = scale_repetitions(ds.schedule, self.pipe_cfg.image_repetition, self.pipe_cfg.video_repetition)
+            latent = ds.latent_CTHW[None].to(self.device, torch.float32)
+            [sample] = prepare_packed_batch(
+                [latent], [text], [ds.schedule], [reps], self.pipe_cfg.quantizer, self.subsets, gen,
+                max_tokens=remaining, bsc_strength=cfg.bsc_strength, frames_inner_clip=cfg.data.frames_inner_clip)
+            out.append(sample)
+            uncond.append(bool(ds.drop_text))
+            if remaining is not None:
+                remaining -= sample.visual_tokens + int(text.shape[0])
+        return out, uncond, left_out
+
+    def train_one_step(self, batch: list[Any]) -> dict[str, Any]:
+        """Train on this rank's ``batch`` (a list of data samples) and return the step's global log record."""
+        cfg, info, step = self.cfg, self.info, self.step
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        samples, uncond, left_out = self._prepare(batch, step)
+        if not samples:
+            raise ValueError(f"step {step}: the token budget max_tokens={cfg.max_tokens} leaves room for no sample")
+        mass = sum(sample_weight_mass(s, self.weighting) for s in samples)
+        [total_mass] = all_reduce_sum([mass], info)
+        metrics = train_step(self.model, self.optimizer, samples, self.weighting, grad_clip=cfg.grad_clip,
+                             backend=self.backend, autocast_dtype=self.autocast_dtype, uncond=uncond,
+                             loss_scale=info.dp_size * mass / total_mass)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        text_tokens = sum(int(s.text.shape[0]) for s in samples)
+        sums = all_reduce_sum([mass * metrics.loss, mass * metrics.acc, len(samples), metrics.visual_tokens,
+                               text_tokens, sum(uncond), left_out], info)
+        per_scale = self._per_scale(samples, metrics.per_scale)
+        self.step = step + 1
+        dt = time.perf_counter() - t0
+        tokens = sums[3] + sums[4]
+        return {
+            "event": "step", "step": self.step, "loss": sums[0] / total_mass, "acc": sums[1] / total_mass,
+            "grad_norm": metrics.grad_norm, "lr": lr, "samples": int(sums[2]), "visual_tokens": int(sums[3]),
+            "text_tokens": int(sums[4]), "uncond": int(sums[5]), "left_out_for_budget": int(sums[6]),
+            "seq_len": metrics.seq_len, "step_time_s": dt, "samples_per_s": sums[2] / dt, "tokens_per_s": tokens / dt,
+            "per_scale": per_scale,
+        }
+
+    def _per_scale(self, samples: list[TrainSample], rows: list[tuple]) -> dict[str, dict[str, float]]:
+        """Loss and accuracy per (clip duration, scale index), averaged over the global batch."""
+        local = []
+        for b, si, scale, loss, acc, _w in rows:
+            seconds = latent_seconds(samples[b].schedule, self.cfg.data.time_stride, self.cfg.data.fps)
+            local.append((f"t{seconds:04.1f}s/s{si:03d}", loss, acc, list(scale)))
+        merged: dict[str, list] = defaultdict(lambda: [0.0, 0.0, 0, None])
+        for rank_rows in gather_objects(local, self.info):
+            for key, loss, acc, scale in rank_rows:
+                m = merged[key]
+                m[0] += loss
+                m[1] += acc
+                m[2] += 1
+                m[3] = scale
+        return {k: {"loss": v[0] / v[2], "acc": v[1] / v[2], "n": v[2], "scale": v[3]}
+                for k, v in sorted(merged.items())}
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        state = self.dataset.state_dict(self.position) if self.position is not None else None
+        path = checkpointing.save_checkpoint(
+            self.ckpt_dir, self.step, self.info, self.model, self.optimizer,
+            ema=self.ema.state_dict() if self.ema is not None else None, data_position=state,
+            extra={"config": config_to_dict(self.cfg)}, keep_last_k=self.cfg.keep_last_k)
+        self._log({"event": "checkpoint", "step": self.step, "path": str(path)})
+        return path
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        from tqdm import tqdm
+
+        self._log({"event": "start", "step": self.step, "world_size": self.info.world_size,
+                   "device": str(self.device), "parameters": sum(p.numel() for p in self.model.parameters()),
+                   "global_batch": cfg.batch_size * self.info.dp_size})
+        stream = self.dataset.iterate(self.position)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        throughput: list[tuple[float, float, float]] = []
+        try:
+            while self.step < cfg.steps:
+                batch = [next(stream) for _ in range(cfg.batch_size)]
+                record = self.train_one_step(batch)
+                self.position = batch[-1].next_position
+                throughput.append((record["step_time_s"], record["samples"],
+                                   record["visual_tokens"] + record["text_tokens"]))
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self._log(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['acc']:.3f}", lr=f"{record['lr']:.2e}")
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self.save()
+        finally:
+            bar.close()
+            with contextlib.suppress(Exception):
+                stream.close()
+        # Throughput over the steps after the first (which pays one-off costs: allocations, compilation).
+        tail = throughput[1:] or throughput
+        t = sum(x[0] for x in tail)
+        result = TrainResult(self.run_dir, self.step, resumed_from=self.resumed_from,
+                             samples_per_s=sum(x[1] for x in tail) / t if t else float("nan"),
+                             tokens_per_s=sum(x[2] for x in tail) / t if t else float("nan"))
+        if self.info.is_main:
+            result.losses = step_losses(self.log_path)
+            self._log({"event": "end", "step": self.step, "samples_per_s": result.samples_per_s,
+                       "tokens_per_s": result.tokens_per_s})
+        return result
+
+
+def train(cfg: TrainConfig, *, resume: str = "auto", progress: bool = True, dataset: Any = None) -> TrainResult:
+    """Build a :class:`Trainer` for ``cfg`` (joining the torchrun process group if any) and run it."""
+    return Trainer(cfg, resume=resume, progress=progress, dataset=dataset).run()
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
+               use_ema: bool = False) -> Path:
+    """Write a trained run as a pipeline folder (our layout) that ``InfinityStarPipeline.from_pretrained`` loads.
+
+    The VAE and text encoder are the run's base pipeline's (they are not trained); the transformer weights
+    come from ``checkpoint`` (default: the newest complete checkpoint of the run), the EMA weights with
+    ``use_ema``. Runs in one process whatever the number of processes that trained.
+    """
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    if checkpoint is None:
+        ckpt = checkpointing.latest_checkpoint(run / CHECKPOINT_DIR)
+        if ckpt is None:
+            raise FileNotFoundError(f"run {run} has no complete checkpoint in {run / CHECKPOINT_DIR}")
+    else:
+        ckpt = Path(checkpoint)
+    pipe = load_base_pipeline(cfg)
+    checkpointing.load_model_weights(ckpt, pipe.transformer, use_ema=use_ema)
+    out = Path(out_dir)
+    pipe.save_pretrained(out)
+    record = checkpointing.read_complete(ckpt)
+    _write_json_atomic({"run": str(run.resolve()), "checkpoint": str(Path(ckpt).resolve()), "step": record["step"],
+                        "ema": use_ema}, out / "training_source.json")
+    return out
