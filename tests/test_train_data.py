@@ -281,19 +281,19 @@ def test_extraction_writes_one_file_per_clip_with_distinct_keys(extracted, media
     assert metas[(counter, 0, 30)][1]["clip_key"] != metas[(counter, 12, 40)][1]["clip_key"]
 
 
-def test_same_clip_in_another_bucket_gets_another_file(extracted, vae, tmp_path):
+def test_same_clip_in_another_bucket_gets_another_file(extracted, vae, media, tmp_path):
     config, _ = extracted
     cache = tmp_path / "cache"
     shutil.copytree(config.cache_dir, cache)
-    four = replace(config, cache_dir=str(cache), num_scales=4)  # landscape bucket 32x64 -> 48x80
+    # The image record alone (one frame: fast) with a 4-scale ladder: bucket 48x48 -> 64x64.
+    jsonl = _write_jsonl(tmp_path / "img.jsonl", [{"image_path": str(media / "square.png"), "text": "A square."}])
+    four = replace(config, jsonl=(str(jsonl),), cache_dir=str(cache), num_scales=4)
     stats = extract_features(four, vae, progress=False)
-    assert stats.written == 4 and stats.skipped == 0
+    assert stats.written == 1 and stats.skipped == 0
     names = [f.name for f in sorted(cache.rglob("*.safetensors"))]
-    assert len(names) == 8 and len(set(names)) == 8
-    by_clip: dict[str, set[str]] = {}
-    for n in names:
-        by_clip.setdefault(n.split("_")[0], set()).add(n.split("_")[2])
-    assert len(by_clip) == 4 and all(len(sizes) == 2 for sizes in by_clip.values())
+    assert len(names) == 5 and len(set(names)) == 5
+    clip = [n for n in names if "_64x64_" in n][0].split("_")[0]
+    assert sorted(n.split("_")[2] for n in names if n.startswith(clip)) == ["48x48", "64x64"]
 
 
 def test_second_run_skips_and_corrupt_file_is_rebuilt(extracted, vae, tmp_path, caplog):
@@ -327,6 +327,15 @@ def test_cache_file_with_wrong_shape_is_detected(extracted, tmp_path):
     bad = tmp_path / src.name
     save_safetensors({"latent": torch.zeros(64, 2, 1, 1)}, bad, metadata=read_safetensors_metadata(src))
     with pytest.raises(CacheError, match="shape"):
+        validate_cache_file(bad)
+    good, meta = validate_cache_file(src)
+    good[0, 0, 0, 0] = float("nan")
+    save_safetensors({"latent": good}, bad, metadata=meta)
+    with pytest.raises(CacheError, match="NaN"):
+        validate_cache_file(bad)
+    meta["clip_key"] = "0" * 32
+    save_safetensors({"latent": good.nan_to_num()}, bad, metadata=meta)
+    with pytest.raises(CacheError, match="clip_key"):
         validate_cache_file(bad)
 
 

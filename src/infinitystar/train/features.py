@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -239,32 +240,32 @@ def validate_cache_file(path: str | os.PathLike, embed_dim: int | None = None) -
     Checks: readable safetensors holding ``latent``, 4-D float32, ``[C, pt, H/16, W/16]`` as the name
     says (and ``C == embed_dim`` when given), finite values, and metadata agreeing with the name.
     """
-    from safetensors import safe_open
+    from safetensors.torch import load as load_bytes
 
     p = Path(path)
     entry = CacheEntry.from_path(p)
     if entry is None:
         raise CacheError(f"{p}: not a cache file name (<clip>_<F>f_<H>x<W>_<tag>.safetensors)")
+    # One read into memory (not a memory map): a later in-place truncation of the file cannot change a
+    # latent already read, and it is ~10x faster than copying out of a fresh mmap.
     try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            keys = list(f.keys())
-            if LATENT_KEY not in keys:
-                raise CacheError(f"{p}: no '{LATENT_KEY}' tensor (keys: {sorted(keys)})")
-            # A copy, not a view of the memory-mapped file: a later in-place truncation of the file must not
-            # change (or crash on) a latent that was already read.
-            latent = f.get_tensor(LATENT_KEY).clone()
-    except CacheError:
-        raise
+        data = p.read_bytes()
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+        tensors = load_bytes(data)
     except Exception as err:  # safetensors reports truncation/corruption with its own error types
         raise CacheError(f"{p}: unreadable ({type(err).__name__}: {err})") from err
+    if LATENT_KEY not in tensors:
+        raise CacheError(f"{p}: no '{LATENT_KEY}' tensor (keys: {sorted(tensors)})")
+    latent = tensors[LATENT_KEY]
     want = (latent.shape[0], entry.latent_frames, entry.height // 16, entry.width // 16)
     if latent.ndim != 4 or tuple(latent.shape) != want or (embed_dim is not None and latent.shape[0] != embed_dim):
         raise CacheError(f"{p}: latent has shape {tuple(latent.shape)}, the name says "
                          f"[{embed_dim or 'C'}, {entry.latent_frames}, {want[2]}, {want[3]}]")
     if latent.dtype != torch.float32:
         raise CacheError(f"{p}: latent dtype {latent.dtype}, expected float32")
-    if not bool(torch.isfinite(latent).all()):
+    # NaN/inf propagate through a sum; ~20x cheaper than isfinite().all() (only |x| ~ 1e32 could false-alarm).
+    if not math.isfinite(float(latent.sum())):
         raise CacheError(f"{p}: latent holds NaN/inf values")
     expect_meta = {"format": FEATURE_FORMAT, "clip_key": entry.clip, "num_frames": str(entry.num_frames),
                    "height": str(entry.height), "width": str(entry.width), "tag": entry.tag,
