@@ -477,13 +477,18 @@ def test_negative_prompt_branch_equals_the_negative_prompt_alone(pipe_neg, which
         ({"height": 96}, "give both height and width"),
         ({"image": torch.zeros(3, SIZE, SIZE), "video": torch.zeros(3, 5, SIZE, SIZE)}, "either image= .* or video="),
         ({"image": torch.zeros(3, SIZE, SIZE), "num_frames": 1}, "image-to-video needs num_frames > 1"),
-        ({"image": torch.zeros(3, 64, 64)}, r"\(64, 64\) must be 96x96"),
+        ({"image": torch.zeros(3, 64, 64)}, r"image tensor of shape \(3, 64, 64\) must be .* 96x96"),
+        ({"image": torch.zeros(3, SIZE, SIZE, dtype=torch.uint8)}, r"floating point .* got dtype torch.uint8"),
+        ({"image": torch.full((3, SIZE, SIZE), 200.0)}, "must lie in \\[-1, 1\\], got \\[200, 200\\]"),
+        ({"video": torch.zeros(3, SIZE, SIZE)}, r"video tensor of shape \(3, 96, 96\) must be \[3, T, H, W\]"),
+        ({"video": torch.zeros(3, 9, SIZE, SIZE), "num_frames": 1}, "video extension needs .*num_frames=1"),
         ({"guidance_scale": 0.5}, "guidance_scale must be >= 1.*0.5"),
         ({"output_type": "gif"}, "unknown output_type 'gif'"),
     ],
     ids=["empty-prompt", "blank-prompt", "frames-not-1+4k", "zero-frames", "unknown-resolution",
          "resolution-not-in-preset", "size-not-a-bucket", "height-without-width", "image-and-video",
-         "image-to-image", "image-wrong-size", "guidance-below-1", "bad-output-type"],
+         "image-to-image", "image-wrong-size", "image-uint8", "image-out-of-range", "video-without-time-axis",
+         "extension-to-one-frame", "guidance-below-1", "bad-output-type"],
 )
 def test_bad_input_raises_naming_the_value(pipe, kwargs, match):
     kwargs = {"prompt": PROMPT, "num_frames": 5, "progress": False, **kwargs}

@@ -98,6 +98,20 @@ def _pipeline_config_from_dict(data: dict[str, Any]) -> PipelineConfig:
     return config_from_dict(PipelineConfig, data)
 
 
+def _check_condition_tensor(x: Tensor, what: str, want: tuple[int, ...], given: Any) -> Tensor:
+    """``x`` as float32 after checking its layout (``want``, [1, 3, T, H, W] at the bucket size) and range."""
+    if tuple(x.shape) != want:
+        layouts = "[3, H, W], [3, 1, H, W] or [1, 3, H, W]" if what == "image" else "[3, T, H, W] or [1, 3, T, H, W]"
+        raise ValueError(f"{what} tensor of shape {tuple(given)} must be {layouts} with H x W = {want[3]}x{want[4]} "
+                         f"(the bucket)")
+    if not x.is_floating_point():
+        raise ValueError(f"{what} tensor must be floating point in [-1, 1], got dtype {x.dtype}")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1 - 1e-6 or hi > 1 + 1e-6:
+        raise ValueError(f"{what} tensor values must lie in [-1, 1], got [{lo:.4g}, {hi:.4g}]")
+    return x.float()
+
+
 class InfinityStarPipeline:
     """Text-to-image, text-to-video, image-to-video, video extension, long and interactive videos."""
 
@@ -328,22 +342,19 @@ class InfinityStarPipeline:
         if image is not None:
             if isinstance(image, Tensor):
                 x = image
-                if x.dim() == 3:
+                if x.dim() == 3:  # [3, H, W]
                     x = x[:, None]
-                if x.dim() == 4:
-                    x = x[None]
-                if tuple(x.shape[-2:]) != (h, w):
-                    raise ValueError(f"image tensor of size {tuple(x.shape[-2:])} must be {h}x{w} (the bucket)")
-                return x.float()
+                if x.dim() == 4:  # [3, 1, H, W] or a batch of one [1, 3, H, W]
+                    x = x[None] if x.shape[0] == 3 else x[:, :, None]
+                return _check_condition_tensor(x, "image", (1, 3, 1, h, w), image.shape)
             from . import media
 
             return media.load_image_tensor(image, h, w)[None, :, None]
         if video is not None:
             if isinstance(video, Tensor):
-                x = video if video.dim() == 5 else video[None]
-                if tuple(x.shape[-2:]) != (h, w):
-                    raise ValueError(f"video tensor of size {tuple(x.shape[-2:])} must be {h}x{w} (the bucket)")
-                return x.float()
+                x = video if video.dim() == 5 else video[None]  # [1, 3, T, H, W] or [3, T, H, W]
+                t = x.shape[2] if x.dim() == 5 else -1
+                return _check_condition_tensor(x, "video", (1, 3, t, h, w), video.shape)
             from . import media
 
             # A 5.0 s file holds frames at t = 0 .. 5.0 s only up to its end; the reference's reader allows this
@@ -459,6 +470,8 @@ class InfinityStarPipeline:
         num_frames = self.num_frames_for(num_frames, seconds)
         if image is not None and num_frames == 1:
             raise ValueError("image-to-video needs num_frames > 1 (the image is the first frame)")
+        if video is not None and num_frames == 1:
+            raise ValueError("video extension needs num_frames longer than the given video, got num_frames=1")
         if generator is None:
             generator = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
         template, pyramid, size = self.resolve_size(resolution=resolution, aspect=aspect, height=height, width=width)
