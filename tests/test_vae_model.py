@@ -180,13 +180,17 @@ def test_tile_larger_than_latent_is_untiled(vae):
 def test_tiled_decode_close_to_untiled(vae):
     """Tiling is approximate: pixels near a tile border see zero padding instead of neighbours.
 
-    Measured on this random-weight model, 12x16 latent cells (192x256 px), frame mean |x| ~0.45, tile 8:
-    overlap 2: mean |diff| 1.2e-2, max 0.95; overlap 4: mean 2.9e-3, max 0.14; overlap 6: mean 8.4e-4,
-    max 4.5e-2. (24x32 cells, tile 16 / overlap 8: mean 3.5e-5, max 5.2e-3.) Stated tolerances:
-    overlap 4 mean < 6e-3 and max < 0.3, overlap 6 mean < 2e-3 and max < 0.1, error falling with the
-    overlap. A misplaced tile or wrong blend weights gives mean errors >= 0.05.
+    Measured on this random-weight model, one latent frame of 12x16 cells (192x256 px), frame mean
+    |x| 0.43, tile 8: overlap 2: mean |diff| 1.2e-2, max 0.85; overlap 4: mean 2.6e-3, max 0.15;
+    overlap 6: mean 7.0e-4, max 2.4e-2. (Two latent frames of 24x32 cells, tile 16 / overlap 8: mean
+    3.5e-5, max 5.2e-3.) Stated tolerances: overlap 4 mean < 6e-3 and max < 0.3, overlap 6 mean < 2e-3
+    and max < 0.1, error falling with the overlap. A misplaced tile or wrong blend weights gives mean
+    errors >= 0.05.
     """
-    z = _latent(2, 12, 16, seed=3)
+    # Many small convolutions: one thread avoids OpenMP barrier stalls on a shared CPU (the autouse
+    # fixture restores 2 threads for the next test).
+    torch.set_num_threads(1)
+    z = _latent(1, 12, 16, seed=3)
     with torch.no_grad():
         full = vae.decode(z)
         errors = {}
