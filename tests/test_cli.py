@@ -79,9 +79,8 @@ def test_generate_image_writes_a_png(tmp_path, capsys):
         assert img.format == "PNG" and img.size == (SIZE, SIZE)
 
 
-# The pipeline reads conditioning videos with 0.2 s of end slack (the reference's reader), so the 17-frame file is
-# read as 21 frames and it warns that only the whole clips (the first 17 frames) are kept.
-@pytest.mark.filterwarnings("ignore:the conditioning video covers:UserWarning")
+# The 17-frame file is read back as exactly its 17 frames: no "using the first ..." / "only whole clips" warning.
+@pytest.mark.filterwarnings("error:the conditioning video:UserWarning")
 def test_generate_image_to_video_and_extension(tmp_path, capsys, short_model):
     first = tmp_path / "first.png"
     Image.fromarray(np.full((SIZE, SIZE, 3), (200, 40, 40), dtype=np.uint8)).save(first)

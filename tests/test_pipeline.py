@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -308,6 +309,30 @@ def test_video_extension_reproduces_the_given_clips(pipe2, given, kept):
     err = float((out.frames[:, :kept] - expected).abs().max())
     assert err <= ATOL, f"given frames differ from the tokenizer reconstruction by {err}"
     assert float((out.frames[:, kept:] - out.frames[:, kept - 1:kept]).abs().max()) > 0.01
+
+
+@pytest.mark.parametrize(("file_frames", "used"), [(17, 17), (16, 17)], ids=["1+4k-frames", "one-short-of-1+4k"])
+def test_video_extension_from_a_file_uses_its_real_frames(pipe2, tmp_path, file_frames, used):
+    """A video file is read frame for frame at the preset's fps (no frozen copies of its last frame appended);
+    only a file one frame short of 1 + 4k (a 5.0 s file at 16 fps holds 80) gets its last frame repeated once."""
+    from infinitystar import media
+
+    path = tmp_path / "given.mp4"
+    ramp = ((_smooth_video(file_frames, 4).permute(1, 2, 3, 0) + 1) * 127.5).round().byte().numpy()
+    media.write_video(ramp, path, fps=SHORT_CLIPS.fps)
+    decoded, _ = media.read_video(path)
+    assert len(decoded) == file_frames
+    if used > file_frames:
+        decoded = np.concatenate([decoded, decoded[-1:]])
+    total = used + SHORT_CLIPS.frames_per_clip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "using the first ..." / "only whole clips" warning: every frame is used
+        out = pipe2(PROMPT, video=path, num_frames=total, output_type="pt", seed=1, progress=False)
+    assert tuple(out.frames.shape) == (3, total, SIZE, SIZE)
+    with torch.no_grad():
+        expected = _tokenizer_reconstruction(pipe2, media.frames_to_tensor(decoded)[None])[0]
+    err = float((out.frames[:, :used] - expected).abs().max())
+    assert err <= ATOL, f"given frames differ from the tokenizer reconstruction of the file's frames by {err}"
 
 
 # ----------------------------------------------------------------------------------------------

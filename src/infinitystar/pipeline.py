@@ -357,9 +357,13 @@ class InfinityStarPipeline:
                 return _check_condition_tensor(x, "video", (1, 3, t, h, w), video.shape)
             from . import media
 
-            # A 5.0 s file holds frames at t = 0 .. 5.0 s only up to its end; the reference's reader allows this
-            # slack so that 81 frames (1 + 4*20) are read from a 5 s video.
-            frames, _ = media.read_video(video, fps=self.config.fps, end_tolerance=0.2)
+            # A 5.0 s file holds 80 frames at 16 fps (t = 0 .. 4.9375 s); the reference's reader accepts windows a
+            # little past the end, so that 81 frames (1 + 4*20) come from a 5 s video. Only that case is padded
+            # (last frame once): reading every file with 0.2 s of end slack appended up to 4 copies of the last
+            # frame to any video, which extension then kept as given frames and interactive used as context.
+            frames, _ = media.read_video(video, fps=self.config.fps)
+            if len(frames) % self.config.vae.time_stride == 0:
+                frames = np.concatenate([frames, frames[-1:]])
             frames = media.resize_and_center_crop(frames, h, w)
             return media.frames_to_tensor(frames)[None]
         return None
