@@ -511,6 +511,7 @@ def evaluate_pipeline(pipe: Any, prompts: Mapping[str, Sequence[str]] | Sequence
             results.append(res)
             if on_clip is not None:
                 on_clip(res)
-    settings = {"clips_per_prompt": n_per_prompt, "seed": seed, "num_frames": num_frames,
+    settings = {"model": getattr(getattr(pipe, "config", None), "name", type(pipe).__name__),
+                "clips_per_prompt": n_per_prompt, "seed": seed, "num_frames": num_frames,
                 "prompts": len(items), **{k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str))}}
     return EvalReport(results, settings)
