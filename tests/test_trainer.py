@@ -111,6 +111,17 @@ def test_config_from_toml_and_unknown_keys(tmp_path):
         TrainConfig(lr_schedule="step")
 
 
+def test_example_config_matches_its_pipeline():
+    from infinitystar.config import get_preset
+    from infinitystar.train.trainer import check_data_matches_pipeline
+
+    cfg = load_train_config(str(REPO / "configs" / "train_tiny.toml"))
+    assert cfg.pipeline == "models/tiny-base" and cfg.var_len is False
+    check_data_matches_pipeline(cfg, get_preset("pipeline", "tiny-test"))  # the README saves tiny-test there
+    with pytest.raises(ConfigError, match="num_scales"):
+        check_data_matches_pipeline(TrainConfig(data=DataConfig(pn="0.06M")), get_preset("pipeline", "tiny-test"))
+
+
 def test_lr_schedule():
     assert [lr_at(s, TrainConfig(lr=1.0, steps=10)) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
     warm = TrainConfig(lr=1.0, steps=10, warmup_steps=4, lr_schedule="linear", min_lr_ratio=0.5)
@@ -140,6 +151,8 @@ def test_ema_update_formula():
 
 
 def test_loss_falls_and_checkpoints_are_kept_and_resumed(tiny_data, tmp_path):
+    # One thread: on a shared 2-core machine two OpenMP threads are several times slower for this tiny model.
+    torch.set_num_threads(1)
     run = tmp_path / "run"
     cfg = TrainConfig(**{**_config(tiny_data, run, steps=30, ckpt_every=10, keep_last_k=2),
                          "data": tiny_data})
@@ -254,8 +267,15 @@ def test_fsdp_two_processes_match_one_then_export_and_generate(tiny_data, tmp_pa
     w2 = load_safetensors(tmp_path / "export_two" / "transformer" / "model.safetensors")
     base = InfinityStarPipeline.from_preset("tiny-test", seed=0).transformer.state_dict()
     assert w1.keys() == w2.keys() == base.keys()
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-5
-    assert any(not torch.equal(w1[k], base[k]) for k in w1)  # training changed the weights
+    # Adam turns rounding-level gradient differences into update differences of up to ~lr where a gradient is
+    # near zero, so the weights are compared relative to how far training moved them. Measured: relative L2
+    # 1.1e-5, largest element 1.4e-5 for a largest update of 1.0e-2.
+    update = max((w1[k] - base[k]).abs().max().item() for k in w1)
+    assert update > 1e-3  # training changed the weights
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-2 * update
+    diff = sum(((w1[k] - w2[k]) ** 2).sum() for k in w1) ** 0.5
+    moved = sum(((w1[k] - base[k]) ** 2).sum() for k in w1) ** 0.5
+    assert diff <= 1e-4 * moved
     # The EMA export holds different weights (decay 0.5 lags behind the model).
     out_ema = export_run(tmp_path / "two", tmp_path / "export_ema", use_ema=True)
     w_ema = load_safetensors(out_ema / "transformer" / "model.safetensors")

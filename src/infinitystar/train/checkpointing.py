@@ -252,7 +252,8 @@ def load_checkpoint(
     record = broadcast_object(read_complete(path) if info.is_main else None, info)
     if record["world_size"] != info.world_size:
         raise ValueError(f"checkpoint {path} was written by {record['world_size']} processes, this run has "
-                         f"{info.world_size}: the per-rank data positions and RNG states cannot be mapped")
+                         f"{info.world_size}: the per-rank data positions and RNG states cannot be mapped; resume with "
+                         f"{record['world_size']} processes, or start a new run (another output_dir, or --resume none)")
     state = _state(model, optimizer, ema)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path), no_dist=not info.distributed)

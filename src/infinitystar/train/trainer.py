@@ -409,11 +409,16 @@ class Trainer:
         throughput: list[tuple[float, float, float]] = []
         try:
             while self.step < cfg.steps:
+                t0 = time.perf_counter()
                 batch = [next(stream) for _ in range(cfg.batch_size)]
+                data_time = time.perf_counter() - t0
                 record = self.train_one_step(batch)
                 self.position = batch[-1].next_position
-                throughput.append((record["step_time_s"], record["samples"],
-                                   record["visual_tokens"] + record["text_tokens"]))
+                # Throughput over the whole iteration: reading the latents counts, logging and saving do not.
+                wall = data_time + record["step_time_s"]
+                tokens = record["visual_tokens"] + record["text_tokens"]
+                record.update(data_time_s=data_time, samples_per_s=record["samples"] / wall, tokens_per_s=tokens / wall)
+                throughput.append((wall, record["samples"], tokens))
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self._log(record)
                 bar.update(1)
