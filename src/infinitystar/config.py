@@ -460,7 +460,7 @@ register_preset("pipeline", "tiny-test", PipelineConfig(
     transformer=TransformerConfig(depth=2, embed_dim=64, num_heads=2, num_kv_heads=1, head_dim=32,
                                   mlp_intermediate=128, text_channels=32, text_maxlen=64, block_chunks=1,
                                   semantic_scales=3, detail_scale_min_tokens=16, rope_max_frames=21),
-    pn="0.06M", num_scales=6, default_aspect="1:1", image_repetition=(2, 2, 1, 1, 1, 1),
+    pn="0.06M", num_scales=6, default_aspect="1:1", aspects=("1:1",), image_repetition=(2, 2, 1, 1, 1, 1),
     video_repetition=(2, 2, 1, 1, 1, 1), sampling=SamplingConfig(guidance_scale=3.0), default_seconds=1,
     text_encoder="bytes", seed=0))
 

@@ -30,7 +30,7 @@ from .sampling import apply_temperature, guide_logits, sample_bits
 from .schedules import FRAMES_INNER_CLIP, Scale, ScaleStep, build_step_plan, scales_per_clip
 from .transformer.attention import KVCache
 from .transformer.model import InfinityStarTransformer
-from .transformer.rope import rope_table, visual_positions
+from .transformer.rope import apply_rope, rope_table, visual_positions
 from .vae.multiscale import CodeAccumulator, area_resize
 
 
@@ -58,6 +58,17 @@ class GenerationResult:
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """The steps of one generation, plus how far clips past the RoPE range are shifted (see :func:`plan_steps`)."""
+
+    steps: list[ScaleStep]
+    # Clip ids >= this one reuse the positions of the last covered clip (None: every clip is in range).
+    anchored_from_clip: int | None = None
+    # (scale-axis, frame-axis) shift that moves a clip's positions to the previous clip's.
+    clip_shift: tuple[int, int] = (0, 0)
+
+
 def plan_steps(
     schedule: Sequence[Scale],
     *,
@@ -69,14 +80,18 @@ def plan_steps(
     teacher_forced_scales: int = 0,
     frames_inner_clip: int = FRAMES_INNER_CLIP,
     rope_max_frames: int | None = None,
-) -> list[ScaleStep]:
+) -> StepPlan:
     """The step plan of ``schedule``, with RoPE positions kept inside what the model was trained on.
 
     For schedules longer than the model's RoPE frame range (long videos by temporal autoregression),
-    every clip past the last covered one reuses the covered last clip's RoPE frame offset and scale
-    indices: each new clip is predicted exactly as the model's last trained clip, from the previous
-    clip's last scale, so positions never leave the trained range. Within range the plan is the
-    reference's.
+    every clip past the last covered clip C reuses clip C's RoPE frame offset and scale indices, and
+    the loop moves the cached context of such a clip (the previous clip's last scale) back by one clip
+    by re-rotating its keys (:func:`generate_codes`). Positions never leave the trained range, and every
+    query of a new clip sees its context at the relative offset it was trained with (one clip back), when
+    C >= 2 (clips C-1 and C are both video clips of equal shape). What is not reproduced: the context's
+    deeper-layer keys and values were computed while it sat at clip C's offset from the text, not clip
+    C-1's; and with C = 1 the trained context of clip 1 is the first-frame image, so a video-clip context
+    is an approximation there. Within range the plan is the reference's.
     """
     steps = build_step_plan(
         schedule,
@@ -90,7 +105,7 @@ def plan_steps(
         frames_inner_clip=frames_inner_clip,
     )
     if rope_max_frames is None or not steps or steps[-1].frames[1] <= rope_max_frames:
-        return steps
+        return StepPlan(steps)
     t0 = schedule[0][0]
     covered_clips = (rope_max_frames - t0) // frames_inner_clip  # video clips whose frames fit in RoPE
     if covered_clips < 1:
@@ -99,13 +114,16 @@ def plan_steps(
     # RoPE scale index and frame offset of each step of the last covered clip, by (scale-in-clip, repeat).
     k = scales_per_clip(schedule)
     anchor = {(s.si % k, s.repeat): (s.rope_scale_index, s.frames[0]) for s in steps if s.clip_id == covered_clips}
+    prev = {(s.si % k, s.repeat): (s.rope_scale_index, s.frames[0]) for s in steps if s.clip_id == covered_clips - 1}
+    last = (k - 1, max(r for (si, r) in anchor if si == k - 1))
+    shift = (anchor[last][0] - prev[last][0], anchor[last][1] - prev[last][1]) if last in prev else (0, 0)
     out = []
     for s in steps:
         if s.clip_id > covered_clips:
             rope_si, frame_ss = anchor[(s.si % k, s.repeat)]
             s = replace(s, rope_scale_index=rope_si, frames=(frame_ss, frame_ss + s.scale[0]))
         out.append(s)
-    return out
+    return StepPlan(out, anchored_from_clip=covered_clips + 1, clip_shift=shift)
 
 
 def _later_references(steps: Sequence[ScaleStep]) -> list[set[int]]:
@@ -128,6 +146,21 @@ def _tokens(x_B64thw: Tensor) -> Tensor:
     return x_B64thw.flatten(2).transpose(1, 2)
 
 
+def _position_shift(model: InfinityStarTransformer, d_scale: int, d_frame: int, full_hw: Sequence[int]):
+    """A function re-rotating cached keys ``[B, H, L, D]`` by (d_scale, d_frame) on the RoPE scale/frame axes.
+
+    RoPE is a rotation by position x frequency per pair, so adding a rotation by the position difference
+    moves every key to its shifted position (height/width unchanged).
+    """
+    delta = torch.tensor([[d_scale, d_frame, 0, 0]], dtype=torch.long)
+    table = rope_table(delta, model.cfg.head_dim, model.cfg.rope_theta)
+
+    def shift(k: Tensor) -> Tensor:
+        return apply_rope(k, table.to(k.device))  # one row: broadcast over batch, heads and tokens
+
+    return shift
+
+
 def _sample_step(logits_Bnd2: Tensor, step: ScaleStep, sampling: SamplingConfig,
                  generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     logits = apply_temperature(logits_Bnd2, step.tau)
@@ -148,7 +181,7 @@ def generate_codes(
     quantizer: QuantizerConfig,
     text_LC: Tensor,
     schedule: Sequence[Scale],
-    steps: Sequence[ScaleStep],
+    plan: StepPlan | Sequence[ScaleStep],
     repetitions: Sequence[int],
     sampling: SamplingConfig,
     *,
@@ -173,6 +206,9 @@ def generate_codes(
     pass a ``cache`` that already holds them. ``on_clip(clip_id, codes)`` is called as each clip's
     codes are complete (for streaming).
     """
+    if not isinstance(plan, StepPlan):
+        plan = StepPlan(list(plan))
+    steps = plan.steps
     if len(forced_bits) > len(steps):
         raise ValueError(f"{len(forced_bits)} forced steps for a plan of {len(steps)} steps")
     device = next(model.parameters()).device
@@ -206,6 +242,11 @@ def generate_codes(
             bits, logits = _sample_step(raw, step, sampling, generator)
             if forced:
                 bits = forced_bits[i].to(device)
+        if (store_as is not None and plan.anchored_from_clip is not None
+                and step.clip_id >= plan.anchored_from_clip - 1 and any(plan.clip_shift)):
+            # The next clip runs at this clip's positions: move this context one clip back, where the
+            # model saw its context in training.
+            cache.map_keys(store_as, _position_shift(model, -plan.clip_shift[0], -plan.clip_shift[1], full_hw))
         peak = max(peak, cache.nbytes())
         cache.keep_only(persistent | later[i])
         if on_step is not None:

@@ -296,6 +296,14 @@ class InfinityStarPipeline:
             template = schedules.nearest_h_div_w_template(schedules.parse_aspect_ratio(aspect or cfg.default_aspect))
         ladder = schedules.spatial_ladder(template)[: cfg.scales_per_clip]
         pyramid = [(1, h, w) for h, w in ladder]
+        try:  # the head rule and the quantizer rule must agree on every scale of this template's pyramid
+            schedules.detail_scale_flags(pyramid, cfg.transformer.semantic_scales,
+                                         cfg.transformer.detail_scale_min_tokens)
+        except ValueError:
+            asked = f"{height}x{width}" if height is not None else (aspect or cfg.default_aspect)
+            raise ValueError(f"aspect {asked} (template h/w {template}) is not supported by preset {cfg.name!r}: its "
+                             f"semantic/detail scale split does not fit that pyramid; supported aspects: "
+                             f"{list(cfg.aspects)}") from None
         stride = cfg.vae.space_stride
         size = (pyramid[-1][1] * stride, pyramid[-1][2] * stride)
         if height is not None and (height, width) != size:

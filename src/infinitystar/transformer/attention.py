@@ -172,6 +172,13 @@ class KVCache:
             raise KeyError(f"KV cache of layer {layer} holds {sorted(map(str, store))}, not {missing}")
         return [store[k][0] for k in keys], [store[k][1] for k in keys]
 
+    def map_keys(self, key: Hashable, fn) -> None:
+        """Replace the cached keys of entry ``key`` by ``fn(k)`` in every layer (values unchanged), e.g. to move
+        them to other RoPE positions."""
+        for store in self._store:
+            k, v = store[key]
+            store[key] = (fn(k), v)
+
     def set_key_mask(self, key: Hashable, mask_BL: torch.Tensor) -> None:
         self._key_masks[key] = mask_BL
 

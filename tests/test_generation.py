@@ -1,0 +1,89 @@
+"""The generation loop's plan for long videos: positions stay inside the trained RoPE range, exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from infinitystar.config import SamplingConfig, get_preset
+from infinitystar.generation import _position_shift, plan_steps
+from infinitystar.schedules import spatial_ladder, video_scale_schedule
+from infinitystar.transformer.attention import KVCache
+from infinitystar.transformer.model import InfinityStarTransformer
+from infinitystar.transformer.rope import rope_table, visual_positions
+
+FIC = 2  # latent frames per clip: short clips keep the test fast
+
+
+def _plan(n_clips: int, rope_max_frames: int):
+    cfg = get_preset("pipeline", "tiny-test")
+    pyramid = [(1, h, w) for h, w in spatial_ladder(1.0)[: cfg.scales_per_clip]]
+    schedule = video_scale_schedule(pyramid, 1 + FIC * n_clips, FIC)
+    plan = plan_steps(schedule, image_repetition=cfg.image_repetition, video_repetition=cfg.video_repetition,
+                      semantic_scales=cfg.transformer.semantic_scales,
+                      detail_scale_min_tokens=cfg.transformer.detail_scale_min_tokens, sampling=SamplingConfig(),
+                      frames_inner_clip=FIC, rope_max_frames=rope_max_frames)
+    return cfg, schedule, plan
+
+
+def test_in_range_plan_is_the_reference_plan():
+    _, _, plan = _plan(2, rope_max_frames=1 + 2 * FIC)
+    assert plan.anchored_from_clip is None
+    assert [s.frames[0] for s in plan.steps if s.clip_id == 2][0] == 1 + FIC
+
+
+def test_clips_past_the_rope_range_reuse_the_last_covered_clip_positions():
+    cfg, schedule, plan = _plan(4, rope_max_frames=1 + 2 * FIC)  # clips 1 and 2 covered
+    assert plan.anchored_from_clip == 3
+    by_clip = {c: [(s.rope_scale_index, s.frames) for s in plan.steps if s.clip_id == c] for c in range(5)}
+    assert by_clip[3] == by_clip[2] and by_clip[4] == by_clip[2]
+    assert max(s.frames[1] for s in plan.steps) <= 1 + 2 * FIC
+    # One video clip back: the repetitions of a clip on the scale axis, FIC frames on the frame axis.
+    assert plan.clip_shift == (sum(cfg.video_repetition), FIC)
+
+
+def test_shifting_cached_keys_equals_computing_them_at_the_shifted_positions():
+    cfg = dataclasses.replace(get_preset("pipeline", "tiny-test"))
+    torch.manual_seed(0)
+    model = InfinityStarTransformer(cfg.transformer).eval()
+    cache = KVCache(model.cfg.depth)
+    model.prefill_text(torch.randn(5, model.cfg.text_channels), cache, guidance=False)
+    x = torch.randn(1, FIC * 16, model.cfg.d_vae)
+    scale, full = (FIC, 4, 4), (4, 4)
+
+    def rope(real_si: int, frame_ss: int) -> torch.Tensor:
+        pos = visual_positions(scale, real_si, frame_ss, full, model.cfg.text_maxlen)
+        return rope_table(pos, model.cfg.head_dim, model.cfg.rope_theta)
+
+    with torch.no_grad():
+        model.step(x, rope(20, 5), cache, refs=(), store_as="late", batch=1)
+        model.step(x, rope(13, 3), cache, refs=(), store_as="early", batch=1)
+    cache.map_keys("late", _position_shift(model, -7, -2, full))
+    # Layer 0's keys depend only on the input and its position: the shifted keys are the keys at the shifted
+    # positions. (Deeper layers also depend on where the scale sat relative to the text, which the shift does
+    # not redo; see plan_steps.)
+    (k_late,), (v_late,) = cache.get(0, ["late"])
+    (k_early,), (v_early,) = cache.get(0, ["early"])
+    torch.testing.assert_close(k_late, k_early, atol=1e-5, rtol=0)
+    torch.testing.assert_close(v_late, v_early, atol=0, rtol=0)
+    # Without the shift they differ: the test can fail.
+    model.step(x, rope(20, 5), cache, refs=(), store_as="late2", batch=1)
+    assert (cache.get(0, ["late2"])[0][0] - k_early).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("n_clips", [3, 4])
+def test_long_generation_runs_past_the_rope_range(n_clips):
+    from infinitystar.generation import generate_codes
+    from infinitystar.schedules import scale_repetitions
+
+    cfg, schedule, plan = _plan(n_clips, rope_max_frames=1 + 2 * FIC)
+    torch.manual_seed(0)
+    model = InfinityStarTransformer(cfg.transformer).eval()
+    reps = scale_repetitions(schedule, cfg.image_repetition, cfg.video_repetition)
+    out = generate_codes(model, cfg.quantizer, torch.randn(4, model.cfg.text_channels), schedule, plan, reps,
+                         cfg.sampling, generator=torch.Generator().manual_seed(0), frames_inner_clip=FIC,
+                         progress=False)
+    assert out.summed_codes.shape[2] == 1 + FIC * n_clips
+    assert len(out.clip_codes) == 1 + n_clips
