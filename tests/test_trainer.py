@@ -286,3 +286,17 @@ def test_fsdp_two_processes_match_one_then_export_and_generate(tiny_data, tmp_pa
         assert torch.equal(v, w1[k]), k
     image = pipe("a red circle moving left", num_frames=1, seed=0, progress=False).frames
     assert image.shape == (1, 96, 96, 3) and image.dtype.name == "uint8"
+
+
+def test_token_budget_limits_the_packed_sequence(tiny_data, tmp_path):
+    torch.set_num_threads(1)
+    budget = 120  # one caption (~60 bytes) + a prefix of the 91-token pyramid; no room for a second sample
+    cfg = TrainConfig(**{**_config(tiny_data, tmp_path / "run", steps=3, ckpt_every=100, max_tokens=budget),
+                         "data": tiny_data})
+    Trainer(cfg, progress=False).run()
+    steps = [r for r in read_log(tmp_path / "run" / "train_log.jsonl") if r.get("event") == "step"]
+    assert len(steps) == 3
+    for r in steps:
+        assert r["visual_tokens"] + r["text_tokens"] <= budget
+        assert r["samples"] + r["left_out_for_budget"] == 2 and r["left_out_for_budget"] >= 1
+        assert r["visual_tokens"] < 91  # the full pyramid does not fit next to the caption: a prefix is trained
