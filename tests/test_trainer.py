@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -238,16 +239,26 @@ def test_fsdp_two_processes_match_one_then_export_and_generate(tiny_data, tmp_pa
                                                        ckpt_every=5, ema_decay=0.5))
     # Two ranks of one sample each, with activation checkpointing: the same global batch of 2.
     two = _write_config(tmp_path / "two.json", _config(tiny_data, tmp_path / "two", steps=steps, batch_size=1,
-                                                       ckpt_every=5, ema_decay=0.5, activation_checkpointing=True))
+                                                       ckpt_every=3, ema_decay=0.5, activation_checkpointing=True))
+
+    def torchrun() -> subprocess.Popen:
+        return subprocess.Popen(
+            [TORCHRUN, "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+             str(_free_port()), "-m", "infinitystar.cli", "train", str(two), "--quiet"],
+            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
     single = _cli_train(one)
-    dist = subprocess.Popen(
-        [TORCHRUN, "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-         str(_free_port()), "-m", "infinitystar.cli", "train", str(two), "--quiet"],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _finish(torchrun())
     _finish(single)
-    _finish(dist)
     a = step_losses(tmp_path / "one" / "train_log.jsonl")
     b = step_losses(tmp_path / "two" / "train_log.jsonl")
+    # Sharded resume: drop the final checkpoint, run again; FSDP ranks reload their DCP shards of step 3.
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "step_00000005")
+    _finish(torchrun())
+    log = read_log(tmp_path / "two" / "train_log.jsonl")
+    assert [r["step"] for r in log if r.get("event") == "resume"] == [3]
+    again = step_losses(tmp_path / "two" / "train_log.jsonl")
+    assert [again[s] for s in (4, 5)] == [b[4], b[5]]
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     # Tolerance 1e-5 on losses (measured: <= 1e-7): the packed sequence of 2 and two sequences of 1 round
     # differently; gradients are averaged by FSDP's reduce-scatter.
