@@ -311,3 +311,6 @@ def test_token_budget_limits_the_packed_sequence(tiny_data, tmp_path):
         assert r["visual_tokens"] + r["text_tokens"] <= budget
         assert r["samples"] + r["left_out_for_budget"] == 2 and r["left_out_for_budget"] >= 1
         assert r["visual_tokens"] < 91  # the full pyramid does not fit next to the caption: a prefix is trained
+    too_small = TrainConfig(**{**cfg.__dict__, "max_tokens": 10, "output_dir": str(tmp_path / "run2")})
+    with pytest.raises(ValueError, match="no sample"):
+        Trainer(too_small, progress=False).run()

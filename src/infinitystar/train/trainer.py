@@ -344,10 +344,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         samples, uncond, left_out = self._prepare(batch, step)
-        if not samples:
-            raise ValueError(f"step {step}: the token budget max_tokens={cfg.max_tokens} leaves room for no sample")
         mass = sum(sample_weight_mass(s, self.weighting) for s in samples)
-        [total_mass] = all_reduce_sum([mass], info)
+        # Every rank learns whether any rank is left without a sample, so all stop together instead of hanging.
+        total_mass, empty_ranks = all_reduce_sum([mass, float(not samples)], info)
+        if empty_ranks:
+            raise ValueError(f"step {step}: the token budget max_tokens={cfg.max_tokens} leaves room for no sample "
+                             f"on {int(empty_ranks)} rank(s); raise it above the longest caption plus the first scale")
         metrics = train_step(self.model, self.optimizer, samples, self.weighting, grad_clip=cfg.grad_clip,
                              backend=self.backend, autocast_dtype=self.autocast_dtype, uncond=uncond,
                              loss_scale=info.dp_size * mass / total_mass)
