@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_demo_data(subparsers)
     _add_evaluate(subparsers)
     _add_train(subparsers)
+    _add_train_vae(subparsers)
     return parser
 
 
@@ -330,6 +331,36 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     from infinitystar.train.commands import add_train_commands
 
     add_train_commands(subparsers)
+
+
+def _add_train_vae(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-vae", help="train or fine-tune the video VAE",
+        description="Train or fine-tune the video VAE from a VAETrainConfig file (.toml or .json; see "
+        "infinitystar.config.VAETrainConfig). Resumes from the newest checkpoint in out_dir; writes "
+        "log.jsonl, checkpoints/ and the final vae.safetensors there.")
+    p.add_argument("config", metavar="CONFIG", help="training config (.toml or .json)")
+    p.add_argument("--steps", type=int, default=None, help="override the config's steps")
+    p.add_argument("--out-dir", default=None, help="override the config's out_dir")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if out_dir has checkpoints")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train_vae)
+
+
+def _run_train_vae(args: argparse.Namespace) -> int:
+    from infinitystar.config import VAETrainConfig, replace
+    from infinitystar.train.vae_trainer import train_vae
+
+    config = VAETrainConfig.from_file(args.config)
+    changes = {k: v for k, v in (("steps", args.steps), ("out_dir", args.out_dir)) if v is not None}
+    if args.no_resume:
+        changes["resume"] = False
+    if args.quiet:
+        changes["progress"] = False
+    result = train_vae(replace(config, **changes) if changes else config)
+    extra = f", eval PSNR {result.eval_psnr:.2f} dB" if result.eval_psnr is not None else ""
+    print(f"wrote {result.export_path} (step {result.step}{extra})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -729,3 +729,200 @@ def load_train_config(path: str, **overrides: Any) -> TrainConfig:
 
 
 __all__ += ["TrainConfig", "load_train_config", "train_config_from_dict"]
+
+
+# ----------------------------------------------------------------------------------------------
+# VAE training
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VAETrainConfig:
+    """Training or fine-tuning the video VAE (``infinitystar train-vae CONFIG``; ``train/vae_trainer.py``).
+
+    The reference never released its tokenizer training code (vae spec 7); the loss structure and the
+    default weights below follow what its code does contain: an L1 reconstruction term, the BSQ
+    commitment (0.25) and entropy (0.1) terms, Adam with betas (0.9, 0.95), lr 1e-4, gradient clip 1.0,
+    a hinge-loss PatchGAN. LPIPS (which needs downloaded VGG weights) is replaced by a structural
+    term that needs no download (see ``train/vae_losses.structural_loss``).
+
+    Relative paths in a config *file* are resolved against that file's folder (``from_file``).
+    """
+
+    # Architecture: a VAE preset name ("tiny-test", "official", ...). None = the architecture stored in
+    # ``init_checkpoint`` (the official preset for the official .pth).
+    vae_preset: str | None = None
+    # Weights to start from (our safetensors export or the official .pth); None = random initialisation.
+    init_checkpoint: str | None = None
+    # Training media, any mix of: folders (scanned recursively for videos, images and .npy clips), .jsonl
+    # files in the reference format (records with `video_path` or `image_path`, relative to the jsonl),
+    # .txt lists (one path per line) and single media files. May be empty only when the Python API is
+    # given a dataset object instead (``train_vae(config, dataset=...)``).
+    data: tuple[str, ...] = ()
+    # Held-out media (same forms) for the evaluation PSNR; empty = no evaluation.
+    eval_data: tuple[str, ...] = ()
+    # Held-out clips drawn once (seeded) and evaluated every `eval_every` steps and at the end (0 = end only).
+    eval_clips: int = 8
+    eval_every: int = 0
+    # Clip shape: pixel frames (1 + 4k; 1 trains on single frames), sampling rate, size after the
+    # reference's cover-resize + centre crop (multiples of 16). Images become still clips.
+    num_frames: int = 17
+    fps: float = 16.0
+    height: int = 64
+    width: int = 64
+    # Keep every decoded, resized source video in memory (fast for small data sets such as the demo's).
+    cache_decoded: bool = False
+    # Optimisation. batch_size >= 2 matters on CPU: PyTorch only uses its fast (oneDNN) 3-D convolution
+    # for small inputs when the batch has more than one sample (measured ~4x faster per sample).
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    # Linear warm-up steps, then "constant" or "cosine" decay to lr * min_lr_ratio at the last step.
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+    # Gradient-norm clip (0 = off).
+    grad_clip: float = 1.0
+    # Loss weights. Pixel terms are on [-1, 1] pixels, averaged over every element.
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    # Structural "perceptual" term: (1 - SSIM) over an image pyramid + image/time-gradient L1.
+    perceptual_weight: float = 0.1
+    # Generator side of the hinge GAN (0 = off, no discriminator is built); active from `gan_start_step`.
+    gan_weight: float = 0.0
+    gan_start_step: int = 0
+    disc_lr: float | None = None  # None = lr
+    disc_channels: int = 64
+    disc_layers: int = 3
+    # BSQ terms, averaged over the quantization steps (only with `quantize`).
+    commitment_weight: float = 0.25
+    entropy_weight: float = 0.1
+    # Decode the multi-scale BSQ summed codes instead of the continuous latent (straight-through), so the
+    # decoder learns to decode what the transformer generates.
+    quantize: bool = True
+    # Semantic/detail bit widths and threshold of the quantizer (a "quantizer" preset).
+    quantizer_preset: str = "tiny-test"
+    # Repetitions per scale of a clip pyramid ('[2,2,1,1]', '[3]*12+[2,1,1]' or a list); None = 1 each.
+    quant_repetition: str | tuple[int, ...] | None = None
+    seed: int = 0
+    out_dir: str = "outputs/vae-train"
+    # Training-state checkpoints every N steps (and at the end); only the newest `keep_last_k` are kept.
+    checkpoint_every: int = 500
+    keep_last_k: int = 2
+    log_every: int = 10
+    # Continue from the newest checkpoint in `out_dir` if there is one.
+    resume: bool = True
+    device: str = "cpu"
+    # torch intra-op threads for the run (None = leave PyTorch's setting). On a CPU shared with other jobs,
+    # fewer threads than cores avoids OpenMP oversubscription (measured up to 10x faster per step).
+    threads: int | None = None
+    # Convolution weights/activations in channels_last_3d memory layout (faster oneDNN kernels on CPU).
+    channels_last: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("data", "eval_data"):
+            value = getattr(self, name)
+            value = (value,) if isinstance(value, str) else tuple(value)
+            object.__setattr__(self, name, value)
+            _require(all(isinstance(p, str) and p for p in value),
+                     f"VAETrainConfig.{name} must be a list of non-empty path strings, got {list(value)}")
+        _require(self.vae_preset is not None or self.init_checkpoint is not None,
+                 "VAETrainConfig: set vae_preset (e.g. 'tiny-test') or init_checkpoint")
+        if self.vae_preset is not None:
+            get_preset("vae", self.vae_preset)  # raises with the list of presets
+        get_preset("quantizer", self.quantizer_preset)
+        _require(isinstance(self.num_frames, int) and self.num_frames >= 1 and (self.num_frames - 1) % 4 == 0,
+                 f"VAETrainConfig.num_frames must be 1 + 4k (1, 5, 9, 13, 17, ...), got {self.num_frames!r}")
+        _require(isinstance(self.fps, (int, float)) and math.isfinite(self.fps) and self.fps > 0,
+                 f"VAETrainConfig.fps must be a number > 0, got {self.fps!r}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and v >= 16 and v % 16 == 0,
+                     f"VAETrainConfig.{name} must be a positive multiple of 16, got {v!r}")
+        for name in ("steps", "batch_size", "eval_clips", "checkpoint_every", "keep_last_k", "log_every",
+                     "disc_channels", "disc_layers"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and v >= 1, f"VAETrainConfig.{name} must be an int >= 1, got {v!r}")
+        for name in ("eval_every", "warmup_steps", "gan_start_step", "seed"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and v >= 0, f"VAETrainConfig.{name} must be an int >= 0, got {v!r}")
+        _require(self.lr > 0, f"VAETrainConfig.lr must be > 0, got {self.lr}")
+        _require(self.disc_lr is None or self.disc_lr > 0, f"VAETrainConfig.disc_lr must be > 0, got {self.disc_lr}")
+        betas = tuple(float(b) for b in self.betas)
+        object.__setattr__(self, "betas", betas)
+        _require(len(betas) == 2 and all(0 <= b < 1 for b in betas),
+                 f"VAETrainConfig.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        _require(self.lr_schedule in ("constant", "cosine"),
+                 f"VAETrainConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        _require(0 <= self.min_lr_ratio <= 1, f"VAETrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("weight_decay", "grad_clip", "l1_weight", "l2_weight", "perceptual_weight", "gan_weight",
+                     "commitment_weight", "entropy_weight"):
+            v = getattr(self, name)
+            _require(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+                     f"VAETrainConfig.{name} must be a number >= 0, got {v!r}")
+        _require(self.l1_weight + self.l2_weight + self.perceptual_weight > 0,
+                 "VAETrainConfig: l1_weight, l2_weight and perceptual_weight are all 0 (no reconstruction loss)")
+        if self.quant_repetition is not None and not isinstance(self.quant_repetition, str):
+            object.__setattr__(self, "quant_repetition", tuple(int(r) for r in self.quant_repetition))
+        _require(self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
+                 f"VAETrainConfig.threads must be None or an int >= 1, got {self.threads!r}")
+        _require(isinstance(self.out_dir, str) and bool(self.out_dir),
+                 f"VAETrainConfig.out_dir must be a non-empty path, got {self.out_dir!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VAETrainConfig:
+        """Build from a dict; unknown keys are rejected by name."""
+        return config_from_dict(cls, data)
+
+    @classmethod
+    def from_file(cls, path: str) -> VAETrainConfig:
+        """Read a TOML (``.toml``) or JSON (``.json``) file of top-level keys; relative paths are resolved
+        against the file's folder."""
+        import json
+        from pathlib import Path
+
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} does not exist")
+        text = p.read_text(encoding="utf-8")
+        if p.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                raise ConfigError(f"{p}: reading TOML needs Python 3.11+; use a .json config") from None
+            try:
+                raw = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as err:
+                raise ConfigError(f"{p} is not valid TOML: {err}") from None
+        elif p.suffix.lower() == ".json":
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{p} is not valid JSON: {err}") from None
+        else:
+            raise ConfigError(f"config file {p} must end in .toml or .json")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p} must hold a table/object of settings, got {type(raw).__name__}")
+        base = p.resolve().parent
+
+        def resolve(value: str) -> str:
+            return value if Path(value).is_absolute() else str(base / value)
+
+        for key in ("data", "eval_data"):
+            if isinstance(raw.get(key), str):
+                raw[key] = [raw[key]]
+            if isinstance(raw.get(key), list):
+                raw[key] = [resolve(v) if isinstance(v, str) else v for v in raw[key]]
+        for key in ("init_checkpoint", "out_dir"):
+            if isinstance(raw.get(key), str):
+                raw[key] = resolve(raw[key])
+        try:
+            return cls.from_dict(raw)
+        except TypeError as err:  # e.g. a value of the wrong kind reaching __post_init__
+            raise ConfigError(f"{p}: {err}") from None
+
+
+__all__ += ["VAETrainConfig"]

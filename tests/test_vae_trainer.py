@@ -1,0 +1,263 @@
+"""VAE training: losses/metrics, the training quantizer, data sources, the loop, resume, export, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from infinitystar.checkpoints import load_vae
+from infinitystar.cli import main as cli_main
+from infinitystar.config import ConfigError, VAETrainConfig, get_preset
+from infinitystar.media import write_image, write_video
+from infinitystar.schedules import base_ladder
+from infinitystar.train.vae_data import MediaClipDataset, list_media
+from infinitystar.train.vae_losses import PatchDiscriminator, hinge_d_loss, psnr, ssim, structural_loss
+from infinitystar.train.vae_trainer import (
+    TrainingQuantizer,
+    VAETrainer,
+    list_checkpoints,
+    reconstruct,
+    train_vae,
+    training_schedule,
+)
+from infinitystar.vae.multiscale import encode_to_bits
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Training steps at these toy sizes are overhead-bound; on a CPU shared with other jobs one thread
+    # avoids OpenMP oversubscription (measured 0.07 s/step vs 0.5-6 s/step with 2 threads).
+    # Runs after conftest's 2-thread fixture; results are deterministic for a fixed thread count.
+    torch.set_num_threads(1)
+    yield
+
+
+class MovingSquares:
+    """One coloured square per clip moving in a straight line over a black background."""
+
+    def __init__(self, frames: int, size: int) -> None:
+        self.frames, self.size = frames, size
+
+    def sample(self, rng: np.random.Generator) -> torch.Tensor:
+        n = self.size
+        x = torch.full((3, self.frames, n, n), -1.0)
+        side = int(rng.integers(n // 4, n // 2))
+        colour = torch.tensor(rng.uniform(-0.5, 1.0, 3), dtype=torch.float32)
+        y0, x0 = rng.integers(0, n - side, 2)
+        vy, vx = rng.integers(-2, 3, 2)
+        for t in range(self.frames):
+            yy = int(np.clip(y0 + vy * t, 0, n - side))
+            xx = int(np.clip(x0 + vx * t, 0, n - side))
+            x[:, t, yy:yy + side, xx:xx + side] = colour[:, None, None]
+        return x
+
+
+def _config(tmp_path, **kw) -> VAETrainConfig:
+    base = dict(vae_preset="tiny-test", num_frames=5, height=16, width=16, batch_size=2, steps=2, lr=2e-3,
+                out_dir=str(tmp_path / "run"), progress=False, log_every=1, checkpoint_every=1000)
+    base.update(kw)
+    return VAETrainConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and losses
+
+
+def test_psnr_known_values_and_range():
+    target = torch.zeros(2, 3, 4, 4)
+    # [-1, 1] pixels off by 0.1 -> 0.05 on [0, 1] -> MSE 0.0025 -> 10*log10(400) dB.
+    assert psnr(target + 0.1, target).item() == pytest.approx(10 * math.log10(400), abs=1e-4)
+    # The same images on a [0, 255] scale.
+    t255 = torch.full((1, 3, 4, 4), 100.0)
+    assert psnr(t255 + 2.55, t255, value_range=(0, 255)).item() == pytest.approx(40.0, abs=1e-4)
+    # Per sample, and the prediction is clamped to the range first.
+    per = psnr(torch.stack([target[0] + 0.1, target[1] + 0.2]), target, reduction="none")
+    assert per.shape == (2,) and per[0] > per[1]
+    over = torch.full((1, 3, 2, 2), 1.0)
+    assert psnr(over + 5.0, over).item() == math.inf
+    with pytest.raises(ValueError, match="shape"):
+        psnr(target, target[:1])
+
+
+def test_ssim_and_structural_loss():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 5, 32, 32, generator=g) * 2 - 1
+    assert ssim((x[:, :, 0] + 1) / 2, (x[:, :, 0] + 1) / 2).item() == pytest.approx(1.0, abs=1e-5)
+    assert structural_loss(x, x).item() == pytest.approx(0.0, abs=1e-5)
+    blurred = torch.nn.functional.avg_pool3d(x, (1, 3, 3), stride=1, padding=(0, 1, 1), count_include_pad=False)
+    noisy = x + 0.05 * torch.randn(x.shape, generator=g)
+    # Blur destroys more structure than mild noise, although its L1 error is in the same range.
+    assert structural_loss(blurred, x) > structural_loss(noisy, x) > 0
+    pred = x.clone().requires_grad_(True)
+    structural_loss(pred + 0.1 * torch.randn(x.shape, generator=g), x).backward()
+    assert pred.grad is not None and torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+
+
+def test_patch_discriminator_and_hinge():
+    d = PatchDiscriminator(3, channels=8, layers=2)
+    logits = d(torch.zeros(2, 3, 5, 32, 32))
+    assert logits.shape[:2] == (10, 1)  # one map per frame
+    assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)).item() == 0.0
+    assert hinge_d_loss(torch.zeros(4), torch.zeros(4)).item() == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-time quantizer
+
+
+def test_training_schedule_is_the_official_ladder_for_square_latents():
+    official = [hw for hw in base_ladder(1.0)]
+    sched = training_schedule(5, 6, 6)
+    assert [s[1:] for s in sched[:6]] == official[:6]
+    assert sched[:6] == [(1, h, w) for h, w in official[:6]] and sched[6:] == [(4, h, w) for h, w in official[:6]]
+    rect = training_schedule(1, 3, 5)
+    assert rect[-1] == (1, 3, 5)
+    assert all(a[1] <= b[1] and a[2] <= b[2] for a, b in zip(rect, rect[1:]))
+
+
+def test_training_quantizer_values_match_inference_encoder_and_gradient_is_straight_through():
+    qcfg = get_preset("quantizer", "tiny-test")
+    g = torch.Generator().manual_seed(1)
+    z = (torch.randn(2, 64, 5, 3, 3, generator=g) * 2).requires_grad_(True)
+    tq = TrainingQuantizer(qcfg, "[2, 1, 1]")
+    out = tq(z)
+    sched, reps = tq.schedule(z.shape)
+    assert reps == [2, 1, 1] * 2
+    ref = encode_to_bits(z.detach(), sched, reps, qcfg).summed_codes
+    torch.testing.assert_close(out.codes.detach(), ref, atol=1e-5, rtol=0)
+    assert out.num_steps == 8
+    # Straight-through: d(sum of codes * w)/dz = w (aux terms excluded).
+    w = torch.randn(out.codes.shape, generator=g)
+    (grad,) = torch.autograd.grad((out.codes * w).sum(), z)
+    torch.testing.assert_close(grad, w)
+    # The BSQ terms are differentiable with respect to the latent.
+    (aux_grad,) = torch.autograd.grad(out.aux, z)
+    assert aux_grad.abs().sum() > 0 and out.commitment > 0
+    with pytest.raises(ConfigError, match="quant_repetition has 2 entries"):
+        TrainingQuantizer(qcfg, [1, 1])(z)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data sources
+
+
+def test_media_sources_and_clip_sampling(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "media"
+    folder.mkdir()
+    np.save(folder / "a.npy", rng.integers(0, 255, (9, 32, 48, 3), dtype=np.uint8))
+    write_image(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), folder / "b.png")
+    write_video(rng.integers(0, 255, (24, 32, 32, 3), dtype=np.uint8), tmp_path / "v.mp4", fps=16)
+    (tmp_path / "list.jsonl").write_text(
+        json.dumps({"video_path": "v.mp4", "begin_frame_id": 0, "end_frame_id": 16, "fps": 16}) + "\n")
+    (tmp_path / "files.txt").write_text("# comment\nmedia/a.npy\n")
+    items = list_media([str(folder), str(tmp_path / "list.jsonl"), str(tmp_path / "files.txt")])
+    assert [(i.path.name, i.kind) for i in items] == [("a.npy", "array"), ("b.png", "image"), ("v.mp4", "video"),
+                                                      ("a.npy", "array")]
+    assert items[2].end == pytest.approx(1.0)
+    for cache in (False, True):
+        ds = MediaClipDataset(items, num_frames=5, fps=16, height=16, width=16, cache_decoded=cache)
+        for i in range(len(items)):
+            clip = ds.clip(i, np.random.default_rng(i))
+            assert clip.shape == (3, 5, 16, 16) and clip.min() >= -1 and clip.max() <= 1
+    long = MediaClipDataset(items, num_frames=13, fps=16, height=16, width=16)
+    with pytest.raises(ValueError, match="a.npy holds 9 frames"):
+        long.clip(0, np.random.default_rng(0))
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        (tmp_path / "bad.txt").write_text("missing.mp4\n")
+        list_media([str(tmp_path / "bad.txt")])
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def test_training_lowers_loss_and_raises_heldout_psnr(tmp_path):
+    cfg = _config(tmp_path, height=32, width=32, steps=24, lr=3e-3, eval_clips=4)
+    trainer = VAETrainer(cfg, dataset=MovingSquares(5, 32), eval_dataset=MovingSquares(5, 32))
+    before = trainer.evaluate()
+    result = trainer.run()
+    losses = [r["loss"] for r in result.history]
+    recon = [r["l1"] for r in result.history]
+    assert len(losses) == 24
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3])
+    assert np.mean(recon[-3:]) < 0.6 * np.mean(recon[:3])
+    assert result.eval_psnr is not None and before is not None
+    assert result.eval_psnr > before + 3.0, (before, result.eval_psnr)
+    print(f"held-out PSNR {before:.2f} -> {result.eval_psnr:.2f} dB; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 25))
+    assert log[-1]["eval_psnr"] == pytest.approx(result.eval_psnr)
+    assert {"l1", "l2", "perceptual", "commitment", "entropy_penalty", "psnr", "lr"} <= set(log[0])
+
+    # The export reproduces the trained model: same tensors, same reconstructions.
+    loaded = load_vae(result.export_path)
+    trained_sd = result.model.state_dict()
+    assert loaded.state_dict().keys() == trained_sd.keys()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, trained_sd[k]), k
+    x = torch.stack([MovingSquares(5, 32).sample(np.random.default_rng(7)) for _ in range(2)])
+    with torch.no_grad():
+        a = reconstruct(result.model.eval(), x, trainer.quantizer)
+        b = reconstruct(loaded, x, trainer.quantizer)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    kw = dict(gan_weight=0.1, disc_channels=8, disc_layers=2, checkpoint_every=2, keep_last_k=1)
+    data = MovingSquares(5, 16)
+    full = train_vae(_config(tmp_path / "a", steps=4, **kw), dataset=data)
+    first = train_vae(_config(tmp_path / "b", steps=2, **kw), dataset=data)
+    assert [s for s, _ in list_checkpoints(tmp_path / "b" / "run")] == [2]
+    resumed = train_vae(_config(tmp_path / "b", steps=4, **kw), dataset=data)
+    assert [r["step"] for r in first.history] == [1, 2] and [r["step"] for r in resumed.history] == [3, 4]
+    assert [r["gan_d"] for r in full.history[2:]] == [r["gan_d"] for r in resumed.history]
+    for key in ("loss", "l1", "perceptual", "bsq_aux", "gan_g", "gan_d", "grad_norm"):
+        assert [r[key] for r in full.history[2:]] == [r[key] for r in resumed.history], key
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert [s for s, _ in list_checkpoints(tmp_path / "b" / "run")] == [4]  # keep_last_k=1
+    log = [json.loads(line)["step"] for line in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and CLI
+
+
+def test_cli_runs_a_two_step_config(tmp_path, capsys):
+    clips = tmp_path / "data" / "clips"
+    clips.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        np.save(clips / f"c{i}.npy", rng.integers(0, 255, (5, 16, 16, 3), dtype=np.uint8))
+    cfg = tmp_path / "data" / "vae.toml"
+    cfg.write_text('vae_preset = "tiny-test"\ndata = ["clips"]\nnum_frames = 5\nheight = 16\nwidth = 16\n'
+                   'steps = 2\nbatch_size = 2\nout_dir = "out"\nquant_repetition = [2]\n')
+    assert cli_main(["train-vae", str(cfg), "--quiet"]) == 0
+    out = tmp_path / "data" / "out"  # relative paths are relative to the config file
+    assert "vae.safetensors" in capsys.readouterr().out
+    assert (out / "vae.safetensors").is_file() and (out / "checkpoints" / "step_00000002.pt").is_file()
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2]
+    assert load_vae(out).config == get_preset("vae", "tiny-test")
+    saved = json.loads((out / "vae_train_config.json").read_text())
+    assert saved["steps"] == 2 and saved["data"] == [str(clips)]
+
+
+def test_bad_config_key_is_named(tmp_path, capsys):
+    cfg = tmp_path / "vae.toml"
+    cfg.write_text('vae_preset = "tiny-test"\ndata = ["clips"]\nlearning_rate = 0.1\n')
+    with pytest.raises(ConfigError, match="learning_rate"):
+        VAETrainConfig.from_file(str(cfg))
+    assert cli_main(["train-vae", str(cfg)]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="num_frames must be 1 \\+ 4k"):
+        VAETrainConfig(vae_preset="tiny-test", data=("x",), num_frames=8)
+    with pytest.raises(ConfigError, match="unknown vae preset 'nope'"):
+        VAETrainConfig(vae_preset="nope", data=("x",))
+    with pytest.raises(ConfigError, match="vae_preset .* or init_checkpoint"):
+        VAETrainConfig(data=("x",))
