@@ -11,7 +11,7 @@ import torch
 
 from infinitystar.checkpoints import load_vae
 from infinitystar.cli import main as cli_main
-from infinitystar.config import ConfigError, VAETrainConfig, get_preset
+from infinitystar.config import ConfigError, VAETrainConfig, get_preset, replace
 from infinitystar.media import write_image, write_video
 from infinitystar.schedules import base_ladder
 from infinitystar.train.vae_data import MediaClipDataset, list_media
@@ -19,6 +19,7 @@ from infinitystar.train.vae_losses import PatchDiscriminator, hinge_d_loss, psnr
 from infinitystar.train.vae_trainer import (
     TrainingQuantizer,
     VAETrainer,
+    build_vae,
     list_checkpoints,
     reconstruct,
     train_vae,
@@ -215,7 +216,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path / "b" / "run")] == [2]
     resumed = train_vae(_config(tmp_path / "b", steps=4, **kw), dataset=data)
     assert [r["step"] for r in first.history] == [1, 2] and [r["step"] for r in resumed.history] == [3, 4]
-    assert [r["gan_d"] for r in full.history[2:]] == [r["gan_d"] for r in resumed.history]
+    assert all(r["gan_d"] > 0 and r["gan_g"] != 0 for r in full.history)  # the GAN really ran
     for key in ("loss", "l1", "perceptual", "bsq_aux", "gan_g", "gan_d", "grad_norm"):
         assert [r[key] for r in full.history[2:]] == [r[key] for r in resumed.history], key
     for k, v in full.model.state_dict().items():
@@ -246,6 +247,16 @@ def test_cli_runs_a_two_step_config(tmp_path, capsys):
     assert load_vae(out).config == get_preset("vae", "tiny-test")
     saved = json.loads((out / "vae_train_config.json").read_text())
     assert saved["steps"] == 2 and saved["data"] == [str(clips)]
+
+    # Fine-tuning from the export: the architecture comes from its metadata, the weights are its weights.
+    tune = VAETrainConfig(init_checkpoint=str(out / "vae.safetensors"), data=(str(clips),), num_frames=5, height=16,
+                          width=16, steps=1, batch_size=2, out_dir=str(tmp_path / "tune"), progress=False)
+    start = build_vae(tune)
+    for k, v in load_vae(out).state_dict().items():
+        assert torch.equal(start.state_dict()[k], v), k
+    assert train_vae(tune).step == 1
+    with pytest.raises(ValueError, match="shape mismatches"):
+        build_vae(replace(tune, vae_preset="official"))
 
 
 def test_bad_config_key_is_named(tmp_path, capsys):
