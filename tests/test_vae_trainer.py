@@ -214,6 +214,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     full = train_vae(_config(tmp_path / "a", steps=4, **kw), dataset=data)
     first = train_vae(_config(tmp_path / "b", steps=2, **kw), dataset=data)
     assert [s for s, _ in list_checkpoints(tmp_path / "b" / "run")] == [2]
+    # A crash after step 3 was logged but before its checkpoint, mid-way through writing step 4's line.
+    with open(tmp_path / "b" / "run" / "log.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": 3, "loss": -1.0}) + '\n{"step": 4, "lo')
     resumed = train_vae(_config(tmp_path / "b", steps=4, **kw), dataset=data)
     assert [r["step"] for r in first.history] == [1, 2] and [r["step"] for r in resumed.history] == [3, 4]
     assert all(r["gan_d"] > 0 and r["gan_g"] != 0 for r in full.history)  # the GAN really ran
@@ -222,8 +225,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
     assert [s for s, _ in list_checkpoints(tmp_path / "b" / "run")] == [4]  # keep_last_k=1
-    log = [json.loads(line)["step"] for line in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]
-    assert log == [1, 2, 3, 4]
+    log = [json.loads(line) for line in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and log[2]["loss"] == resumed.history[0]["loss"]
 
 
 # ---------------------------------------------------------------------------------------------

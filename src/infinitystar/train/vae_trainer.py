@@ -455,10 +455,17 @@ class VAETrainer:
     def _truncate_log(self, step: int) -> None:
         """Drop log lines of steps after ``step`` (a resumed run will log them again)."""
         log = self.out_dir / "log.jsonl"
-        if log.is_file():
-            lines = [ln for ln in log.read_text(encoding="utf-8").splitlines()
-                     if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            _atomic_write_text(log, "".join(ln + "\n" for ln in lines))
+        if not log.is_file():
+            return
+        kept = []
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        _atomic_write_text(log, "".join(ln + "\n" for ln in kept))
 
     def run(self) -> TrainResult:
         from tqdm.auto import tqdm
