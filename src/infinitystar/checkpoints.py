@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+from .fileio import atomic_output, atomic_write_json
 
 if TYPE_CHECKING:
     from infinitystar.config import VAEConfig
@@ -117,15 +118,8 @@ def save_safetensors(
         seen_storages.add(storage)
         tensors[k] = t
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def torch_load_weights_only(path: str | os.PathLike) -> Any:
@@ -474,10 +468,7 @@ def export_official_transformer(model: nn.Module, out_dir: str | os.PathLike,
         paths.append(out_dir / name)
     index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
              "weight_map": weight_map}
-    fd, tmp = tempfile.mkstemp(prefix=f".{OFFICIAL_INDEX_NAME}.", suffix=".tmp", dir=out_dir)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(index, fh, indent=2)
-    os.replace(tmp, out_dir / OFFICIAL_INDEX_NAME)
+    atomic_write_json(out_dir / OFFICIAL_INDEX_NAME, index)
     return paths
 
 

@@ -37,7 +37,6 @@ import contextlib
 import functools
 import math
 import os
-import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -48,6 +47,8 @@ import av
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .fileio import atomic_output as _atomic_output
 
 __all__ = [
     "DEFAULT_CRF",
@@ -122,36 +123,6 @@ def _checked_output(path: PathLike, suffixes: Sequence[str], kind: str) -> Path:
     if p.is_dir():
         raise MediaError(f"cannot write {kind} to {p}: it is a directory")
     return p
-
-
-@contextlib.contextmanager
-def _atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a fresh temp path next to ``path``; on success fsync it and ``os.replace`` it onto ``path``.
-
-    The temp file lives in the same directory so the final rename is atomic (same filesystem); it is
-    hidden (leading dot) and keeps the target's suffix so format detection by name still works. On
-    any exception, including KeyboardInterrupt, the temp file is removed and ``path`` is untouched.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
-        try:
-            # O_EXCL: never clobber another writer's temp file; mode 0o666 & ~umask like a plain open().
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    else:  # pragma: no cover - 100 collisions of 48 random bits
-        raise MediaError(f"could not create a temporary file next to {path}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 # -------------------------------------------------------------------------------------------- images

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from .config import (
     config_to_dict,
     get_preset,
 )
+from .fileio import atomic_write_json
 from .generation import GenerationResult, StepEvent, generate_codes, plan_steps, prefill_interactive_conditions
 from .text import ByteTextEncoder, FlanT5Encoder, TextEncoder, build_prompt, duration_prefix
 from .transformer.model import InfinityStarTransformer
@@ -69,18 +69,6 @@ class InfinityStarPipelineOutput:
     fps: int
     latent: Tensor | None = None
     segments: list[Any] = field(default_factory=list)
-
-
-def _save_json_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _pipeline_config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:
@@ -217,8 +205,8 @@ class InfinityStarPipeline:
             (root / sub).mkdir(parents=True, exist_ok=True)
         checkpoints.save_transformer(self.transformer, root / "transformer" / "model.safetensors")
         checkpoints.save_vae(self.vae, root / "vae" / "model.safetensors")
-        _save_json_atomic(config_to_dict(self.config.transformer), root / "transformer" / "config.json")
-        _save_json_atomic(config_to_dict(self.config.vae), root / "vae" / "config.json")
+        atomic_write_json(root / "transformer" / "config.json", config_to_dict(self.config.transformer))
+        atomic_write_json(root / "vae" / "config.json", config_to_dict(self.config.vae))
         if isinstance(self.text_encoder, nn.Module):
             checkpoints.save_safetensors(self.text_encoder.state_dict(), root / "text_encoder" / "model.safetensors")
         elif isinstance(self.text_encoder, FlanT5Encoder):
@@ -227,8 +215,8 @@ class InfinityStarPipeline:
             self.text_encoder.model.save_pretrained(str(root / "text_encoder"))
         else:
             warnings.warn("the text encoder is not a module; save its folder separately", stacklevel=2)
-        _save_json_atomic({"_class_name": type(self).__name__, "config": _pipeline_config_to_dict(self.config)},
-                          root / MODEL_INDEX)
+        atomic_write_json(root / MODEL_INDEX,
+                          {"_class_name": type(self).__name__, "config": _pipeline_config_to_dict(self.config)})
 
     # ------------------------------------------------------------------------------------------
     # Devices

@@ -22,12 +22,10 @@ frame's median so a grey or noisy background does not count), then:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ..fileio import atomic_write_text
 from .synthetic import (
     COLOURS,
     DIRECTIONS,
@@ -342,22 +341,6 @@ def _pick_frames(frames_THW3: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(frames_THW3[idx])
 
 
-def _write_text_atomic(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file a plain open()'s mode
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def contact_sheet(rows: Sequence[tuple[str, np.ndarray]], path: str | os.PathLike, *, scale: int | None = None,
                   label_height: int = 14) -> Path:
     """A png grid: one row per clip, its label above its frames (uint8 ``[k, H, W, 3]``), written atomically.
@@ -451,8 +434,8 @@ class EvalReport:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"markdown": out / "report.md", "json": out / "report.json", "contact_sheet": out / "contact_sheet.png"}
-        _write_text_atomic(self.to_markdown(), paths["markdown"])
-        _write_text_atomic(json.dumps(self.to_json(), indent=2) + "\n", paths["json"])
+        atomic_write_text(paths["markdown"], self.to_markdown())
+        atomic_write_text(paths["json"], json.dumps(self.to_json(), indent=2) + "\n")
         rows = []
         for r in self.results:
             j = r.judgement

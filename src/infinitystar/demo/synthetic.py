@@ -22,16 +22,16 @@ clip size, so a larger dataset starts with the clips of a smaller one.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..fileio import atomic_write_text
 
 __all__ = [
     "ALL_TRIPLES",
@@ -301,21 +301,6 @@ def sample_clips(n_clips: int, seed: int, split: str = "train", size: int = 64, 
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _write_text_atomic(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file a plain open()'s mode
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _record(clip: DemoClip, video_rel: str, size: int, frames: int, fps: int, seed: int) -> dict:
     """One jsonl row in the reference's format (training spec 2.1) plus the ``demo`` ground truth."""
     spec = clip.spec
@@ -359,7 +344,7 @@ def make_dataset(out_dir: str | os.PathLike, n_clips: int, seed: int, size: int 
         media.write_video(render_clip(clip.spec, size, frames), root / rel, fps=fps, crf=crf)
         rows.append(json.dumps(_record(clip, rel, size, frames, fps, seed)))
     jsonl = root / f"{split}.jsonl"
-    _write_text_atomic("".join(r + "\n" for r in rows), jsonl)
+    atomic_write_text(jsonl, "".join(r + "\n" for r in rows))
     return jsonl
 
 

@@ -27,7 +27,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+
+from infinitystar.fileio import atomic_write_json
 
 from .distributed import DistInfo, barrier, broadcast_object, gather_objects
 
@@ -126,21 +127,6 @@ def read_complete(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -211,7 +197,7 @@ def save_checkpoint(
         record = {"step": int(step), "world_size": info.world_size,
                   "data_positions": [r["data_position"] for r in per_rank],
                   "rng": [r["rng"] for r in per_rank], "extra": extra or {}}
-        _write_json_atomic(record, tmp / COMPLETE_FILE)
+        atomic_write_json(tmp / COMPLETE_FILE, record)
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. a resumed run that saves the same step again)
             shutil.rmtree(final)

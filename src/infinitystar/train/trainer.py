@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from infinitystar.config import ConfigError, TrainConfig, config_to_dict, get_preset, train_config_from_dict
+from infinitystar.fileio import atomic_write_json
 from infinitystar.schedules import scale_repetitions, scales_per_clip
 from infinitystar.train import checkpointing
 from infinitystar.train.distributed import (
@@ -174,14 +175,8 @@ def _text_encoder_to(encoder: Any, device: torch.device) -> None:
         encoder.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_run_config(cfg: TrainConfig, run_dir: Path) -> None:
-    _write_json_atomic(config_to_dict(cfg), run_dir / CONFIG_FILE)
+    atomic_write_json(run_dir / CONFIG_FILE, config_to_dict(cfg))
 
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
@@ -475,6 +470,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
     out = Path(out_dir)
     pipe.save_pretrained(out)
     record = checkpointing.read_complete(ckpt)
-    _write_json_atomic({"run": str(run.resolve()), "checkpoint": str(Path(ckpt).resolve()), "step": record["step"],
-                        "ema": use_ema}, out / "training_source.json")
+    atomic_write_json(out / "training_source.json", {"run": str(run.resolve()), "checkpoint": str(Path(ckpt).resolve()),
+                                                     "step": record["step"], "ema": use_ema})
     return out
