@@ -35,6 +35,18 @@ def _preview(items: list[str], limit: int = 20) -> str:
     return f"[{shown}{more}]"
 
 
+def _mismatch_report(missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+    """'missing keys [...]; unexpected keys [...]; shape mismatches [...]' (the non-empty parts)."""
+    parts = []
+    if missing:
+        parts.append(f"missing keys {_preview(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys {_preview(unexpected)}")
+    if mismatched:
+        parts.append(f"shape mismatches {_preview(mismatched)}")
+    return "; ".join(parts)
+
+
 def state_dict_mismatches(
     module: nn.Module, state_dict: Mapping[str, Tensor]
 ) -> tuple[list[str], list[str], list[str]]:
@@ -61,15 +73,8 @@ def load_state_dict_strict(
     """
     missing, unexpected, mismatched = state_dict_mismatches(module, state_dict)
     if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_preview(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_preview(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches {_preview(mismatched)}")
         name = f"checkpoint {source}" if source else "checkpoint"
-        raise ValueError(f"{name} is not a {what}: " + "; ".join(parts))
+        raise ValueError(f"{name} is not a {what}: " + _mismatch_report(missing, unexpected, mismatched))
     module.load_state_dict(dict(state_dict), strict=True, assign=assign)
 
 
@@ -334,16 +339,10 @@ def _check_official_shapes(given: Mapping[str, tuple[int, ...]], config: Any, so
     mismatched = sorted(f"{k}: expected {expected[k]}, given {tuple(given[k])}"
                         for k in expected if k in given and tuple(given[k]) != expected[k])
     if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_preview(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_preview(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches {_preview(mismatched)}")
         raise ValueError(f"checkpoint {source} is not an official transformer of depth {config.depth}, width "
                          f"{config.embed_dim}, {config.num_heads}/{config.num_kv_heads} heads, MLP "
-                         f"{config.mlp_intermediate}, text width {config.text_channels}: " + "; ".join(parts))
+                         f"{config.mlp_intermediate}, text width {config.text_channels}: "
+                         + _mismatch_report(missing, unexpected, mismatched))
 
 
 def transformer_state_dict_from_official(state_dict: Mapping[str, Tensor], config: Any,
