@@ -42,7 +42,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from torch import Tensor, nn
 
 from infinitystar.checkpoints import load_state_dict_strict, load_vae, save_vae, torch_load_weights_only
 from infinitystar.config import ConfigError, QuantizerConfig, VAETrainConfig, config_to_dict, get_preset
+from infinitystar.fileio import atomic_output, atomic_write_text
 from infinitystar.schedules import BASE_LEVELS, FRAMES_INNER_CLIP, parse_repetition, scale_repetitions
 from infinitystar.schedules import video_scale_schedule as _video_schedule
 from infinitystar.train.vae_data import ClipDataset, MediaClipDataset, list_media
@@ -209,32 +209,6 @@ def reconstruct(model: VideoVAE, video: Tensor, quantizer: TrainingQuantizer | N
 
 # ---------------------------------------------------------------------------------------------
 # Files
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -422,7 +396,8 @@ class VAETrainer:
 
     def save_checkpoint(self) -> Path:
         path = self.out_dir / "checkpoints" / f"step_{self.step:08d}.pt"
-        _atomic_torch_save(self.checkpoint_state(), path)
+        with atomic_output(path) as tmp:
+            torch.save(self.checkpoint_state(), tmp)
         for _, old in list_checkpoints(self.out_dir)[:-self.config.keep_last_k]:
             old.unlink(missing_ok=True)
         return path
@@ -465,7 +440,7 @@ class VAETrainer:
                 continue
             if isinstance(record, dict) and record.get("step", 0) <= step:
                 kept.append(line)
-        _atomic_write_text(log, "".join(ln + "\n" for ln in kept))
+        atomic_write_text(log, "".join(ln + "\n" for ln in kept))
 
     def run(self) -> TrainResult:
         from tqdm.auto import tqdm
@@ -476,7 +451,7 @@ class VAETrainer:
         if cfg.resume and found:
             self.load_checkpoint(found[-1][1])
             self._truncate_log(self.step)
-        _atomic_write_text(self.out_dir / "vae_train_config.json", json.dumps(config_to_dict(self.config), indent=2))
+        atomic_write_text(self.out_dir / "vae_train_config.json", json.dumps(config_to_dict(self.config), indent=2))
         history: list[dict[str, float]] = []
         eval_psnr = None
         bar = tqdm(total=cfg.steps, initial=min(self.step, cfg.steps), disable=not cfg.progress,
