@@ -11,7 +11,7 @@ import torch
 
 from infinitystar.checkpoints import load_vae
 from infinitystar.cli import main as cli_main
-from infinitystar.config import ConfigError, VAETrainConfig, get_preset, replace
+from infinitystar.config import ConfigError, QuantizerConfig, VAETrainConfig, get_preset, replace
 from infinitystar.media import write_image, write_video
 from infinitystar.schedules import base_ladder
 from infinitystar.train.vae_data import MediaClipDataset, list_media
@@ -140,6 +140,25 @@ def test_training_quantizer_values_match_inference_encoder_and_gradient_is_strai
     assert aux_grad.abs().sum() > 0 and out.commitment > 0
     with pytest.raises(ConfigError, match="quant_repetition has 2 entries"):
         TrainingQuantizer(qcfg, [1, 1])(z)
+
+
+def test_training_quantizer_residual_gradient_goes_through_each_bsq_normalisation():
+    qcfg = QuantizerConfig(detail_scale_min_tokens=0)  # every scale uses all 64 channels
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(3, 64, 1, 1, 1, generator=g).requires_grad_(True)  # one 1x1 scale: one BSQ step
+    out = TrainingQuantizer(qcfg, gradient="residual")(z)
+    assert out.num_steps == 1
+    torch.testing.assert_close(out.codes.detach(), torch.where(z > 0, 1.0, -1.0).detach() / 8)
+    w = torch.randn(out.codes.shape, generator=g)
+    (grad,) = torch.autograd.grad((out.codes * w).sum(), z)
+    zz = z.detach().clone().requires_grad_(True)
+    (want,) = torch.autograd.grad((torch.nn.functional.normalize(zz, dim=1) * w).sum(), zz)
+    torch.testing.assert_close(grad, want)
+    # Same values as the identity gradient on a multi-scale latent.
+    z2 = torch.randn(2, 64, 5, 3, 3, generator=g)
+    a = TrainingQuantizer(get_preset("quantizer", "tiny-test"), gradient="residual")(z2).codes
+    b = TrainingQuantizer(get_preset("quantizer", "tiny-test"))(z2).codes
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------

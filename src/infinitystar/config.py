@@ -806,6 +806,9 @@ class VAETrainConfig:
     quantizer_preset: str = "tiny-test"
     # Repetitions per scale of a clip pyramid ('[2,2,1,1]', '[3]*12+[2,1,1]' or a list); None = 1 each.
     quant_repetition: str | tuple[int, ...] | None = None
+    # Gradient of the quantizer: "identity" (straight through the whole multi-scale quantizer, as VAR) or
+    # "residual" (straight through each step's BSQ, through its l2 normalisation, as the reference's BSQ).
+    quant_gradient: str = "identity"
     seed: int = 0
     out_dir: str = "outputs/vae-train"
     # Training-state checkpoints every N steps (and at the end); only the newest `keep_last_k` are kept.
@@ -867,6 +870,8 @@ class VAETrainConfig:
                  "VAETrainConfig: l1_weight, l2_weight and perceptual_weight are all 0 (no reconstruction loss)")
         if self.quant_repetition is not None and not isinstance(self.quant_repetition, str):
             object.__setattr__(self, "quant_repetition", tuple(int(r) for r in self.quant_repetition))
+        _require(self.quant_gradient in ("identity", "residual"),
+                 f"VAETrainConfig.quant_gradient must be 'identity' or 'residual', got {self.quant_gradient!r}")
         _require(self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
                  f"VAETrainConfig.threads must be None or an int >= 1, got {self.threads!r}")
         _require(isinstance(self.out_dir, str) and bool(self.out_dir),
@@ -926,3 +931,28 @@ class VAETrainConfig:
 
 
 __all__ += ["VAETrainConfig"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo model (weights ship in ``infinitystar/demo/weights``; recipe: ``infinitystar train-demo``)
+# ----------------------------------------------------------------------------------------------
+
+# 64x64 frames -> a 4x4 latent with the usual 16x/4x VAE; the 1:1 ladder's first 4 grids (1x1 .. 4x4) are the
+# pyramid. The three small grids are semantic (16 bits), the 4x4 grid is detail (64 bits): both the tokenizer
+# rule (h*w < 16) and the transformer's inference rule (scale index < 3) give this split.
+_DEMO_VAE = VAEConfig(block_out_channels=(16, 32, 64, 64, 64), layers_per_block=1)
+_DEMO_QUANTIZER = QuantizerConfig(detail_scale_min_tokens=16)
+_DEMO_TRANSFORMER = TransformerConfig(
+    depth=4, embed_dim=192, num_heads=3, num_kv_heads=3, head_dim=64, mlp_intermediate=512, text_channels=64,
+    text_maxlen=96, block_chunks=1, semantic_scales=3, detail_scale_min_tokens=16, rope_max_frames=21)
+register_preset("vae", "demo", _DEMO_VAE)
+register_preset("quantizer", "demo", _DEMO_QUANTIZER)
+register_preset("transformer", "demo", _DEMO_TRANSFORMER)
+# 33-frame clips (9 latent frames: the first frame + one 8-frame clip = 2 s at 16 fps), byte-level text
+# encoder (no download). Guidance defaults were chosen on the demo judge (README, "Demo model").
+register_preset("pipeline", "demo", PipelineConfig(
+    name="demo", vae=_DEMO_VAE, quantizer=_DEMO_QUANTIZER, transformer=_DEMO_TRANSFORMER,
+    pn="0.06M", num_scales=4, default_aspect="1:1", aspects=("1:1",), image_repetition=(1, 1, 1, 1),
+    video_repetition=(1, 1, 1, 1), sampling=SamplingConfig(guidance="cfg", guidance_scale=3.0, tau_image=1.0,
+                                                           tau_video=1.0),
+    frames_inner_clip=8, default_seconds=2, quality_suffix="", text_encoder="bytes", seed=0))

@@ -111,10 +111,18 @@ class TrainingQuantizer:
     Same algorithm as ``vae.multiscale.encode_to_bits`` (per clip: residual -> area-resample to
     (bits, h, w) -> BSQ -> trilinear back -> accumulate), with the BSQ auxiliary losses of every step's
     residual. ``repetition`` gives the repeats per scale of a clip pyramid (None = 1 each).
+
+    ``gradient``: "identity" passes the decoder's gradient to the latent unchanged (``z + (codes - z).detach()``);
+    "residual" sums each step's straight-through BSQ output ``v + (sign(v)/sqrt(d) - v).detach()`` (v the
+    normalised residual, the running sum held constant), so the gradient goes through every step's
+    resampling and l2 normalisation. Both give the same values.
     """
 
     def __init__(self, quantizer_config: QuantizerConfig, repetition: str | Sequence[int] | None = None, *,
-                 commitment_weight: float = 0.25, entropy_weight: float = 0.1) -> None:
+                 commitment_weight: float = 0.25, entropy_weight: float = 0.1, gradient: str = "identity") -> None:
+        if gradient not in ("identity", "residual"):
+            raise ValueError(f"gradient must be 'identity' or 'residual', got {gradient!r}")
+        self.gradient = gradient
         self.config = quantizer_config
         self.repetition = None if repetition is None else parse_repetition(repetition)
         self.commitment_weight = commitment_weight
@@ -137,15 +145,18 @@ class TrainingQuantizer:
         sched, reps = self.schedule(z.shape)
         steps = build_steps(sched, reps, self.config)
         _, _, _, hh, ww = z.shape
+        residual_grad = self.gradient == "residual"
         clip_sums: list[Tensor] = []
         aux_terms, commits, penalties = [], [], []
         acc: Tensor | None = None
+        st_acc: Tensor | None = None  # "residual": the same sum, carrying every step's straight-through gradient
         target: Tensor | None = None
         with torch.autocast(device_type=z.device.type, enabled=False):
             for step in steps:
                 if acc is None:
                     target = z[:, :, step.frame_ss:step.frame_ee]
-                    acc = torch.zeros_like(target)
+                    acc = torch.zeros_like(target).detach()
+                    st_acc = torch.zeros_like(acc)
                 assert target is not None
                 _, h, w = step.scale
                 # The running sum is a constant here: gradients reach z through `target` only.
@@ -155,13 +166,16 @@ class TrainingQuantizer:
                 aux_terms.append(aux.aux)
                 commits.append(aux.commitment)
                 penalties.append(aux.entropy_penalty)
-                q = bsq_quantize(residual.detach()).quantized
-                acc = acc + resample_channels_space(q, z.shape[1], hh, ww, UP_MODE)
+                q = bsq_quantize(residual if residual_grad else residual.detach()).quantized
+                up = resample_channels_space(q, z.shape[1], hh, ww, UP_MODE)
+                acc = acc + up.detach()
+                if residual_grad:
+                    st_acc = st_acc + up
                 if step.ends_clip:
-                    clip_sums.append(acc)
+                    clip_sums.append(st_acc if residual_grad else acc)
                     acc = None
         summed = torch.cat(clip_sums, dim=2)
-        codes = z + (summed - z).detach()
+        codes = summed if residual_grad else z + (summed - z).detach()
         return QuantizedLatent(codes=codes.to(latent_BCThw.dtype), aux=torch.stack(aux_terms).mean(),
                                commitment=torch.stack(commits).mean(), entropy_penalty=torch.stack(penalties).mean(),
                                num_steps=len(steps))
@@ -259,7 +273,8 @@ class VAETrainer:
             to_channels_last(self.model)
         self.quantizer = (TrainingQuantizer(get_preset("quantizer", cfg.quantizer_preset), cfg.quant_repetition,
                                             commitment_weight=cfg.commitment_weight,
-                                            entropy_weight=cfg.entropy_weight) if cfg.quantize else None)
+                                            entropy_weight=cfg.entropy_weight, gradient=cfg.quant_gradient)
+                          if cfg.quantize else None)
         if self.quantizer is not None and self.quantizer.config.embed_dim != self.model.config.embed_dim:
             raise ConfigError(f"quantizer preset {cfg.quantizer_preset!r} has embed_dim "
                               f"{self.quantizer.config.embed_dim}, the VAE's latent has {self.model.config.embed_dim}")
