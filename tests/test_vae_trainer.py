@@ -138,6 +138,12 @@ def test_training_quantizer_values_match_inference_encoder_and_gradient_is_strai
     # The BSQ terms are differentiable with respect to the latent.
     (aux_grad,) = torch.autograd.grad(out.aux, z)
     assert aux_grad.abs().sum() > 0 and out.commitment > 0
+    # Short clip pyramids (the demo's 8 latent frames): 1 + 2 + 2 latent frames -> three pyramids.
+    short = TrainingQuantizer(qcfg, frames_inner_clip=2)
+    sched2, reps2 = short.schedule(z.shape)
+    assert [s[0] for s in sched2] == [1] * 3 + [2] * 3 + [2] * 3
+    ref2 = encode_to_bits(z.detach(), sched2, reps2, qcfg, frames_inner_clip=2).summed_codes
+    torch.testing.assert_close(short(z).codes.detach(), ref2, atol=1e-5, rtol=0)
     with pytest.raises(ConfigError, match="quant_repetition has 2 entries"):
         TrainingQuantizer(qcfg, [1, 1])(z)
 

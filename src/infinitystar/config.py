@@ -809,6 +809,8 @@ class VAETrainConfig:
     # Gradient of the quantizer: "identity" (straight through the whole multi-scale quantizer, as VAR) or
     # "residual" (straight through each step's BSQ, through its l2 normalisation, as the reference's BSQ).
     quant_gradient: str = "identity"
+    # Latent frames per clip pyramid after the first frame (the pipeline's frames_inner_clip: 20 official, 8 demo).
+    quant_frames_inner_clip: int = 20
     seed: int = 0
     out_dir: str = "outputs/vae-train"
     # Training-state checkpoints every N steps (and at the end); only the newest `keep_last_k` are kept.
@@ -846,7 +848,7 @@ class VAETrainConfig:
             _require(isinstance(v, int) and v >= 16 and v % 16 == 0,
                      f"VAETrainConfig.{name} must be a positive multiple of 16, got {v!r}")
         for name in ("steps", "batch_size", "eval_clips", "checkpoint_every", "keep_last_k", "log_every",
-                     "disc_channels", "disc_layers"):
+                     "disc_channels", "disc_layers", "quant_frames_inner_clip"):
             v = getattr(self, name)
             _require(isinstance(v, int) and v >= 1, f"VAETrainConfig.{name} must be an int >= 1, got {v!r}")
         for name in ("eval_every", "warmup_steps", "gan_start_step", "seed"):

@@ -119,10 +119,12 @@ class TrainingQuantizer:
     """
 
     def __init__(self, quantizer_config: QuantizerConfig, repetition: str | Sequence[int] | None = None, *,
-                 commitment_weight: float = 0.25, entropy_weight: float = 0.1, gradient: str = "identity") -> None:
+                 commitment_weight: float = 0.25, entropy_weight: float = 0.1, gradient: str = "identity",
+                 frames_inner_clip: int = FRAMES_INNER_CLIP) -> None:
         if gradient not in ("identity", "residual"):
             raise ValueError(f"gradient must be 'identity' or 'residual', got {gradient!r}")
         self.gradient = gradient
+        self.frames_inner_clip = frames_inner_clip
         self.config = quantizer_config
         self.repetition = None if repetition is None else parse_repetition(repetition)
         self.commitment_weight = commitment_weight
@@ -130,7 +132,7 @@ class TrainingQuantizer:
 
     def schedule(self, latent_shape: Sequence[int]) -> tuple[list[Scale], list[int]]:
         t, h, w = (int(v) for v in latent_shape[-3:])
-        sched = training_schedule(t, h, w)
+        sched = training_schedule(t, h, w, self.frames_inner_clip)
         k = per_clip_count(sched)
         reps = [1] * k if self.repetition is None else self.repetition
         if len(reps) != k:
@@ -143,7 +145,7 @@ class TrainingQuantizer:
         if z.shape[1] != self.config.embed_dim:
             raise ValueError(f"latent has {z.shape[1]} channels, the quantizer expects {self.config.embed_dim}")
         sched, reps = self.schedule(z.shape)
-        steps = build_steps(sched, reps, self.config)
+        steps = build_steps(sched, reps, self.config, self.frames_inner_clip)
         _, _, _, hh, ww = z.shape
         residual_grad = self.gradient == "residual"
         clip_sums: list[Tensor] = []
@@ -273,7 +275,8 @@ class VAETrainer:
             to_channels_last(self.model)
         self.quantizer = (TrainingQuantizer(get_preset("quantizer", cfg.quantizer_preset), cfg.quant_repetition,
                                             commitment_weight=cfg.commitment_weight,
-                                            entropy_weight=cfg.entropy_weight, gradient=cfg.quant_gradient)
+                                            entropy_weight=cfg.entropy_weight, gradient=cfg.quant_gradient,
+                                            frames_inner_clip=cfg.quant_frames_inner_clip)
                           if cfg.quantize else None)
         if self.quantizer is not None and self.quantizer.config.embed_dim != self.model.config.embed_dim:
             raise ConfigError(f"quantizer preset {cfg.quantizer_preset!r} has embed_dim "
