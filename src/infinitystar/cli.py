@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(subparsers)
     _add_train(subparsers)
     _add_train_vae(subparsers)
+    _add_train_demo(subparsers)
     return parser
 
 
@@ -360,6 +361,38 @@ def _run_train_vae(args: argparse.Namespace) -> int:
     result = train_vae(replace(config, **changes) if changes else config)
     extra = f", eval PSNR {result.eval_psnr:.2f} dB" if result.eval_psnr is not None else ""
     print(f"wrote {result.export_path} (step {result.step}{extra})")
+    return 0
+
+
+def _add_train_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-demo", help="retrain the embedded demo model (the whole recipe, CPU, about 2 hours)",
+        description="Run the demo model's whole recipe into OUT_DIR with the ordinary commands: make-demo-data -> "
+        "train-vae (configs/demo/vae.toml) -> extract-features -> train (configs/demo/transformer.toml) -> "
+        "export (OUT_DIR/model) -> evaluate (OUT_DIR/eval). Resumable: run it again to continue. --ship writes "
+        "the model into the package (infinitystar/demo/weights), where `generate` without --model finds it.")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="working folder (data, logs, runs, model, eval)")
+    p.add_argument("--config-dir", default=None, help="folder with vae.toml and transformer.toml "
+                   "(default: configs/demo of the source tree)")
+    p.add_argument("--clips", type=int, default=2048, help="training clips (default: 2048)")
+    p.add_argument("--feature-clips", type=int, default=1024,
+                   help="training clips the transformer sees (the first N; default: 1024)")
+    p.add_argument("--workers", type=int, default=2, help="parallel feature-extraction processes (default: 2)")
+    p.add_argument("--vae-steps", type=int, default=None, help="override the VAE config's steps")
+    p.add_argument("--steps", type=int, default=None, help="override the transformer config's steps")
+    p.add_argument("--ship", action="store_true", help="write the trained model into infinitystar/demo/weights")
+    p.set_defaults(func=_run_train_demo)
+
+
+def _run_train_demo(args: argparse.Namespace) -> int:
+    import json
+
+    from infinitystar.demo.recipe import DEFAULT_CONFIG_DIR, RecipeOptions, run_recipe
+
+    options = RecipeOptions(clips=args.clips, feature_clips=args.feature_clips, workers=args.workers,
+                            vae_steps=args.vae_steps, transformer_steps=args.steps)
+    result = run_recipe(args.out_dir, options, args.config_dir or DEFAULT_CONFIG_DIR, do_ship=args.ship)
+    print(json.dumps(result, indent=2))
     return 0
 
 

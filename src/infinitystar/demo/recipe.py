@@ -1,0 +1,239 @@
+"""The demo model's whole training recipe as one command: ``infinitystar train-demo OUT_DIR``.
+
+Every stage is the project's ordinary command, run as a subprocess of this Python (so each has its own
+log file and a killed recipe resumes where it stopped: finished stages are skipped, the two trainers
+continue from their newest checkpoints):
+
+1. ``make-demo-data OUT/data``: 2048 training clips (60 of the 72 colour/shape/direction triples) and 48
+   clips of the 12 held-out triples, 33 frames of 64x64 at 16 fps;
+2. ``train-vae``: the demo VAE (``configs/demo/vae.toml``) on the training clips, PSNR on held-out clips;
+3. a base pipeline folder ``OUT/base``: the ``demo`` preset (random transformer, the byte-level text
+   encoder) with the trained VAE;
+4. ``extract-features``: the latents of the first ``feature_clips`` training clips under that VAE, in
+   ``workers`` processes of one thread each;
+5. ``train``: the transformer (``configs/demo/transformer.toml``) on the cached latents;
+6. ``export``: the pipeline folder ``OUT/model``;
+7. ``evaluate``: the demo judge on seen and held-out prompts (``OUT/eval/report.md``).
+
+``--ship`` finally writes ``OUT/model`` into the package (``infinitystar/demo/weights``), which is how
+the weights that ship were made. The config files hold every hyper-parameter; the recipe only fills in
+the paths under OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from infinitystar.fileio import atomic_write_json, atomic_write_text
+
+__all__ = ["DEFAULT_CONFIG_DIR", "DEMO_WEIGHTS", "RecipeOptions", "build_base", "run_recipe", "ship"]
+
+# configs/demo/ of the source tree (the recipe reads the committed hyper-parameters from there).
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "demo"
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class RecipeOptions:
+    """Sizes of the recipe; the defaults are the ones the shipped weights were trained with."""
+
+    clips: int = 2048
+    heldout_clips: int = 48
+    # Training clips whose latents the transformer trains on (the first N of train.jsonl; all triples occur).
+    feature_clips: int = 1024
+    # Parallel single-thread extraction processes (the VAE encoder is fastest with one thread per process).
+    workers: int = 2
+    # Clips per prompt of the final evaluation (24 prompts: 12 seen, 12 held-out).
+    eval_clips_per_prompt: int = 2
+    vae_steps: int | None = None  # None = the config file's
+    transformer_steps: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("clips", "feature_clips", "workers", "eval_clips_per_prompt"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"RecipeOptions.{name} must be an int >= 1, got {v!r}")
+        if self.heldout_clips < 1:
+            raise ValueError(f"RecipeOptions.heldout_clips must be >= 1 (the VAE is evaluated on them), "
+                             f"got {self.heldout_clips}")
+        if self.feature_clips > self.clips:
+            raise ValueError(f"RecipeOptions.feature_clips ({self.feature_clips}) exceeds clips ({self.clips})")
+
+
+def _log(msg: str) -> None:
+    print(f"[train-demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe config {path} does not exist")
+    return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
+def _cli(args: Sequence[str], log: Path, threads: int | None = None) -> subprocess.Popen:
+    """Start ``python -m infinitystar.cli ARGS`` with its output in ``log``."""
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(log, "a", encoding="utf-8")  # noqa: SIM115 - closed by the waiter
+    handle.write(f"$ infinitystar {' '.join(args)}\n")
+    handle.flush()
+    proc = subprocess.Popen([sys.executable, "-m", "infinitystar.cli", *args], stdout=handle,
+                            stderr=subprocess.STDOUT, env=env)
+    proc._log_handle = handle  # type: ignore[attr-defined]
+    proc._log_path = log  # type: ignore[attr-defined]
+    return proc
+
+
+def _wait(procs: Sequence[subprocess.Popen], what: str) -> None:
+    failed = []
+    for proc in procs:
+        rc = proc.wait()
+        proc._log_handle.close()  # type: ignore[attr-defined]
+        if rc != 0:
+            failed.append(f"{proc._log_path} (exit {rc})")  # type: ignore[attr-defined]
+    if failed:
+        raise RuntimeError(f"train-demo: {what} failed; see {', '.join(failed)}")
+
+
+def _run(args: Sequence[str], log: Path, what: str, threads: int | None = None) -> float:
+    t0 = time.perf_counter()
+    _log(f"{what}: infinitystar {' '.join(args)}  (log: {log})")
+    _wait([_cli(args, log, threads)], what)
+    seconds = time.perf_counter() - t0
+    _log(f"{what}: done in {seconds:.0f} s")
+    return seconds
+
+
+def build_base(vae_weights: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """The base pipeline folder of the transformer run: the ``demo`` preset with the trained VAE."""
+    from infinitystar.checkpoints import load_vae
+    from infinitystar.pipeline import InfinityStarPipeline
+
+    pipe = InfinityStarPipeline.from_preset("demo", seed=seed)
+    trained = load_vae(vae_weights, pipe.config.vae)
+    pipe.vae.load_state_dict(trained.state_dict())
+    pipe.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def ship(model_dir: str | os.PathLike, dest: str | os.PathLike = DEMO_WEIGHTS,
+         sampling: dict[str, Any] | None = None) -> Path:
+    """Write a trained demo pipeline folder to ``dest`` (default: the package's ``demo/weights``), optionally
+    with other sampling defaults (``guidance``, ``guidance_scale``, ``tau_image``, ``tau_video``)."""
+    from infinitystar.config import replace
+    from infinitystar.pipeline import InfinityStarPipeline
+
+    pipe = InfinityStarPipeline.from_pretrained(model_dir)
+    if sampling:
+        pipe.config = replace(pipe.config, sampling=replace(pipe.config.sampling, **sampling))
+    pipe.save_pretrained(dest)
+    src_info = Path(model_dir) / "training_source.json"
+    if src_info.is_file():
+        info = json.loads(src_info.read_text(encoding="utf-8"))
+        info.pop("run", None), info.pop("checkpoint", None)  # absolute paths of the machine that trained
+        atomic_write_json(Path(dest) / "training_source.json", info)
+    return Path(dest)
+
+
+def _subset_jsonl(src: Path, dest: Path, n: int) -> Path:
+    lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(lines) < n:
+        raise ValueError(f"{src} has {len(lines)} records, fewer than feature_clips={n}")
+    atomic_write_text(dest, "\n".join(lines[:n]) + "\n")
+    return dest
+
+
+def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
+               config_dir: str | os.PathLike = DEFAULT_CONFIG_DIR, *, do_ship: bool = False) -> dict[str, Any]:
+    """Run the whole demo recipe into ``out_dir`` (resumable) and return the timings and the eval summary."""
+    opts = options or RecipeOptions()
+    out = Path(out_dir).resolve()
+    cfg_dir = Path(config_dir)
+    logs = out / "logs"
+    gen = out / "configs"
+    gen.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    data = out / "data"
+
+    # 1. data
+    if not (data / "train.jsonl").is_file() or not (data / "heldout.jsonl").is_file():
+        timings["make_demo_data"] = _run(
+            ["make-demo-data", str(data), "--clips", str(opts.clips), "--heldout-clips", str(opts.heldout_clips),
+             "--seed", str(opts.seed)], logs / "make_demo_data.log", "make-demo-data")
+
+    # 2. VAE
+    vae_cfg = _read_toml(cfg_dir / "vae.toml")
+    vae_cfg.update(data=[str(data / "train.jsonl")], eval_data=[str(data / "heldout.jsonl")],
+                   out_dir=str(out / "vae"), progress=False)
+    if opts.vae_steps is not None:
+        vae_cfg["steps"] = opts.vae_steps
+    atomic_write_json(gen / "vae.json", vae_cfg)
+    vae_weights = out / "vae" / "vae.safetensors"
+    if not vae_weights.is_file():
+        timings["train_vae"] = _run(["train-vae", str(gen / "vae.json")], logs / "train_vae.log", "train-vae")
+
+    # 3. base pipeline
+    base = out / "base"
+    if not (base / "model_index.json").is_file():
+        build_base(vae_weights, base, seed=opts.seed)
+
+    # 4. features (one thread per process: batch-1 3-D convolutions gain nothing from more)
+    tr_cfg = _read_toml(cfg_dir / "transformer.toml")
+    data_cfg = dict(tr_cfg.get("data", {}))
+    subset = _subset_jsonl(data / "train.jsonl", data / f"train_first{opts.feature_clips}.jsonl", opts.feature_clips)
+    cache = out / "cache"
+    done_marker = cache / f".complete_{opts.feature_clips}"
+    if not done_marker.is_file():
+        t0 = time.perf_counter()
+        args = ["extract-features", str(subset), "--cache-dir", str(cache), "--vae",
+                str(base / "vae" / "model.safetensors"), "--pn", str(data_cfg.get("pn", "0.06M")),
+                "--num-scales", str(data_cfg.get("num_scales", 4)),
+                "--max-seconds", str(data_cfg.get("max_seconds", 2)), "--quiet"]
+        _log(f"extract-features: {opts.workers} process(es) over {opts.feature_clips} clips")
+        procs = [_cli([*args, "--rank", str(r), "--world-size", str(opts.workers)],
+                      logs / f"extract_features_{r}.log", threads=1) for r in range(opts.workers)]
+        _wait(procs, "extract-features")
+        atomic_write_text(done_marker, "ok\n")
+        timings["extract_features"] = time.perf_counter() - t0
+        _log(f"extract-features: done in {timings['extract_features']:.0f} s")
+
+    # 5. transformer
+    data_cfg.update(jsonl=[str(subset)], cache_dir=str(cache))
+    tr_cfg.update(pipeline=str(base), output_dir=str(out / "run"), data=data_cfg)
+    if opts.transformer_steps is not None:
+        tr_cfg["steps"] = opts.transformer_steps
+    atomic_write_json(gen / "transformer.json", tr_cfg)
+    model = out / "model"
+    if not (model / "model_index.json").is_file():
+        timings["train"] = _run(["train", str(gen / "transformer.json"), "--quiet"], logs / "train.log", "train",
+                                threads=torch.get_num_threads())
+        # 6. export
+        timings["export"] = _run(["export", str(out / "run"), str(model)], logs / "export.log", "export")
+
+    # 7. evaluation
+    report = out / "eval"
+    if not (report / "report.json").is_file():
+        timings["evaluate"] = _run(["evaluate", "--model", str(model), "--out", str(report), "--clips-per-prompt",
+                                    str(opts.eval_clips_per_prompt), "--quiet"], logs / "evaluate.log", "evaluate")
+    summary = json.loads((report / "report.json").read_text(encoding="utf-8"))
+    if do_ship:
+        dest = ship(model)
+        _log(f"shipped {model} -> {dest}")
+    result = {"out_dir": str(out), "timings_s": timings, "evaluation": summary.get("summary", summary)}
+    atomic_write_json(out / "recipe_result.json", result)
+    return result
