@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_train_vae(subparsers)
     _add_train_demo(subparsers)
+    _add_serve(subparsers)
     return parser
 
 
@@ -393,6 +394,47 @@ def _run_train_demo(args: argparse.Namespace) -> int:
                             vae_steps=args.vae_steps, transformer_steps=args.steps)
     result = run_recipe(args.out_dir, options, args.config_dir or DEFAULT_CONFIG_DIR, do_ship=args.ship)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# serve (the web page: infinitystar.web, optional extra [web])
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="a local web page over the pipeline (needs the [web] extra: Gradio)",
+        description="Load the model once and serve a Gradio page: text-to-image, text-to-video, image-to-video, "
+        "video extension and interactive videos, one request at a time through a queue. Binds to 127.0.0.1: only "
+        "this machine can open it. --host 0.0.0.0 exposes it to the network: the page has no login, so anyone "
+        "who can reach the port can run the model on this machine and see what it generates.")
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the embedded demo model)")
+    p.add_argument("--preset", help="with --model on an official download: which transformer; without --model: "
+                   "random weights of a preset")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
+                   "0.0.0.0 exposes the page, without login, to every machine that can reach this one)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="where results are written (default: a new temporary folder)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    p.add_argument("--offload", action="store_true", help="keep components on the CPU except while they work")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from infinitystar.web import serve
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("infinitystar serve: error: the web page needs Gradio: pip install 'infinitystar[web]' "
+              "(or ./dev, which installs it)", file=sys.stderr)
+        return 2
+    serve(args.model, args.preset, host=args.host, port=args.port, device=args.device, offload=args.offload,
+          output_dir=args.output_dir, loader=load_pipeline)
     return 0
 
 
