@@ -222,3 +222,38 @@ def test_cli_serve_binds_to_localhost_by_default():
     assert (args.host, args.port, args.model) == ("127.0.0.1", 7860, None)
     args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--port", "8000", "--model", "m"])
     assert (args.host, args.port, args.model) == ("0.0.0.0", 8000, "m")
+
+
+def test_serve_command_answers_on_localhost_and_stops_on_ctrl_c(tmp_path):
+    pytest.importorskip("gradio")
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "infinitystar.cli", "serve", "--preset", "tiny-test", "--port", str(port),
+           "--output-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        page = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
+                break
+            except OSError:
+                time.sleep(0.3)
+        assert page is not None and "<html" in page.lower(), "the page did not come up"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read()
+        assert f"http://127.0.0.1:{port}/" in err and "RANDOM weights" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -31,6 +31,8 @@ from typing import Any
 
 from . import media, schedules
 
+# No calls home from Gradio (analytics, version check); read when gradio is imported, so set before that.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 log = logging.getLogger(__name__)
 
 TEXT_TO_IMAGE = "Text to image"
@@ -380,7 +382,6 @@ _CSS = "#status p { margin: 0; }"
 
 
 def _require_gradio():
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home (read when gradio is imported)
     try:
         import gradio as gr
     except ImportError:
@@ -455,7 +456,7 @@ def build_blocks(app: WebApp):
                 if up.progress is not None and up.error is None:
                     progress(up.progress, desc=up.status)
                 if up.error is not None:
-                    gr.Warning(up.error)
+                    gr.Warning(up.error, title="Not generated")
                 gallery = up.clips or None
                 if up.result is None:
                     yield status_only(up.status, gallery)
@@ -505,7 +506,12 @@ def serve(model: str | None = None, preset: str | None = None, host: str = DEFAU
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}: anyone who can reach this address can run the model and see its "
               "outputs (there is no login)", file=sys.stderr)
-    launch(app, host, port, block=True)
+    blocks = launch(app, host, port, block=False, quiet=True)
+    print(f"InfinityStar page on {blocks.local_url} (preset {pipe.config.name}); Ctrl+C stops it", file=sys.stderr)
+    try:
+        blocks.block_thread()
+    finally:
+        blocks.close()
 
 
 __all__ = ["MODES", "Cancelled", "WebApp", "WebRequest", "WebUpdate", "build_blocks", "launch", "local_theme",
