@@ -61,12 +61,23 @@ def test_text_to_image_gives_a_png(app):
     assert img.size == (96, 96)
 
 
-def test_same_seed_same_video_random_seed_is_reported(app):
-    a, _ = last(app, short(prompt="a green star", seed=5))
-    b, _ = last(app, short(prompt="a green star", seed=5))
-    np.testing.assert_array_equal(media.read_video(a.result)[0], media.read_video(b.result)[0])
-    r, _ = last(app, short(prompt="a green star", random_seed=True))
-    assert r.error is None and "seed " in r.status
+def test_the_seed_reaches_the_pipeline_and_a_random_one_is_reported(app, monkeypatch):
+    calls = []
+    real = type(app.pipe).__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(app.pipe), "__call__", spy)
+    end, _ = last(app, short(prompt="a green star", seed=5))
+    assert calls[-1]["seed"] == 5 and "seed 5." in end.status
+    drawn = []
+    for _ in range(2):
+        end, _ = last(app, short(prompt="a green star", seed=5, random_seed=True))
+        drawn.append(calls[-1]["seed"])
+        assert end.error is None and f"seed {drawn[-1]}." in end.status
+    assert all(0 <= s <= 2**31 - 1 for s in drawn) and drawn[0] != drawn[1]
 
 
 def test_image_to_video_and_video_extension(app, tmp_path):
@@ -145,6 +156,8 @@ def test_stop_between_scale_steps_then_the_next_request_runs(app):
         seen.append(up)
         if "scale step 1 of" in up.status:
             assert app.cancel("alice") == 1
+            # The worker ends by itself at its next step, whether or not anyone reads the updates.
+            assert app.wait_stopped("alice", timeout=60)
     end = seen[-1]
     assert end.result is None and end.status == "Stopped."
     # Stopped at the first step it checked: far fewer steps than the run has.
@@ -230,7 +243,6 @@ def test_serve_command_answers_on_localhost_and_stops_on_ctrl_c(tmp_path):
     import socket
     import subprocess
     import sys
-    import time
     import urllib.request
 
     with socket.socket() as s:
@@ -239,21 +251,32 @@ def test_serve_command_answers_on_localhost_and_stops_on_ctrl_c(tmp_path):
     cmd = [sys.executable, "-m", "infinitystar.cli", "serve", "--preset", "tiny-test", "--port", str(port),
            "--output-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, proc.kill)  # a server that never comes up ends the read loop below
+    watchdog.start()
     try:
-        deadline = time.monotonic() + 90
-        page = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "Ctrl+C stops it" in line:
                 break
-            except OSError:
-                time.sleep(0.3)
-        assert page is not None and "<html" in page.lower(), "the page did not come up"
+        assert f"page on http://127.0.0.1:{port}/" in "".join(lines), "".join(lines)
+        assert "RANDOM weights" in "".join(lines)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read().decode()
+        assert "<html" in page.lower()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
-        err = proc.stderr.read()
-        assert f"http://127.0.0.1:{port}/" in err and "RANDOM weights" in err
+        assert "Traceback" not in proc.stderr.read()
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_the_page_says_when_the_weights_are_random(pipe, tmp_path):
+    from infinitystar.web import weights_note
+
+    assert "Random weights" in weights_note(None, "tiny-test")
+    assert weights_note("/models/InfinityStar", None) == ""
+    app = WebApp(pipe, tmp_path, note=weights_note(None, "tiny-test"))
+    assert "Random weights" in app.describe_model()

@@ -9,7 +9,6 @@ fail. INFINITYSTAR_WEB_SCREENSHOT=PATH also saves the screenshot there (the READ
 """
 
 import os
-import shutil
 import socket
 import sys
 import time
@@ -47,9 +46,9 @@ def _have(module: str) -> bool:
 def server(tmp_path_factory):
     _require("gradio", _have("gradio"))
     from infinitystar.cli import load_pipeline
-    from infinitystar.web import WebApp, launch
+    from infinitystar.web import WebApp, launch, weights_note
 
-    app = WebApp(load_pipeline(None, None), tmp_path_factory.mktemp("web-out"))
+    app = WebApp(load_pipeline(None, None), tmp_path_factory.mktemp("web-out"), note=weights_note(None, None))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -146,15 +145,18 @@ def test_type_a_prompt_generate_and_play_the_video(server, browser, tmp_path):
     _, _, size = app.pipe.resolve_size()
     assert played["error"] is None and not played["paused"]
     assert (played["height"], played["width"]) == size
-    page.locator("#status").get_by_text("Done in").wait_for()
+    page.locator("#status").get_by_text("Done in").first.wait_for()
     _check_mp4(page, src, tmp_path, "result.mp4", app.num_frames(seconds), size)
     # The download offers the same file.
     assert page.locator("#download a").first.get_attribute("href")
     page.locator("#clips").scroll_into_view_if_needed()
     shot = tmp_path / "web.png"
     page.screenshot(path=str(shot), full_page=True)
-    if os.environ.get("INFINITYSTAR_WEB_SCREENSHOT"):
-        shutil.copyfile(shot, os.environ["INFINITYSTAR_WEB_SCREENSHOT"])
+    if os.environ.get("INFINITYSTAR_WEB_SCREENSHOT"):  # the README's picture: a 256-colour png keeps it small
+        from PIL import Image
+
+        with Image.open(shot) as im:
+            im.convert("RGB").quantize(256).save(os.environ["INFINITYSTAR_WEB_SCREENSHOT"], optimize=True)
     assert outside == [], f"the page reached outside this machine: {outside}"
     print(f"\nweb: click to playable video {click_to_video:.2f} s ({app.pipe.config.name}, "
           f"{app.num_frames(seconds)} frames, {size[1]}x{size[0]})", file=sys.stderr)
@@ -165,12 +167,12 @@ def test_bad_input_is_a_message_and_the_next_request_works(server, browser):
     url, app = server
     page, outside = _open(browser, url)
     page.locator("#generate").click()  # no prompt
-    page.locator("#status").get_by_text("the prompt is empty").wait_for()
+    page.locator("#status").get_by_text("the prompt is empty").first.wait_for()
     _ask(page, "a yellow circle", app.seconds_step, seed=1)
     page.locator("#aspect input").fill("7:1")  # a size the preset cannot do (the box takes any value)
     page.locator("#aspect input").press("Enter")
     page.locator("#generate").click()
-    page.locator("#status").get_by_text("is not supported by preset").wait_for()
+    page.locator("#status").get_by_text("is not supported by preset").first.wait_for()
     assert "Traceback" not in page.content()
     assert page.locator("#result-video video").count() == 0
     page.locator("#aspect input").fill(app.aspect_choices()[0][1])
@@ -199,3 +201,20 @@ def test_two_people_at_once_both_get_their_video(server, browser, tmp_path):
         assert outside == []
         page.context.close()
     print(f"\nweb: two requests at once, both videos after {both:.2f} s", file=sys.stderr)
+
+
+def test_stop_a_running_request_then_generate_again(server, browser):
+    url, app = server
+    page, outside = _open(browser, url)
+    _ask(page, "a purple circle moving down", app.max_seconds, seed=2)  # the longest: still running when stopped
+    page.locator("#generate").click()
+    page.locator("#status").get_by_text("scale step").first.wait_for(timeout=GENERATE_TIMEOUT_MS)
+    page.locator("#stop").click()
+    page.locator("#status").get_by_text("Stopped.").first.wait_for()
+    assert page.locator("#result-video video").count() == 0
+    # The stopped run let go of the model: the next request goes through.
+    _ask(page, "a purple circle moving down", app.seconds_step, seed=2)
+    page.locator("#generate").click()
+    _wait_for_video(page)
+    assert outside == []
+    page.context.close()

@@ -99,14 +99,16 @@ class _Plan:
 class WebApp:
     """The page's logic over one pipeline: options for the widgets, request checks, generation with updates."""
 
-    def __init__(self, pipe: Any, output_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, pipe: Any, output_dir: str | os.PathLike | None = None, note: str = "") -> None:
         self.pipe = pipe
+        self.note = note  # shown under the title, e.g. that the weights are random
         self.output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="infinitystar-web-"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         # One model, one request at a time: the page's queue runs one event at a time anyway; the lock also covers
         # direct calls and a stopped request whose worker is still finishing its current scale step.
         self._lock = threading.Lock()
         self._cancel_flags: dict[str, set[threading.Event]] = {}
+        self._workers: dict[str, set[threading.Thread]] = {}
         self._flags_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------
@@ -148,8 +150,9 @@ class WebApp:
     def describe_model(self) -> str:
         cfg = self.pipe.config
         sizes = ", ".join(label for label, _ in self.aspect_choices())
-        return (f"Model: preset **{cfg.name}** ({cfg.pn} pixels: {sizes}), {cfg.fps} fps, "
+        text = (f"Model: preset **{cfg.name}** ({cfg.pn} pixels: {sizes}), {cfg.fps} fps, "
                 f"default length {cfg.default_seconds} s.")
+        return f"{text} {self.note}" if self.note else text
 
     # ------------------------------------------------------------------------------------------
     # Checks
@@ -248,6 +251,18 @@ class WebApp:
             flag.set()
         return len(flags)
 
+    def wait_stopped(self, session: str, timeout: float = 60.0) -> bool:
+        """Wait until the generations ``session`` started have ended (a stopped one ends at its next scale step).
+
+        The page's Stop answers only then: Gradio's cancel hits every run of the event in the session, so a new
+        run started before that cancel arrives would be cancelled with the old one."""
+        deadline = time.monotonic() + timeout
+        with self._flags_lock:
+            workers = list(self._workers.get(session, ()))
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        return not any(w.is_alive() for w in workers)
+
     def _register(self, session: str, flag: threading.Event) -> None:
         with self._flags_lock:
             self._cancel_flags.setdefault(session, set()).add(flag)
@@ -273,12 +288,12 @@ class WebApp:
         cancel = cancel or threading.Event()
         self._register(session, cancel)
         try:
-            yield from self._generate(req, cancel)
+            yield from self._generate(req, cancel, session)
         finally:
             cancel.set()  # a closed iterator (Stop, disconnect) stops the worker too
             self._unregister(session, cancel)
 
-    def _generate(self, req: WebRequest, cancel: threading.Event) -> Iterator[WebUpdate]:
+    def _generate(self, req: WebRequest, cancel: threading.Event, session: str) -> Iterator[WebUpdate]:
         try:
             plan = self.plan(req)
         except (ValueError, FileNotFoundError) as exc:
@@ -286,8 +301,10 @@ class WebApp:
             return
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         stem = uuid.uuid4().hex[:12]
-        worker = threading.Thread(target=self._work, args=(plan, stem, cancel, events), daemon=True,
+        worker = threading.Thread(target=self._work, args=(plan, stem, cancel, events, session), daemon=True,
                                   name=f"infinitystar-web-{stem}")
+        with self._flags_lock:
+            self._workers.setdefault(session, set()).add(worker)
         t0 = time.perf_counter()
         clips: list[str] = []
         step = 0
@@ -323,8 +340,19 @@ class WebApp:
                 yield _error(value, clips)
                 return
 
-    def _work(self, plan: _Plan, stem: str, cancel: threading.Event, events: queue.Queue) -> None:
+    def _work(self, plan: _Plan, stem: str, cancel: threading.Event, events: queue.Queue, session: str) -> None:
         """The worker thread: one pipeline call under the lock; reports through ``events``."""
+        try:
+            self._work_locked(plan, stem, cancel, events)
+        finally:
+            with self._flags_lock:
+                workers = self._workers.get(session)
+                if workers is not None:
+                    workers.discard(threading.current_thread())
+                    if not workers:
+                        del self._workers[session]
+
+    def _work_locked(self, plan: _Plan, stem: str, cancel: threading.Event, events: queue.Queue) -> None:
         try:
             with self._lock:
                 if cancel.is_set():
@@ -476,8 +504,10 @@ def build_blocks(app: WebApp):
                           show_progress="full")
 
         def on_stop(request: gr.Request):
-            n = app.cancel(getattr(request, "session_hash", None) or "default")
-            return "Stopped." if n else "Nothing to stop."
+            session = getattr(request, "session_hash", None) or "default"
+            if not app.cancel(session):
+                return "Nothing to stop."
+            return "Stopped." if app.wait_stopped(session) else "Stopping (the current step is still running)..."
 
         stop.click(on_stop, None, status, cancels=[event], queue=False)
     return blocks
@@ -494,6 +524,15 @@ def launch(app: WebApp, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, b
     return blocks
 
 
+def weights_note(model: str | None, preset: str | None) -> str:
+    """What the page says about the weights ``load_pipeline(model, preset)`` picks when they are random."""
+    from .cli import DEMO_WEIGHTS
+
+    if model is None and (preset is not None or not (DEMO_WEIGHTS / "model_index.json").is_file()):
+        return "**Random weights** (no model given, no demo model shipped): the output is noise."
+    return ""
+
+
 def serve(model: str | None = None, preset: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           device: str = "cpu", offload: bool = False, output_dir: str | None = None,
           loader: Callable[..., Any] | None = None) -> None:
@@ -502,17 +541,23 @@ def serve(model: str | None = None, preset: str | None = None, host: str = DEFAU
     if loader is None:
         from .cli import load_pipeline as loader
     pipe = loader(model, preset, device, offload)
-    app = WebApp(pipe, output_dir)
+    app = WebApp(pipe, output_dir, note=weights_note(model, preset))
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}: anyone who can reach this address can run the model and see its "
               "outputs (there is no login)", file=sys.stderr)
-    blocks = launch(app, host, port, block=False, quiet=True)
-    print(f"InfinityStar page on {blocks.local_url} (preset {pipe.config.name}); Ctrl+C stops it", file=sys.stderr)
+    blocks = None
     try:
-        blocks.block_thread()
+        blocks = launch(app, host, port, block=False, quiet=True)
+        print(f"InfinityStar page on {blocks.local_url} (preset {pipe.config.name}); Ctrl+C stops it",
+              file=sys.stderr, flush=True)
+        while blocks.is_running:
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # Ctrl+C, also while the server is still starting: a clean stop, no traceback
+        pass
     finally:
-        blocks.close()
+        if blocks is not None:
+            blocks.close()
 
 
 __all__ = ["MODES", "Cancelled", "WebApp", "WebRequest", "WebUpdate", "build_blocks", "launch", "local_theme",
-           "serve"]
+           "serve", "weights_note"]
