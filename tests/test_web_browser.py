@@ -163,7 +163,7 @@ def test_type_a_prompt_generate_and_play_the_video(server, browser, tmp_path):
     page.context.close()
 
 
-def test_bad_input_is_a_message_and_the_next_request_works(server, browser):
+def test_bad_input_is_a_message_and_the_next_request_works(server, browser, tmp_path):
     url, app = server
     page, outside = _open(browser, url)
     page.locator("#generate").click()  # no prompt
@@ -173,10 +173,19 @@ def test_bad_input_is_a_message_and_the_next_request_works(server, browser):
     page.locator("#aspect input").press("Enter")
     page.locator("#generate").click()
     page.locator("#status").get_by_text("is not supported by preset").first.wait_for()
-    assert "Traceback" not in page.content()
-    assert page.locator("#result-video video").count() == 0
     page.locator("#aspect input").fill(app.aspect_choices()[0][1])
     page.locator("#aspect input").press("Enter")
+    # An upload that is not an image (named .png, so the picker's filter lets it through).
+    fake = tmp_path / "photo.png"
+    fake.write_bytes(b"not a picture at all")
+    page.locator("#mode").get_by_text("Image to video").click()
+    page.locator("#image input[type=file]").set_input_files(str(fake))
+    page.locator("#image").get_by_text("photo.png").first.wait_for()
+    page.locator("#generate").click()
+    page.locator("#status").get_by_text("cannot read image").first.wait_for()
+    assert "Traceback" not in page.content()
+    assert page.locator("#result-video video").count() == 0
+    page.locator("#mode").get_by_text("Text to video").click()
     page.locator("#generate").click()
     _wait_for_video(page)
     assert outside == []

@@ -47,6 +47,8 @@ DEFAULT_PORT = 7860
 # Largest seed the page offers and draws: torch.Generator takes 64-bit seeds, but a number field in the browser is
 # a JavaScript double, exact only up to 2**53.
 MAX_SEED = 2**31 - 1
+# Largest upload the server accepts (a conditioning image or video; larger ones are refused before they are read).
+MAX_UPLOAD = "200mb"
 # How often the handler looks at the worker thread when nothing happened (seconds): bounds the Stop latency too.
 _POLL_S = 0.1
 
@@ -429,7 +431,8 @@ def build_blocks(app: WebApp):
     """The page (a ``gr.Blocks``, queue configured) over ``app``. Launch it with :func:`launch`."""
     gr = _require_gradio()
     aspects = app.aspect_choices()
-    with gr.Blocks(title="InfinityStar", analytics_enabled=False) as blocks:
+    # delete_cache: Gradio's copies of uploads and results older than a day go, checked hourly.
+    with gr.Blocks(title="InfinityStar", analytics_enabled=False, delete_cache=(3600, 86400)) as blocks:
         gr.Markdown("# InfinityStar\n" + app.describe_model())
         with gr.Row():
             with gr.Column(scale=1):
@@ -520,7 +523,8 @@ def launch(app: WebApp, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, b
     blocks.queue(default_concurrency_limit=1, max_size=max_queue)
     blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, share=False, inbrowser=False,
                   show_error=False, quiet=quiet, ssr_mode=False, theme=local_theme(), css=_CSS,
-                  allowed_paths=[str(app.output_dir)], footer_links=[], mcp_server=False, pwa=False)
+                  allowed_paths=[str(app.output_dir)], footer_links=[], mcp_server=False, pwa=False,
+                  max_file_size=MAX_UPLOAD)
     return blocks
 
 
