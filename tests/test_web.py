@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from infinitystar import media
-from infinitystar.pipeline import InfinityStarPipeline
+from infinitystar.pipeline import InfinityStarPipeline, InfinityStarPipelineOutput
 from infinitystar.web import (
     IMAGE_TO_VIDEO,
     INTERACTIVE,
@@ -63,11 +63,10 @@ def test_text_to_image_gives_a_png(app):
 
 def test_the_seed_reaches_the_pipeline_and_a_random_one_is_reported(app, monkeypatch):
     calls = []
-    real = type(app.pipe).__call__
 
-    def spy(self, *args, **kwargs):
+    def spy(self, *args, **kwargs):  # records what the page asks for; no model run needed for that
         calls.append(kwargs)
-        return real(self, *args, **kwargs)
+        return InfinityStarPipelineOutput(frames=np.zeros((kwargs["num_frames"], 96, 96, 3), np.uint8), fps=16)
 
     monkeypatch.setattr(type(app.pipe), "__call__", spy)
     end, _ = last(app, short(prompt="a green star", seed=5))
@@ -208,6 +207,14 @@ def test_interactive_joins_one_clip_per_prompt(pipe, tmp_path, monkeypatch):
     frames, _ = media.read_video(end.result)
     assert len(frames) == 1 + 2 * 4 + 2 * 4  # segment 0 (first frame + one clip) + one clip
     assert [u.progress for u in updates if u.progress is not None][-1] == 1.0
+    # With a video: the video is segment 0, the prompt continues it, then one segment per further line.
+    src = tmp_path / "story.mp4"
+    media.write_video(np.full((9, 96, 96, 3), 120, np.uint8), src, fps=16)
+    end, _ = last(app, WebRequest(prompt="the cat sits", mode=INTERACTIVE, segments="the cat runs", seed=3,
+                                  video=str(src)))
+    assert end.error is None, end.status
+    assert len(end.clips) == 3 and "3 segment(s) (the video first)" in end.status
+    assert len(media.read_video(end.result)[0]) == 9 + 2 * 8
 
 
 def test_options_follow_the_preset(app):

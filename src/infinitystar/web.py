@@ -212,9 +212,13 @@ class WebApp:
         if req.mode == INTERACTIVE:
             prompts = [prompt] + [line.strip() for line in (req.segments or "").splitlines() if line.strip()]
             video = self._checked_video(req.video) if req.video else None
+            if video is not None:
+                # interactive() makes the video segment 0 and ignores prompts[0]; on the page the prompt above
+                # is the first segment that continues the video.
+                prompts = [prompt] + prompts
             # interactive() reports per segment (no step callback): progress counts segments.
             return _Plan("interactive", dict(prompts=prompts, video=video, **common), seed, len(prompts), False,
-                         f"{len(prompts)} segment(s), {size}, seed {seed}")
+                         f"{len(prompts)} segment(s){' (the video first)' if video else ''}, {size}, seed {seed}")
         num_frames = 1 if req.mode == TEXT_TO_IMAGE else self.num_frames(req.seconds)
         kwargs: dict[str, Any] = dict(prompt=prompt, negative_prompt=negative, num_frames=num_frames, **common)
         if req.mode == IMAGE_TO_VIDEO:
@@ -444,7 +448,8 @@ def build_blocks(app: WebApp):
                                 visible=False, elem_id="image")
                 video = gr.File(label="Video to continue", file_types=list(media.VIDEO_READ_SUFFIXES),
                                 type="filepath", visible=False, elem_id="video")
-                segments = gr.Textbox(label="Further segments, one prompt per line (the prompt above is the first)",
+                segments = gr.Textbox(label="Further segments, one prompt per line (the prompt above is the first; "
+                                      "with a video, the video comes first and the prompt above continues it)",
                                       lines=3, visible=False, elem_id="segments")
                 seconds = gr.Slider(app.seconds_step, app.max_seconds, value=app.default_seconds,
                                     step=app.seconds_step, label="Length (seconds; for a video extension the whole "
