@@ -49,8 +49,6 @@ DEFAULT_PORT = 7860
 MAX_SEED = 2**31 - 1
 # Largest upload the server accepts (a conditioning image or video; larger ones are refused before they are read).
 MAX_UPLOAD = "200mb"
-# How often the handler looks at the worker thread when nothing happened (seconds): bounds the Stop latency too.
-_POLL_S = 0.1
 
 
 class Cancelled(Exception):
@@ -317,10 +315,7 @@ class WebApp:
         yield WebUpdate(status=f"Waiting for the model... ({plan.summary})", progress=0.0)
         worker.start()
         while True:
-            try:
-                kind, value = events.get(timeout=_POLL_S)
-            except queue.Empty:
-                continue
+            kind, value = events.get()  # the worker always ends with done, cancelled or error
             if kind == "started":
                 yield WebUpdate(status=f"Generating {plan.summary}...", clips=list(clips), progress=0.0)
             elif kind == "step":
