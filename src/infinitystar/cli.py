@@ -376,8 +376,8 @@ def _add_train_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config-dir", default=None, help="folder with vae.toml and transformer.toml "
                    "(default: configs/demo of the source tree)")
     p.add_argument("--clips", type=int, default=2048, help="training clips (default: 2048)")
-    p.add_argument("--feature-clips", type=int, default=1024,
-                   help="training clips the transformer sees (the first N; default: 1024)")
+    p.add_argument("--feature-clips", type=int, default=512,
+                   help="training clips the transformer sees (the first N; default: 512)")
     p.add_argument("--workers", type=int, default=2, help="parallel feature-extraction processes (default: 2)")
     p.add_argument("--vae-steps", type=int, default=None, help="override the VAE config's steps")
     p.add_argument("--steps", type=int, default=None, help="override the transformer config's steps")
