@@ -572,9 +572,9 @@ class InfinityStarPipeline:
         if callback_on_segment_end is not None:
             callback_on_segment_end(0, self._format(first_video, output_type))
         first_frame = former[:, :, :1]
-        layout = self._interactive_layout(pyramid)
+        layout = schedules.interactive_layout_for(pyramid, cfg.frames_inner_clip, cfg.vae.time_stride)
         seg_schedule = list(layout.schedule)
-        reps = [cfg.image_repetition[i] for i in range(len(seg_schedule))]
+        reps = list(cfg.image_repetition)  # one per scale of the segment (PipelineConfig checks the length)
         steps = plan_steps(seg_schedule, image_repetition=cfg.image_repetition, video_repetition=cfg.video_repetition,
                            semantic_scales=cfg.transformer.semantic_scales,
                            detail_scale_min_tokens=cfg.transformer.detail_scale_min_tokens,
@@ -603,23 +603,6 @@ class InfinityStarPipeline:
         full = torch.cat(segments, dim=2)
         return InfinityStarPipelineOutput(frames=self._format(full, output_type), fps=cfg.fps,
                                           segments=[self._format(s, output_type) for s in segments])
-
-    def _interactive_layout(self, pyramid: list[schedules.Scale]) -> schedules.InteractiveSegmentLayout:
-        """The interactive turn layout over this preset's pyramid (the released model: 0.40M, 14 scales)."""
-        fic = self.config.frames_inner_clip
-        seg = tuple((fic, h, w) for _, h, w in pyramid)
-        idx = min(schedules.INTERACT_SEMANTIC_SCALE_INDEX, len(seg) - 1)
-        _, h7, w7 = seg[idx]
-        _, fh, fw = seg[-1]
-        return schedules.InteractiveSegmentLayout(
-            schedule=seg, frames=(0, fic), semantic_condition_scale=(fic, h7, w7),
-            semantic_rope_scale_id=schedules.INTERACT_SEMANTIC_ROPE_SCALE_ID,
-            semantic_rope_frames=tuple(range(1, fic + 1)), semantic_source=(1, fic + 1),
-            detail_condition_scale=(3, fh, fw), detail_rope_scale_id=schedules.INTERACT_DETAIL_ROPE_SCALE_ID,
-            detail_rope_frames=(0, fic - 1, fic), detail_source_from_former=(fic - 1, fic + 1),
-            context_latent_frames=fic + 1, decode_latent_frames=2 * fic,
-            output_video_frames=fic * self.config.vae.time_stride, prefix_passes=3,
-        )
 
 
 def export_to_video(frames: Any, path: str | os.PathLike, fps: int = 16) -> Path:

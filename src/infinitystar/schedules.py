@@ -690,16 +690,18 @@ class InteractiveSegmentLayout:
         return visual_tokens([self.semantic_condition_scale, self.detail_condition_scale])
 
 
-def interactive_segment_layout(pn: str = "0.40M", h_div_w_template: float = 0.562) -> InteractiveSegmentLayout:
-    """The interactive turn layout for a pixel budget and template (the released model: 0.40M)."""
-    schedule = interactive_segment_schedule(pn, h_div_w_template)
-    if len(schedule) <= INTERACT_SEMANTIC_SCALE_INDEX:
-        raise ValueError(f"pn={pn!r} has {len(schedule)} scales; the interactive mode needs more than 7")
-    clip = FRAMES_INNER_CLIP
-    _, h7, w7 = schedule[INTERACT_SEMANTIC_SCALE_INDEX]
+def interactive_layout_for(pyramid: Sequence[Scale], frames_inner_clip: int = FRAMES_INNER_CLIP,
+                           time_stride: int = TEMPORAL_STRIDE) -> InteractiveSegmentLayout:
+    """The interactive turn layout over any image pyramid: its grids at t = ``frames_inner_clip``.
+
+    The semantic condition uses clip scale 7's grid (the released model), or the last grid of a shorter pyramid.
+    """
+    clip = frames_inner_clip
+    schedule = tuple((clip, h, w) for _, h, w in pyramid)
+    _, h7, w7 = schedule[min(INTERACT_SEMANTIC_SCALE_INDEX, len(schedule) - 1)]
     _, full_h, full_w = schedule[-1]
     return InteractiveSegmentLayout(
-        schedule=tuple(schedule),
+        schedule=schedule,
         frames=(0, clip),
         semantic_condition_scale=(clip, h7, w7),
         semantic_rope_scale_id=INTERACT_SEMANTIC_ROPE_SCALE_ID,
@@ -711,9 +713,17 @@ def interactive_segment_layout(pn: str = "0.40M", h_div_w_template: float = 0.56
         detail_source_from_former=(clip - 1, clip + 1),
         context_latent_frames=clip + 1,
         decode_latent_frames=2 * clip,
-        output_video_frames=clip * TEMPORAL_STRIDE,
+        output_video_frames=clip * time_stride,
         prefix_passes=3,
     )
+
+
+def interactive_segment_layout(pn: str = "0.40M", h_div_w_template: float = 0.562) -> InteractiveSegmentLayout:
+    """The interactive turn layout for a pixel budget and template (the released model: 0.40M)."""
+    pyramid = image_scale_schedule(pn, h_div_w_template)
+    if len(pyramid) <= INTERACT_SEMANTIC_SCALE_INDEX:
+        raise ValueError(f"pn={pn!r} has {len(pyramid)} scales; the interactive mode needs more than 7")
+    return interactive_layout_for(pyramid)
 
 
 # ==============================================================================================
