@@ -340,6 +340,49 @@ def test_evaluate_command_on_a_random_tiny_pipeline(tmp_path, capsys):
     assert "held-out" in capsys.readouterr().out
 
 
+class _ShiftPipe:
+    """Reconstructs every clip as its file's frames moved by ``shift`` levels (down where that would clip)."""
+
+    class config:  # noqa: N801 - stands in for PipelineConfig
+        fps = 16
+
+    def __init__(self, shift: int) -> None:
+        self.shift = shift
+
+    def reconstruct(self, path, *, output_type):
+        from infinitystar import media
+
+        frames, _ = media.read_video(path, fps=16)
+        assert output_type == "np"
+        f = frames.astype(np.int16)
+        return np.where(f + self.shift > 255, f - self.shift, f + self.shift).astype(np.uint8)
+
+
+def test_reconstruction_psnr_compares_the_files_frames_with_the_round_trip(dataset):
+    exact = ev.reconstruction_psnr(_ShiftPipe(0), dataset / "heldout.jsonl", n_clips=2)
+    assert exact["psnr_db"] == float("inf") and exact["clips"] == 2 and exact["frames"] == [33]
+    # Every value off by exactly one level: MSE 1, PSNR = 10 log10(255^2) = 48.13 dB.
+    one = ev.reconstruction_psnr(_ShiftPipe(1), dataset / "heldout.jsonl")
+    assert one["clips"] == N_HELD
+    assert one["psnr_db"] == pytest.approx(48.1308, abs=1e-3) and one["min_db"] == pytest.approx(48.1308, abs=1e-3)
+    four = ev.reconstruction_psnr(_ShiftPipe(4), dataset / "heldout.jsonl", n_clips=1)
+    assert four["psnr_db"] == pytest.approx(48.1308 - 20 * math.log10(4), abs=1e-3)
+    with pytest.raises(ValueError, match="n_clips"):
+        ev.reconstruction_psnr(_ShiftPipe(0), dataset / "heldout.jsonl", n_clips=0)
+
+
+def test_evaluate_command_measures_the_tokenizer(dataset, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--preset", "tiny-test", "--clips-per-prompt", "1", "--limit", "1", "--frames", "5",
+               "--out", str(out), "--quiet", "--vae-data", str(dataset / "heldout.jsonl"), "--vae-clips", "1"])
+    assert rc == 0
+    rec = json.loads((out / "report.json").read_text())["reconstruction"]
+    assert rec["clips"] == 1 and rec["frames"] == [33]
+    assert 0 < rec["psnr_db"] < 40  # a random tokenizer: far from the frames, but a finite figure
+    assert "Tokenizer reconstruction" in (out / "report.md").read_text()
+    assert "tokenizer reconstruction:" in capsys.readouterr().out
+
+
 def test_evaluate_command_checks_the_judge(capsys):
     assert main(["evaluate", "--check-judge", "24"]) == 0
     assert "all three 100.0%" in capsys.readouterr().out

@@ -294,6 +294,20 @@ def test_image_to_video_first_frame_is_the_tokenizer_reconstruction(pipe):
     assert float((out.frames[:, 1:] - out.frames[:, :1]).abs().max()) > 0.01
 
 
+def test_reconstruct_is_the_tokenizer_round_trip(pipe2):
+    video = _smooth_video(19, 11)  # 19 frames: cut to 17 = 1 + 4*4 (two clips of SHORT_CLIPS)
+    out = pipe2.reconstruct(video, output_type="pt")
+    with torch.no_grad():
+        expected = _tokenizer_reconstruction(pipe2, video[None, :, :17])[0]
+    assert out.shape == (3, 17, SIZE, SIZE)
+    err = float((out - expected).abs().max())
+    assert err <= ATOL, f"reconstruct differs from the tokenizer round trip by {err}"
+    frames = pipe2.reconstruct(video[:, :5], output_type="np")
+    assert frames.shape == (5, SIZE, SIZE, 3) and frames.dtype == np.uint8
+    with pytest.raises(ValueError, match="output_type"):
+        pipe2.reconstruct(video, output_type="latent")
+
+
 @pytest.mark.parametrize(("given", "kept"), [(17, 17), (13, 9)], ids=["whole-clips", "partial-clip-dropped"])
 def test_video_extension_reproduces_the_given_clips(pipe2, given, kept):
     video = _smooth_video(given, 6)

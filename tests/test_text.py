@@ -392,3 +392,45 @@ def test_fp16_weights_and_bf16_autocast_still_return_fp32(tiny_flan_t5_dir, enco
         assert out.kv_compact.dtype == torch.float32 and out.lens == ref.lens
         assert not torch.equal(out.kv_compact, ref.kv_compact)  # the lower precision really ran
         torch.testing.assert_close(out.kv_compact, ref.kv_compact, atol=0.05, rtol=0)  # measured 3e-3 / 3e-2
+
+
+# --- the demo's word-level encoder -----------------------------------------------------------------------------
+
+
+def test_word_encoder_one_vector_per_word_plus_closing_token():
+    from infinitystar.text import WordTextEncoder
+
+    enc = WordTextEncoder(32, max_length=16)
+    assert enc.words("<<<t=2s>>>A Red circle, moving LEFT") == [
+        "<<<", "t", "=", "2s", ">>>", "a", "red", "circle", ",", "moving", "left"]
+    feats = enc(["a red circle", "a blue circle"]).split()
+    assert [f.shape for f in feats] == [(4, 32), (4, 32)]
+    # Same word at the same position -> same feature; a different word -> a different one.
+    assert torch.equal(feats[0][0], feats[1][0]) and torch.equal(feats[0][2], feats[1][2])
+    assert not torch.allclose(feats[0][1], feats[1][1])
+    # Position codes: the same word at two positions differs exactly by the position table.
+    two = enc(["red red"]).split()[0]
+    assert torch.allclose(two[1] - two[0], enc.positions[1] - enc.positions[0], atol=1e-6)
+
+
+def test_word_encoder_is_the_same_on_every_instance_and_seeded():
+    from infinitystar.text import WordTextEncoder
+
+    a, b, c = WordTextEncoder(16), WordTextEncoder(16), WordTextEncoder(16, seed=1)
+    assert torch.equal(a(["a green square"]).kv_compact, b(["a green square"]).kv_compact)
+    assert not torch.allclose(a(["a green square"]).kv_compact, c(["a green square"]).kv_compact)
+    # Unit-variance word vectors: the features do not shrink or explode with the width.
+    v = torch.stack([WordTextEncoder(256).vector(w) for w in ("red", "green", "blue", "up", "down")])
+    assert 0.7 < v.std().item() < 1.3
+
+
+def test_word_encoder_truncates_and_validates():
+    from infinitystar.text import WordTextEncoder
+
+    enc = WordTextEncoder(8, max_length=4)
+    assert enc(["one two three four five"]).split()[0].shape == (4, 8)
+    assert enc.state_dict() == {}  # nothing to train or ship
+    with pytest.raises(ValueError, match="width"):
+        WordTextEncoder(7)
+    with pytest.raises(ValueError, match="max_length"):
+        WordTextEncoder(8, max_length=1)

@@ -231,6 +231,10 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-clips", action="store_true", help="also write every clip as mp4 under OUT/clips")
     p.add_argument("--check-judge", type=int, default=None, metavar="N",
                    help="no model: report the judge's accuracy on N ground-truth clips")
+    p.add_argument("--vae-data", default=None, metavar="JSONL",
+                   help="also measure the tokenizer's reconstruction PSNR on the clips of this demo jsonl "
+                   "(e.g. heldout.jsonl of make-demo-data)")
+    p.add_argument("--vae-clips", type=int, default=None, metavar="N", help="only the first N clips of --vae-data")
     _add_model_options(p)
     p.set_defaults(func=_run_evaluate)
 
@@ -266,8 +270,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     report = ev.evaluate_pipeline(pipe, prompts, args.clips_per_prompt, args.seed or 0, num_frames=args.frames,
                                   clips_dir=out / "clips" if args.save_clips else None, on_clip=report_clip,
                                   **kwargs)
+    if args.vae_data is not None:
+        report.reconstruction = ev.reconstruction_psnr(pipe, args.vae_data, args.vae_clips)
     paths = report.save(out)
     print(report.table())
+    if report.reconstruction is not None:
+        r = report.reconstruction
+        print(f"tokenizer reconstruction: {r['psnr_db']:.2f} dB PSNR over {r['clips']} clips of {args.vae_data}")
     print(f"wrote {paths['markdown']}, {paths['json']}, {paths['contact_sheet']}")
     return 0
 
@@ -376,8 +385,8 @@ def _add_train_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config-dir", default=None, help="folder with vae.toml and transformer.toml "
                    "(default: configs/demo of the source tree)")
     p.add_argument("--clips", type=int, default=2048, help="training clips (default: 2048)")
-    p.add_argument("--feature-clips", type=int, default=512,
-                   help="training clips the transformer sees (the first N; default: 512)")
+    p.add_argument("--feature-clips", type=int, default=1024,
+                   help="training clips the transformer sees (the first N; default: 1024)")
     p.add_argument("--workers", type=int, default=2, help="parallel feature-extraction processes (default: 2)")
     p.add_argument("--vae-steps", type=int, default=None, help="override the VAE config's steps")
     p.add_argument("--steps", type=int, default=None, help="override the transformer config's steps")

@@ -389,7 +389,7 @@ class PipelineConfig:
     # Prompt template: "<<<t=5s>>>" duration prefix for videos, and a quality suffix (the official scripts').
     duration_prefix: bool = True
     quality_suffix: str = ", Close-up on big objects, emphasize scale and detail"
-    # "t5" (Flan-T5 from a local folder) or "bytes" (the built-in byte-level encoder; no download).
+    # "t5" (Flan-T5 from a local folder), "bytes" or "words" (built-in byte- or word-level encoders; no download).
     text_encoder: str = "t5"
     # The interactive model: plain CFG, per-segment prompts, the interactive schedule.
     interactive: bool = False
@@ -408,8 +408,8 @@ class PipelineConfig:
         _require(self.frames_inner_clip > 0,
                  f"PipelineConfig.frames_inner_clip must be > 0, got {self.frames_inner_clip}")
         _require(self.default_seconds >= 0, f"PipelineConfig.default_seconds must be >= 0, got {self.default_seconds}")
-        _require(self.text_encoder in ("t5", "bytes"),
-                 f"PipelineConfig.text_encoder must be 't5' or 'bytes', got {self.text_encoder!r}")
+        _require(self.text_encoder in ("t5", "bytes", "words"),
+                 f"PipelineConfig.text_encoder must be 't5', 'bytes' or 'words', got {self.text_encoder!r}")
         _require(self.quantizer.embed_dim == self.transformer.d_vae == self.vae.embed_dim,
                  f"latent widths disagree: quantizer {self.quantizer.embed_dim}, transformer d_vae "
                  f"{self.transformer.d_vae}, VAE {self.vae.embed_dim}")
@@ -950,11 +950,11 @@ _DEMO_TRANSFORMER = TransformerConfig(
 register_preset("vae", "demo", _DEMO_VAE)
 register_preset("quantizer", "demo", _DEMO_QUANTIZER)
 register_preset("transformer", "demo", _DEMO_TRANSFORMER)
-# 33-frame clips (9 latent frames: the first frame + one 8-frame clip = 2 s at 16 fps), byte-level text
+# 33-frame clips (9 latent frames: the first frame + one 8-frame clip = 2 s at 16 fps), word-level text
 # encoder (no download). Guidance defaults were chosen on the demo judge (README, "Demo model").
 register_preset("pipeline", "demo", PipelineConfig(
     name="demo", vae=_DEMO_VAE, quantizer=_DEMO_QUANTIZER, transformer=_DEMO_TRANSFORMER,
     pn="0.06M", num_scales=4, default_aspect="1:1", aspects=("1:1",), image_repetition=(1, 1, 1, 1),
     video_repetition=(1, 1, 1, 1), sampling=SamplingConfig(guidance="cfg", guidance_scale=3.0, tau_image=1.0,
                                                            tau_video=1.0),
-    frames_inner_clip=8, default_seconds=2, quality_suffix="", text_encoder="bytes", seed=0))
+    frames_inner_clip=8, default_seconds=2, quality_suffix="", text_encoder="words", seed=0))

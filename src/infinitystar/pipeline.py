@@ -42,7 +42,7 @@ from .config import (
 )
 from .fileio import atomic_write_json
 from .generation import GenerationResult, StepEvent, generate_codes, plan_steps, prefill_interactive_conditions
-from .text import ByteTextEncoder, FlanT5Encoder, TextEncoder, build_prompt, duration_prefix
+from .text import ByteTextEncoder, FlanT5Encoder, TextEncoder, WordTextEncoder, build_prompt, duration_prefix
 from .transformer.model import InfinityStarTransformer
 from .vae.model import VideoVAE
 from .vae.multiscale import encode_to_bits
@@ -131,11 +131,12 @@ class InfinityStarPipeline:
 
     @staticmethod
     def _build_text_encoder(cfg: PipelineConfig, folder: Path | None) -> TextEncoder:
-        if cfg.text_encoder == "bytes":
-            enc = ByteTextEncoder(cfg.transformer.text_channels, max_length=cfg.transformer.text_maxlen)
+        if cfg.text_encoder in ("bytes", "words"):
+            cls_ = ByteTextEncoder if cfg.text_encoder == "bytes" else WordTextEncoder
+            enc = cls_(cfg.transformer.text_channels, max_length=cfg.transformer.text_maxlen)
             if folder is not None:
                 checkpoints.load_state_dict_strict(enc, checkpoints.load_safetensors(folder / "model.safetensors"),
-                                                   "ByteTextEncoder", source=str(folder))
+                                                   cls_.__name__, source=str(folder))
             return enc
         if folder is None:
             raise ConfigError(f"preset {cfg.name!r} needs a Flan-T5 folder (text_encoder='t5'); use from_pretrained")
@@ -411,6 +412,30 @@ class InfinityStarPipeline:
         reps = schedules.scale_repetitions(prefix, cfg.image_repetition, cfg.video_repetition)
         enc = encode_to_bits(latent.float(), prefix, reps, cfg.quantizer, frames_inner_clip=cfg.frames_inner_clip)
         return enc.bits, n_scales, forced_latents
+
+    @torch.no_grad()
+    def reconstruct(self, video: Any, *, resolution: str | None = None, aspect: str | None = None,
+                    height: int | None = None, width: int | None = None, output_type: str = "np") -> Any:
+        """``video`` through the tokenizer alone: VAE encode, multi-scale BSQ bits along the schedule generation
+        uses, their summed codes, VAE decode. The best any generated video can look with these weights.
+
+        ``video``: a file path or a [3, T, H, W] / [1, 3, T, H, W] tensor in [-1, 1] at the bucket size; it is
+        resized and centre-cropped like a conditioning video and cut to 1 + 4k frames.
+        """
+        if output_type not in ("np", "pil", "pt"):
+            raise ValueError(f"unknown output_type {output_type!r}; valid: 'np', 'pil', 'pt'")
+        cfg = self.config
+        _, pyramid, size = self.resolve_size(resolution=resolution, aspect=aspect, height=height, width=width)
+        x = self._load_condition(None, video, size)
+        assert x is not None
+        latents = 1 + (x.shape[2] - 1) // cfg.vae.time_stride
+        x = x[:, :, : 1 + (latents - 1) * cfg.vae.time_stride]
+        schedule = schedules.video_scale_schedule(pyramid, latents, cfg.frames_inner_clip)
+        reps = schedules.scale_repetitions(schedule, cfg.image_repetition, cfg.video_repetition)
+        with self._working(self.vae) as vae:
+            latent = vae.encode(x.to(self.device), sample=False)
+        enc = encode_to_bits(latent.float(), schedule, reps, cfg.quantizer, frames_inner_clip=cfg.frames_inner_clip)
+        return self._format(self.decode_latent(enc.summed_codes), output_type)
 
     def decode_latent(self, latent: Tensor) -> Tensor:
         """Summed codes [1, 64, T', h, w] -> video [1, 3, T, H, W] clamped to [-1, 1]."""

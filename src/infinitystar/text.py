@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ __all__ = [
     "TextEmbeddings",
     "TextEncoder",
     "TextEncoderFilesError",
+    "WordTextEncoder",
     "apply_guidance_dropout",
     "build_prompt",
     "drop_captions",
@@ -604,4 +607,58 @@ class ByteTextEncoder(TextEncoder, torch.nn.Module):
         for p in prompts:
             ids = self.token_ids(p).to(self.embedding.weight.device)
             feats.append((self.embedding(ids) + self.positions[: ids.shape[0]]).float())
+        return TextEmbeddings.from_features(feats)
+
+
+class WordTextEncoder(TextEncoder, torch.nn.Module):
+    """Words -> fixed pseudo-random vectors + a sinusoidal position code, then one closing token.
+
+    The demo model's encoder: no vocabulary file, no download and no parameters. Lower-cased text is split
+    into words (runs of letters and digits) and punctuation runs; each distinct word maps to a unit-variance
+    Gaussian vector seeded by a hash of the word and ``seed``, so every machine computes the same features and
+    an unseen word still gets a vector. One vector per word (instead of one per byte, as
+    :class:`ByteTextEncoder`) means a small transformer only has to learn what "red" or "left" mean, not
+    also how to spell them: the demo transformer learned prompts within its CPU budget this way.
+    """
+
+    _TOKEN = re.compile(r"[a-z0-9]+|[^a-z0-9\s]+")
+
+    def __init__(self, width: int, max_length: int = 128, seed: int = 0) -> None:
+        torch.nn.Module.__init__(self)
+        if width <= 0 or width % 2:
+            raise ValueError(f"WordTextEncoder width must be a positive even number, got {width}")
+        if max_length < 2:
+            raise ValueError(f"WordTextEncoder max_length must be >= 2, got {max_length}")
+        self.width = width
+        self.max_length = max_length
+        self.seed = seed
+        self._vectors: dict[str, torch.Tensor] = {}
+        pos = torch.arange(max_length, dtype=torch.float32)[:, None]
+        freq = torch.exp(-math.log(10000.0) * torch.arange(0, width, 2, dtype=torch.float32) / width)
+        table = torch.zeros(max_length, width)
+        table[:, 0::2] = torch.sin(pos * freq)
+        table[:, 1::2] = torch.cos(pos * freq)
+        self.register_buffer("positions", table, persistent=False)
+
+    def words(self, prompt: str) -> list[str]:
+        """The prompt's tokens, truncated to leave room for the closing token."""
+        return self._TOKEN.findall(prompt.strip().lower())[: self.max_length - 1]
+
+    def vector(self, word: str) -> torch.Tensor:
+        """The word's fixed vector (a cache keeps each one computed once per encoder)."""
+        vec = self._vectors.get(word)
+        if vec is None:
+            digest = hashlib.blake2b(f"{self.seed}\x00{word}".encode(), digest_size=8).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+            vec = self._vectors[word] = torch.randn(self.width, generator=gen)
+        return vec
+
+    def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
+        prompts = _check_prompts(prompts)
+        feats = []
+        for p in prompts:
+            # "\x00" never survives tokenisation, so the closing token cannot collide with a word.
+            vecs = torch.stack([self.vector(w) for w in self.words(p)] + [self.vector("\x00")])
+            vecs = vecs.to(self.positions.device)
+            feats.append(vecs + self.positions[: vecs.shape[0]])
         return TextEmbeddings.from_features(feats)

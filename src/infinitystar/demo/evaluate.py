@@ -18,6 +18,7 @@ frame's median so a grey or noisy background does not count), then:
 
 :func:`evaluate_pipeline` generates clips for seen and held-out prompts and scores them;
 :class:`EvalReport` renders the table (markdown), a json dump and a contact sheet png.
+:func:`reconstruction_psnr` measures the tokenizer alone (VAE + multi-scale BSQ) on ground-truth clips.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .synthetic import (
     TRAIN_TRIPLES,
     Triple,
     caption,
+    read_ground_truth,
     render_clip,
     sample_clips,
 )
@@ -59,6 +61,7 @@ __all__ = [
     "evaluate_pipeline",
     "judge_clip",
     "parse_prompt",
+    "reconstruction_psnr",
     "score",
 ]
 
@@ -314,6 +317,43 @@ def check_judge(n_clips: int = 200, seed: int = 12345, size: int = 64, frames: i
     return score(judgements, truths), misses
 
 
+def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 arrays of the same shape (peak 255); ``inf`` when they are identical."""
+    if a.shape != b.shape:
+        raise ValueError(f"PSNR needs arrays of the same shape, got {a.shape} and {b.shape}")
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def reconstruction_psnr(pipe: Any, jsonl: str | os.PathLike, n_clips: int | None = None) -> dict[str, Any]:
+    """Tokenizer fidelity on the clips of a demo jsonl (e.g. ``heldout.jsonl``): each clip's frames as read
+    from its file against ``pipe.reconstruct`` of them (VAE encode, multi-scale BSQ bits, decode) at the
+    pipeline's default size (the file's frames are resized to it first when they differ).
+
+    Returns ``{"psnr_db": mean over clips, "min_db", "max_db", "clips", "frames", "data"}``; PSNR is over
+    every frame and channel of a clip, peak 255.
+    """
+    from infinitystar import media
+
+    records = read_ground_truth(jsonl)
+    if n_clips is not None:
+        if n_clips < 1:
+            raise ValueError(f"n_clips must be >= 1, got {n_clips}")
+        records = records[:n_clips]
+    if not records:
+        raise ValueError(f"{jsonl} lists no clips")
+    values, frames_per_clip = [], set()
+    for path, _ in records:
+        frames, _ = media.read_video(path, fps=pipe.config.fps)
+        recon = np.asarray(pipe.reconstruct(path, output_type="np"))  # at the pipeline's default size
+        if recon.shape[1:3] != frames.shape[1:3]:  # compare at the size the tokenizer saw
+            frames = media.resize_and_center_crop(frames, *recon.shape[1:3])
+        values.append(psnr_uint8(recon, frames[: len(recon)]))
+        frames_per_clip.add(len(recon))
+    return {"psnr_db": float(np.mean(values)), "min_db": float(np.min(values)), "max_db": float(np.max(values)),
+            "clips": len(values), "frames": sorted(frames_per_clip), "data": str(jsonl)}
+
+
 # ---------------------------------------------------------------------------------------------- the report
 
 
@@ -382,6 +422,8 @@ class EvalReport:
 
     results: list[ClipResult]
     settings: dict[str, Any] = field(default_factory=dict)
+    # :func:`reconstruction_psnr` of the model's tokenizer, when measured.
+    reconstruction: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per group (and 'all'): n, and the fractions right for colour, shape, direction and all three."""
@@ -417,7 +459,12 @@ class EvalReport:
 
     def to_markdown(self) -> str:
         cfg = ", ".join(f"{k}={v}" for k, v in self.settings.items())
-        return (f"# Demo evaluation\n\n{cfg}\n\n{self.table()}\n\n## Per prompt\n\n{self.per_prompt_table()}\n\n"
+        rec = ""
+        if self.reconstruction is not None:
+            r = self.reconstruction
+            rec = (f"Tokenizer reconstruction (VAE + BSQ bits) of {r['clips']} clips of {r['data']}: "
+                   f"{r['psnr_db']:.2f} dB PSNR (clips from {r['min_db']:.2f} to {r['max_db']:.2f} dB).\n\n")
+        return (f"# Demo evaluation\n\n{cfg}\n\n{self.table()}\n\n{rec}## Per prompt\n\n{self.per_prompt_table()}\n\n"
                 "Scored by the analytic judge of `infinitystar.demo.evaluate` (colour, shape and direction read "
                 "off the frames).\n")
 
@@ -427,7 +474,10 @@ class EvalReport:
             j = asdict(r.judgement)
             clips.append({"prompt": r.prompt, "group": r.group, "seed": r.seed, "truth": list(r.truth),
                           "judged": j, "right": list(r.right), "seconds": r.seconds})
-        return {"settings": self.settings, "summary": self.summary(), "clips": clips}
+        out = {"settings": self.settings, "summary": self.summary(), "clips": clips}
+        if self.reconstruction is not None:
+            out["reconstruction"] = self.reconstruction
+        return out
 
     def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """Write ``report.md``, ``report.json`` and ``contact_sheet.png`` into ``out_dir``; returns their paths."""

@@ -50,7 +50,7 @@ class RecipeOptions:
     clips: int = 2048
     heldout_clips: int = 48
     # Training clips whose latents the transformer trains on (the first N of train.jsonl; all 60 triples occur).
-    feature_clips: int = 512
+    feature_clips: int = 1024
     # Parallel single-thread extraction processes (the VAE encoder is fastest with one thread per process).
     workers: int = 2
     # Clips per prompt of the final evaluation (24 prompts: 12 seen, 12 held-out).
@@ -233,11 +233,13 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     report = out / "eval"
     if not (report / "report.json").is_file():
         timings["evaluate"] = _run(["evaluate", "--model", str(model), "--out", str(report), "--clips-per-prompt",
-                                    str(opts.eval_clips_per_prompt), "--quiet"], logs / "evaluate.log", "evaluate")
+                                    str(opts.eval_clips_per_prompt), "--vae-data", str(data / "heldout.jsonl"),
+                                    "--quiet"], logs / "evaluate.log", "evaluate")
     summary = json.loads((report / "report.json").read_text(encoding="utf-8"))
     if do_ship:
         dest = ship(model)
         _log(f"shipped {model} -> {dest}")
-    result = {"out_dir": str(out), "timings_s": timings, "evaluation": summary.get("summary", summary)}
+    result = {"out_dir": str(out), "timings_s": timings, "evaluation": summary.get("summary", summary),
+              "reconstruction": summary.get("reconstruction")}
     atomic_write_json(out / "recipe_result.json", result)
     return result
