@@ -300,3 +300,26 @@ def test_bad_config_key_is_named(tmp_path, capsys):
         VAETrainConfig(vae_preset="nope", data=("x",))
     with pytest.raises(ConfigError, match="vae_preset .* or init_checkpoint"):
         VAETrainConfig(data=("x",))
+
+
+def test_foreground_weight_scales_the_pixel_losses_on_bright_pixels(tmp_path):
+    import copy
+
+    cfg = _config(tmp_path, foreground_weight=4.0, batch_size=2, l1_weight=1.0, l2_weight=1.0)
+    trainer = VAETrainer(cfg, dataset=MovingSquares(5, 16))
+    before = copy.deepcopy(trainer.model).eval()
+    x = trainer.batch(0)
+    record = trainer.train_step(0)
+    with torch.no_grad():
+        latent = before.encode(x, chunked=False)
+        diff = before.decode(trainer.quantizer(latent).codes, chunked=False) - x
+    bright = (x.amax(1, keepdim=True) > -0.9).float()  # the square; the black background is -1
+    assert 0 < bright.mean() < 0.5
+    weight = 1 + 4.0 * bright
+    assert record["l2"] == pytest.approx(float((weight * diff**2).mean()), rel=1e-4)
+    assert record["l1"] == pytest.approx(float((weight * diff.abs()).mean()), rel=1e-4)
+    assert record["l2"] > float((diff**2).mean()) * 1.01  # the weighting is on
+    with pytest.raises(ConfigError, match="foreground_threshold"):
+        _config(tmp_path, foreground_threshold=1.5)
+    with pytest.raises(ConfigError, match="foreground_weight"):
+        _config(tmp_path, foreground_weight=-1.0)

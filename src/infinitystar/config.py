@@ -788,6 +788,11 @@ class VAETrainConfig:
     # Loss weights. Pixel terms are on [-1, 1] pixels, averaged over every element.
     l1_weight: float = 1.0
     l2_weight: float = 0.0
+    # Sparse scenes (a small object on a dark background, as the demo's clips): pixels whose brightest channel
+    # is above `foreground_threshold` ([-1, 1] scale) weigh 1 + foreground_weight in the L1/L2 terms, so the
+    # few object pixels are not drowned by the background (0 = off, every pixel weighs 1).
+    foreground_weight: float = 0.0
+    foreground_threshold: float = -0.9
     # Structural "perceptual" term: (1 - SSIM) over an image pyramid + image/time-gradient L1.
     perceptual_weight: float = 0.1
     # Generator side of the hinge GAN (0 = off, no discriminator is built); active from `gan_start_step`.
@@ -863,13 +868,15 @@ class VAETrainConfig:
         _require(self.lr_schedule in ("constant", "cosine"),
                  f"VAETrainConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         _require(0 <= self.min_lr_ratio <= 1, f"VAETrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("weight_decay", "grad_clip", "l1_weight", "l2_weight", "perceptual_weight", "gan_weight",
-                     "commitment_weight", "entropy_weight"):
+        for name in ("weight_decay", "grad_clip", "l1_weight", "l2_weight", "foreground_weight", "perceptual_weight",
+                     "gan_weight", "commitment_weight", "entropy_weight"):
             v = getattr(self, name)
             _require(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
                      f"VAETrainConfig.{name} must be a number >= 0, got {v!r}")
         _require(self.l1_weight + self.l2_weight + self.perceptual_weight > 0,
                  "VAETrainConfig: l1_weight, l2_weight and perceptual_weight are all 0 (no reconstruction loss)")
+        _require(isinstance(self.foreground_threshold, (int, float)) and -1 <= self.foreground_threshold < 1,
+                 f"VAETrainConfig.foreground_threshold must be in [-1, 1), got {self.foreground_threshold!r}")
         if self.quant_repetition is not None and not isinstance(self.quant_repetition, str):
             object.__setattr__(self, "quant_repetition", tuple(int(r) for r in self.quant_repetition))
         _require(self.quant_gradient in ("identity", "residual"),

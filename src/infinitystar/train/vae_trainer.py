@@ -340,8 +340,13 @@ class VAETrainer:
             latent, aux, commit, penalty = q.codes, q.aux, q.commitment, q.entropy_penalty
         x_hat = model.decode(latent, chunked=False)
         diff = x_hat - x
-        l1 = diff.abs().mean()
-        l2 = diff.pow(2).mean()
+        if cfg.foreground_weight > 0:
+            weight = 1 + cfg.foreground_weight * (x.amax(1, keepdim=True) > cfg.foreground_threshold).to(x.dtype)
+            l1 = (weight * diff.abs()).mean()
+            l2 = (weight * diff.pow(2)).mean()
+        else:
+            l1 = diff.abs().mean()
+            l2 = diff.pow(2).mean()
         perc = structural_loss(x_hat, x) if cfg.perceptual_weight > 0 else zero
         loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.perceptual_weight * perc + aux
         gan_active = self._gan_active(step)
