@@ -187,6 +187,19 @@ def test_save_pretrained_round_trip_byte_encoder(pipe2, tmp_path):
     assert torch.equal(a, b)
 
 
+def test_save_pretrained_round_trip_word_encoder(pipe2, tmp_path):
+    from infinitystar.config import replace
+
+    words = InfinityStarPipeline.from_preset(replace(pipe2.config, text_encoder="words"), seed=2)
+    words.save_pretrained(tmp_path / "own")
+    assert not (tmp_path / "own" / "text_encoder" / "model.safetensors").exists()  # no weights to ship
+    again = InfinityStarPipeline.from_pretrained(tmp_path / "own")
+    assert again.config.text_encoder == "words"
+    a = words(PROMPT, num_frames=9, output_type="pt", seed=5, progress=False).frames
+    b = again(PROMPT, num_frames=9, output_type="pt", seed=5, progress=False).frames
+    assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Every task: frame count and size
 # ----------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ class InfinityStarPipeline:
         if cfg.text_encoder in ("bytes", "words"):
             cls_ = ByteTextEncoder if cfg.text_encoder == "bytes" else WordTextEncoder
             enc = cls_(cfg.transformer.text_channels, max_length=cfg.transformer.text_maxlen)
-            if folder is not None:
+            if folder is not None and enc.state_dict():
                 checkpoints.load_state_dict_strict(enc, checkpoints.load_safetensors(folder / "model.safetensors"),
                                                    cls_.__name__, source=str(folder))
             return enc
@@ -209,7 +209,10 @@ class InfinityStarPipeline:
         atomic_write_json(root / "transformer" / "config.json", config_to_dict(self.config.transformer))
         atomic_write_json(root / "vae" / "config.json", config_to_dict(self.config.vae))
         if isinstance(self.text_encoder, nn.Module):
-            checkpoints.save_safetensors(self.text_encoder.state_dict(), root / "text_encoder" / "model.safetensors")
+            # The word encoder has no weights at all: nothing to write (its vectors come from hashing words).
+            state = self.text_encoder.state_dict()
+            if state:
+                checkpoints.save_safetensors(state, root / "text_encoder" / "model.safetensors")
         elif isinstance(self.text_encoder, FlanT5Encoder):
             # A Flan-T5 folder (tokenizer + encoder weights) that FlanT5Encoder.from_pretrained reads back.
             self.text_encoder.tokenizer.save_pretrained(str(root / "text_encoder"))
