@@ -323,3 +323,23 @@ def test_foreground_weight_scales_the_pixel_losses_on_bright_pixels(tmp_path):
         _config(tmp_path, foreground_threshold=1.5)
     with pytest.raises(ConfigError, match="foreground_weight"):
         _config(tmp_path, foreground_weight=-1.0)
+
+
+def test_decoder_only_fine_tune_keeps_the_latents(tmp_path):
+    first = train_vae(_config(tmp_path / "a", steps=2), dataset=MovingSquares(5, 16))
+    cfg = _config(tmp_path / "b", steps=3, train_decoder_only=True, init_checkpoint=str(first.export_path),
+                  num_frames=9)
+    trainer = VAETrainer(cfg, dataset=MovingSquares(9, 16))
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    result = trainer.run()
+    end = result.model.state_dict()
+    encoder_side = [k for k in start if k.startswith(("encoder.", "proj_down.", "scale_learnable"))]
+    decoder_side = [k for k in start if k.startswith(("decoder.", "proj_up."))]
+    assert encoder_side and decoder_side
+    for k in encoder_side:
+        assert torch.equal(start[k], end[k]), f"{k} changed in a decoder-only run"
+    assert sum(not torch.equal(start[k], end[k]) for k in decoder_side) > len(decoder_side) // 2
+    # Same latents from the exported model as from the initial one: a transformer trained on them still fits.
+    x = MovingSquares(9, 16).sample(np.random.default_rng(3))[None]
+    with torch.no_grad():
+        assert torch.equal(load_vae(first.export_path).encode(x), load_vae(result.export_path).encode(x))

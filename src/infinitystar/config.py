@@ -793,6 +793,10 @@ class VAETrainConfig:
     # few object pixels are not drowned by the background (0 = off, every pixel weighs 1).
     foreground_weight: float = 0.0
     foreground_threshold: float = -0.9
+    # Train only the decoder side (decoder + proj_up); the encoder, proj_down and the latent scale stay frozen,
+    # so the latents and bit labels -- and a transformer trained on them -- are unchanged. For fine-tuning a
+    # decoder on longer clips than the VAE was trained on (the demo recipe's second VAE stage).
+    train_decoder_only: bool = False
     # Structural "perceptual" term: (1 - SSIM) over an image pyramid + image/time-gradient L1.
     perceptual_weight: float = 0.1
     # Generator side of the hinge GAN (0 = off, no discriminator is built); active from `gan_start_step`.

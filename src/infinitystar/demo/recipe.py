@@ -6,14 +6,17 @@ continue from their newest checkpoints):
 
 1. ``make-demo-data OUT/data``: 2048 training clips (60 of the 72 colour/shape/direction triples) and 48
    clips of the 12 held-out triples, 33 frames of 64x64 at 16 fps;
-2. ``train-vae``: the demo VAE (``configs/demo/vae.toml``) on the training clips, PSNR on held-out clips;
-3. a base pipeline folder ``OUT/base``: the ``demo`` preset (random transformer, the byte-level text
+2. ``train-vae``: the demo VAE (``configs/demo/vae.toml``) on short training clips, PSNR on held-out clips;
+   then, in the background beside steps 3-5, ``train-vae`` of its decoder alone on whole 33-frame clips
+   (``configs/demo/vae_decoder.toml``; the encoder, hence every latent, stays as it is);
+3. a base pipeline folder ``OUT/base``: the ``demo`` preset (random transformer, the word-level text
    encoder) with the trained VAE;
 4. ``extract-features``: the latents of the first ``feature_clips`` training clips under that VAE, in
    ``workers`` processes of one thread each;
 5. ``train``: the transformer (``configs/demo/transformer.toml``) on the cached latents;
-6. ``export``: the pipeline folder ``OUT/model``;
-7. ``evaluate``: the demo judge on seen and held-out prompts (``OUT/eval/report.md``).
+6. ``export``: the pipeline folder ``OUT/model``, with the fine-tuned decoder of step 2 put in;
+7. ``evaluate``: the demo judge on seen and held-out prompts and the tokenizer's PSNR on the held-out clips
+   (``OUT/eval/report.md``).
 
 ``--ship`` finally writes ``OUT/model`` into the package (``infinitystar/demo/weights``), which is how
 the weights that ship were made. The config files hold every hyper-parameter; the recipe only fills in
@@ -36,7 +39,8 @@ import torch
 
 from infinitystar.fileio import atomic_write_json, atomic_write_text
 
-__all__ = ["DEFAULT_CONFIG_DIR", "DEMO_WEIGHTS", "RecipeOptions", "build_base", "run_recipe", "ship"]
+__all__ = ["DEFAULT_CONFIG_DIR", "DEMO_WEIGHTS", "RecipeOptions", "build_base", "install_decoder", "run_recipe",
+           "ship"]
 
 # configs/demo/ of the source tree (the recipe reads the committed hyper-parameters from there).
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "demo"
@@ -131,6 +135,30 @@ def build_base(vae_weights: str | os.PathLike, out_dir: str | os.PathLike, seed:
     return Path(out_dir)
 
 
+def install_decoder(model_dir: str | os.PathLike, vae_weights: str | os.PathLike) -> bool:
+    """Put a decoder-only fine-tune's VAE into a pipeline folder; False when it is already there.
+
+    The encoder side (``ENCODER_SIDE``: encoder, proj_down, latent scale) must be identical to the folder's,
+    otherwise the transformer was trained on other latents and the swap is refused.
+    """
+    from infinitystar.checkpoints import load_vae, save_vae
+    from infinitystar.train.vae_trainer import ENCODER_SIDE
+
+    target = Path(model_dir) / "vae" / "model.safetensors"
+    current, tuned = load_vae(target), load_vae(vae_weights)
+    cur_sd, new_sd = current.state_dict(), tuned.state_dict()
+    if cur_sd.keys() != new_sd.keys():
+        raise ValueError(f"{vae_weights} is not the same VAE architecture as {target}")
+    changed = [k for k in cur_sd if k.startswith(ENCODER_SIDE) and not torch.equal(cur_sd[k], new_sd[k])]
+    if changed:
+        raise ValueError(f"{vae_weights} has another encoder than {target} ({changed[0]} differs): "
+                         f"the transformer's latents would not match it")
+    if all(torch.equal(cur_sd[k], new_sd[k]) for k in cur_sd):
+        return False
+    save_vae(tuned, target)
+    return True
+
+
 def ship(model_dir: str | os.PathLike, dest: str | os.PathLike = DEMO_WEIGHTS,
          sampling: dict[str, Any] | None = None) -> Path:
     """Write a trained demo pipeline folder to ``dest`` (default: the package's ``demo/weights``), optionally
@@ -191,6 +219,24 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     if not vae_weights.is_file():
         timings["train_vae"] = _run(["train-vae", str(gen / "vae.json")], logs / "train_vae.log", "train-vae")
 
+    # 2b. the decoder alone on whole clips (configs/demo/vae_decoder.toml, optional). It leaves the encoder -- so
+    # the latents, the features and the transformer -- as they are, so it runs beside steps 4-5 on its own core
+    # and its decoder goes into the exported model before the evaluation.
+    decoder_proc = None
+    decoder_weights = out / "vae_decoder" / "vae.safetensors"
+    decoder_t0 = time.perf_counter()
+    if (cfg_dir / "vae_decoder.toml").is_file():
+        dec_cfg = _read_toml(cfg_dir / "vae_decoder.toml")
+        dec_cfg.update(data=[str(data / "train.jsonl")], eval_data=[str(data / "heldout.jsonl")],
+                       init_checkpoint=str(vae_weights), out_dir=str(out / "vae_decoder"), progress=False)
+        atomic_write_json(gen / "vae_decoder.json", dec_cfg)
+        if not decoder_weights.is_file():
+            _log(f"train-vae (decoder, in the background): infinitystar train-vae {gen / 'vae_decoder.json'}")
+            decoder_proc = _cli(["train-vae", str(gen / "vae_decoder.json")], logs / "train_vae_decoder.log",
+                                threads=1)
+    else:
+        decoder_weights = None
+
     # 3. base pipeline
     base = out / "base"
     if not (base / "model_index.json").is_file():
@@ -228,6 +274,14 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
                                 threads=torch.get_num_threads())
         # 6. export
         timings["export"] = _run(["export", str(out / "run"), str(model)], logs / "export.log", "export")
+
+    # 6b. the fine-tuned decoder into the model
+    if decoder_proc is not None:
+        _wait([decoder_proc], "train-vae (decoder)")
+        timings["train_vae_decoder"] = time.perf_counter() - decoder_t0
+        _log(f"train-vae (decoder): done ({timings['train_vae_decoder']:.0f} s after it started)")
+    if decoder_weights is not None and install_decoder(model, decoder_weights):
+        _log(f"installed the fine-tuned decoder {decoder_weights} into {model}")
 
     # 7. evaluation
     report = out / "eval"

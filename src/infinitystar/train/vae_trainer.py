@@ -38,6 +38,7 @@ losses, batch PSNR, lr, grad norm, seconds per step; ``eval_psnr`` when evaluate
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -207,6 +208,18 @@ def build_vae(config: VAETrainConfig) -> VideoVAE:
     return model.float().train().requires_grad_(True)
 
 
+# Parameters a decoder-only fine-tune leaves alone: everything that shapes the latent (hence the bits).
+ENCODER_SIDE = ("encoder.", "proj_down.", "proj_down_two.", "scale_learnable_parameters")
+
+
+def freeze_encoder_side(model: VideoVAE) -> VideoVAE:
+    """``requires_grad=False`` on the encoder, ``proj_down`` and the latent scale (see ``ENCODER_SIDE``)."""
+    for name, p in model.named_parameters():
+        if name.startswith(ENCODER_SIDE):
+            p.requires_grad_(False)
+    return model
+
+
 def to_channels_last(model: nn.Module) -> nn.Module:
     """Convolution weights in channels_last_3d layout (the oneDNN kernels' native one); values unchanged."""
     for m in model.modules():
@@ -271,6 +284,8 @@ class VAETrainer:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)  # weight initialisation (random-init runs)
         self.model = build_vae(cfg).to(self.device)
+        if cfg.train_decoder_only:
+            freeze_encoder_side(self.model)
         if cfg.channels_last:
             to_channels_last(self.model)
         self.quantizer = (TrainingQuantizer(get_preset("quantizer", cfg.quantizer_preset), cfg.quant_repetition,
@@ -281,8 +296,8 @@ class VAETrainer:
         if self.quantizer is not None and self.quantizer.config.embed_dim != self.model.config.embed_dim:
             raise ConfigError(f"quantizer preset {cfg.quantizer_preset!r} has embed_dim "
                               f"{self.quantizer.config.embed_dim}, the VAE's latent has {self.model.config.embed_dim}")
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
+                                           betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.disc: PatchDiscriminator | None = None
         self.disc_optimizer: torch.optim.Optimizer | None = None
         if cfg.gan_weight > 0:
@@ -332,7 +347,8 @@ class VAETrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        latent = model.encode(x, chunked=False)
+        with torch.no_grad() if cfg.train_decoder_only else contextlib.nullcontext():
+            latent = model.encode(x, chunked=False)
         zero = latent.new_zeros(())
         aux = commit = penalty = zero
         if self.quantizer is not None:
