@@ -387,7 +387,8 @@ def _add_train_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--clips", type=int, default=2048, help="training clips (default: 2048)")
     p.add_argument("--feature-clips", type=int, default=1024,
                    help="training clips the transformer sees (the first N; default: 1024)")
-    p.add_argument("--workers", type=int, default=2, help="parallel feature-extraction processes (default: 2)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel feature-extraction processes (default: 1; the decoder fine-tune runs beside it)")
     p.add_argument("--vae-steps", type=int, default=None, help="override the VAE config's steps")
     p.add_argument("--steps", type=int, default=None, help="override the transformer config's steps")
     p.add_argument("--ship", action="store_true", help="write the trained model into infinitystar/demo/weights")

@@ -56,9 +56,10 @@ class RecipeOptions:
     # Training clips whose latents the transformer trains on (the first N of train.jsonl; all 60 triples occur).
     feature_clips: int = 1024
     # Parallel single-thread extraction processes (the VAE encoder is fastest with one thread per process).
-    workers: int = 2
+    # (one: the decoder fine-tune of step 2 runs beside it on the second core of a 2-core machine)
+    workers: int = 1
     # Clips per prompt of the final evaluation (24 prompts: 12 seen, 12 held-out).
-    eval_clips_per_prompt: int = 2
+    eval_clips_per_prompt: int = 4
     vae_steps: int | None = None  # None = the config file's
     transformer_steps: int | None = None
     seed: int = 0
@@ -270,8 +271,10 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     atomic_write_json(gen / "transformer.json", tr_cfg)
     model = out / "model"
     if not (model / "model_index.json").is_file():
+        # One thread while the decoder fine-tune still runs (two would oversubscribe a 2-core machine).
+        busy = decoder_proc is not None and decoder_proc.poll() is None
         timings["train"] = _run(["train", str(gen / "transformer.json"), "--quiet"], logs / "train.log", "train",
-                                threads=torch.get_num_threads())
+                                threads=1 if busy else torch.get_num_threads())
         # 6. export
         timings["export"] = _run(["export", str(out / "run"), str(model)], logs / "export.log", "export")
 
