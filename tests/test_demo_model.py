@@ -1,8 +1,8 @@
 """The shipped demo model (``infinitystar/demo/weights``): it loads, it is what ``generate`` uses without
 ``--model``, every task runs with it, and its clips pass the analytic judge.
 
-The accuracy thresholds asserted here are the ones the shipped weights reach on this small sample (fixed
-seeds); the full figures (more clips, all 24 evaluation prompts) are in the README's "Demo model" section.
+The thresholds asserted here are the demo issue's targets (judge accuracy on held-out triples, tokenizer PSNR on
+held-out clips), on a small fixed-seed sample; the full figures are in the README's "Demo model" section.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from PIL import Image
 from infinitystar import media
 from infinitystar.cli import DEMO_WEIGHTS, load_pipeline, main
 from infinitystar.config import ConfigError, get_preset
-from infinitystar.demo.evaluate import judge_clip
+from infinitystar.demo.evaluate import SEEN_EVAL_TRIPLES, judge_clip
 from infinitystar.demo.recipe import RecipeOptions, build_base
 from infinitystar.demo.synthetic import HELD_OUT, caption, render_clip, sample_clips
 from infinitystar.pipeline import InfinityStarPipeline
@@ -44,7 +44,7 @@ def pipe() -> InfinityStarPipeline:
 def test_shipped_weights_are_small_safetensors():
     files = [p for p in DEMO_WEIGHTS.rglob("*") if p.is_file()]
     weights = [p for p in files if p.suffix == ".safetensors"]
-    assert {p.parent.name for p in weights} == {"transformer", "vae", "text_encoder"}
+    assert {p.parent.name for p in weights} == {"transformer", "vae"}  # the word encoder has no weights
     total = sum(p.stat().st_size for p in files)
     assert total < 20 * 2**20, f"shipped demo weights are {total / 2**20:.1f} MiB"
 
@@ -55,7 +55,7 @@ def test_no_model_means_the_demo_model(pipe):
     assert pipe.config.name == "demo"
     for part in ("vae", "quantizer", "transformer"):
         assert getattr(pipe.config, part) == getattr(preset, part)
-    assert pipe.config.text_encoder == "bytes"
+    assert pipe.config.text_encoder == "words"
     assert pipe.num_frames_for(None, None) == FRAMES
 
 
@@ -65,32 +65,35 @@ def _judged(pipe, triple, seed):
     return judge_clip(frames)
 
 
-# Two seen and two held-out triples (no held-out triple occurs in any training caption).
-SEEN = [("blue", "circle", "right"), ("red", "square", "left")]
-HELD = [HELD_OUT[0], HELD_OUT[5]]
-
-
-# The issue's targets (colour >= 90 %, shape >= 80 %, direction >= 80 % on held-out triples). The shipped
-# weights do NOT reach them yet (README, "Demo model": the VAE reconstructs the shapes at ~16 dB, so the decoded
-# clips are nearly black and the judge finds no object); the test stays as the target, expected to fail until
-# weights that reach it are shipped (then drop the marker).
+# The issue's targets on held-out triples (colour >= 90 %, shape >= 80 %, direction >= 80 %), checked here on one
+# clip of each of the 12 held-out triples and of 12 seen ones (fixed seeds); the README gives the figures of the
+# full evaluation (more clips per prompt).
 TARGETS = {"colour": 0.9, "shape": 0.8, "direction": 0.8}
 
 
-@pytest.mark.xfail(reason="shipped demo weights are below the targets (VAE ~16 dB PSNR); see README", strict=False)
-@pytest.mark.parametrize("group,triples", [("seen", SEEN), ("held-out", HELD)])
+@pytest.mark.parametrize("group,triples", [("seen", SEEN_EVAL_TRIPLES), ("held-out", HELD_OUT)])
 def test_prompt_adherence_targets(pipe, group, triples):
     right = {"colour": 0, "shape": 0, "direction": 0}
-    n = 0
-    for triple in triples:
-        for seed in (0, 1):
-            j = _judged(pipe, triple, seed)
-            right["colour"] += j.colour == triple[0]
-            right["shape"] += j.shape == triple[1]
-            right["direction"] += j.direction == triple[2]
-            n += 1
+    for i, triple in enumerate(triples):
+        j = _judged(pipe, triple, seed=i)
+        right["colour"] += j.colour == triple[0]
+        right["shape"] += j.shape == triple[1]
+        right["direction"] += j.direction == triple[2]
     for attr, target in TARGETS.items():
-        assert right[attr] / n >= target, f"{group}: {attr} right on {right[attr]}/{n} clips"
+        assert right[attr] / len(triples) >= target, f"{group}: {attr} right on {right[attr]}/{len(triples)} clips"
+
+
+def test_tokenizer_reconstructs_held_out_clips_at_30_db(pipe):
+    # Clips of held-out triples, rendered in memory (the VAE never saw these colour/shape/direction combinations).
+    values = []
+    for clip in sample_clips(4, seed=99, split="heldout"):
+        frames = render_clip(clip.spec, SIZE, FRAMES)
+        video = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1
+        recon = np.asarray(pipe.reconstruct(video, output_type="np"))
+        assert recon.shape == frames.shape
+        mse = np.mean((recon.astype(np.float64) - frames.astype(np.float64)) ** 2)
+        values.append(10 * np.log10(255.0**2 / mse))
+    assert np.mean(values) >= 30.0, f"tokenizer PSNR {np.mean(values):.2f} dB on held-out clips ({values})"
 
 
 def test_cli_generate_without_model_writes_the_demo_clip(tmp_path, capsys):
