@@ -569,6 +569,20 @@ def drop_captions(captions: Sequence[str], p: float, generator: torch.Generator,
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _position_table(owner: str, width: int, max_length: int) -> torch.Tensor:
+    """Sinusoidal position codes [max_length, width] of the built-in encoders (width even, max_length >= 2)."""
+    if width <= 0 or width % 2:
+        raise ValueError(f"{owner} width must be a positive even number, got {width}")
+    if max_length < 2:
+        raise ValueError(f"{owner} max_length must be >= 2, got {max_length}")
+    pos = torch.arange(max_length, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, width, 2, dtype=torch.float32) / width)
+    table = torch.zeros(max_length, width)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table
+
+
 class ByteTextEncoder(TextEncoder, torch.nn.Module):
     """UTF-8 bytes -> learned embeddings + a sinusoidal position code, then one closing token.
 
@@ -580,21 +594,13 @@ class ByteTextEncoder(TextEncoder, torch.nn.Module):
 
     def __init__(self, width: int, max_length: int = 128, seed: int = 0) -> None:
         torch.nn.Module.__init__(self)
-        if width <= 0 or width % 2:
-            raise ValueError(f"ByteTextEncoder width must be a positive even number, got {width}")
-        if max_length < 2:
-            raise ValueError(f"ByteTextEncoder max_length must be >= 2, got {max_length}")
+        table = _position_table(type(self).__name__, width, max_length)
         self.width = width
         self.max_length = max_length
         gen = torch.Generator().manual_seed(seed)
         self.embedding = torch.nn.Embedding(257, width)
         with torch.no_grad():
             self.embedding.weight.copy_(torch.randn(257, width, generator=gen))
-        pos = torch.arange(max_length, dtype=torch.float32)[:, None]
-        freq = torch.exp(-math.log(10000.0) * torch.arange(0, width, 2, dtype=torch.float32) / width)
-        table = torch.zeros(max_length, width)
-        table[:, 0::2] = torch.sin(pos * freq)
-        table[:, 1::2] = torch.cos(pos * freq)
         self.register_buffer("positions", table, persistent=False)
 
     def token_ids(self, prompt: str) -> torch.Tensor:
@@ -625,19 +631,11 @@ class WordTextEncoder(TextEncoder, torch.nn.Module):
 
     def __init__(self, width: int, max_length: int = 128, seed: int = 0) -> None:
         torch.nn.Module.__init__(self)
-        if width <= 0 or width % 2:
-            raise ValueError(f"WordTextEncoder width must be a positive even number, got {width}")
-        if max_length < 2:
-            raise ValueError(f"WordTextEncoder max_length must be >= 2, got {max_length}")
+        table = _position_table(type(self).__name__, width, max_length)
         self.width = width
         self.max_length = max_length
         self.seed = seed
         self._vectors: dict[str, torch.Tensor] = {}
-        pos = torch.arange(max_length, dtype=torch.float32)[:, None]
-        freq = torch.exp(-math.log(10000.0) * torch.arange(0, width, 2, dtype=torch.float32) / width)
-        table = torch.zeros(max_length, width)
-        table[:, 0::2] = torch.sin(pos * freq)
-        table[:, 1::2] = torch.cos(pos * freq)
         self.register_buffer("positions", table, persistent=False)
 
     def words(self, prompt: str) -> list[str]:
