@@ -271,7 +271,7 @@ def test_serve_command_answers_on_localhost_and_stops_on_ctrl_c(tmp_path):
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read().decode()
         assert "<html" in page.lower()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=90) == 0  # Gradio's shutdown can take tens of seconds on a loaded machine
         assert "Traceback" not in proc.stderr.read()
     finally:
         watchdog.cancel()
