@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -549,6 +550,10 @@ def serve(model: str | None = None, preset: str | None = None, host: str = DEFAU
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}: anyone who can reach this address can run the model and see its "
               "outputs (there is no login)", file=sys.stderr)
+    if threading.current_thread() is threading.main_thread():
+        # A parent that ignores SIGINT (a script's background job, some test runners) hands that on to this
+        # process, and Python then never raises KeyboardInterrupt: Ctrl+C / SIGINT must still stop the server.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     blocks = None
     try:
         blocks = launch(app, host, port, block=False, quiet=True)
