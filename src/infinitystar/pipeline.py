@@ -45,7 +45,7 @@ from .generation import GenerationResult, StepEvent, generate_codes, plan_steps,
 from .text import ByteTextEncoder, FlanT5Encoder, TextEncoder, WordTextEncoder, build_prompt, duration_prefix
 from .transformer.model import InfinityStarTransformer
 from .vae.model import VideoVAE
-from .vae.multiscale import encode_to_bits
+from .vae.multiscale import MultiScaleEncoding, encode_to_bits
 
 MODEL_INDEX = "model_index.json"
 OFFICIAL_VAE_FILE = "infinitystar_videovae.pth"
@@ -408,13 +408,16 @@ class InfinityStarPipeline:
             raise ValueError(f"the requested length ({total_latents} latent frames) leaves nothing to generate after "
                              f"the given video ({forced_latents} latent frames): ask for more frames")
         condition = condition[:, :, : 1 + (forced_latents - 1) * cfg.vae.time_stride]
-        with self._working(self.vae) as vae:
-            latent = vae.encode(condition.to(self.device), sample=False)
         n_scales = k * (1 + whole_clips)
-        prefix = schedule[:n_scales]
-        reps = schedules.scale_repetitions(prefix, cfg.image_repetition, cfg.video_repetition)
-        enc = encode_to_bits(latent.float(), prefix, reps, cfg.quantizer, frames_inner_clip=cfg.frames_inner_clip)
-        return enc.bits, n_scales, forced_latents
+        return self._tokenize(condition, schedule[:n_scales]).bits, n_scales, forced_latents
+
+    def _tokenize(self, video: Tensor, schedule: Sequence[schedules.Scale]) -> MultiScaleEncoding:
+        """VAE encode (posterior mean) and multi-scale BSQ along ``schedule`` with the preset's repetitions."""
+        cfg = self.config
+        with self._working(self.vae) as vae:
+            latent = vae.encode(video.to(self.device), sample=False)
+        reps = schedules.scale_repetitions(schedule, cfg.image_repetition, cfg.video_repetition)
+        return encode_to_bits(latent.float(), schedule, reps, cfg.quantizer, frames_inner_clip=cfg.frames_inner_clip)
 
     @torch.no_grad()
     def reconstruct(self, video: Any, *, resolution: str | None = None, aspect: str | None = None,
@@ -434,11 +437,7 @@ class InfinityStarPipeline:
         latents = 1 + (x.shape[2] - 1) // cfg.vae.time_stride
         x = x[:, :, : 1 + (latents - 1) * cfg.vae.time_stride]
         schedule = schedules.video_scale_schedule(pyramid, latents, cfg.frames_inner_clip)
-        reps = schedules.scale_repetitions(schedule, cfg.image_repetition, cfg.video_repetition)
-        with self._working(self.vae) as vae:
-            latent = vae.encode(x.to(self.device), sample=False)
-        enc = encode_to_bits(latent.float(), schedule, reps, cfg.quantizer, frames_inner_clip=cfg.frames_inner_clip)
-        return self._format(self.decode_latent(enc.summed_codes), output_type)
+        return self._format(self.decode_latent(self._tokenize(x, schedule).summed_codes), output_type)
 
     def decode_latent(self, latent: Tensor) -> Tensor:
         """Summed codes [1, 64, T', h, w] -> video [1, 3, T, H, W] clamped to [-1, 1]."""

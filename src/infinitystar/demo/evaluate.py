@@ -317,14 +317,6 @@ def check_judge(n_clips: int = 200, seed: int = 12345, size: int = 64, frames: i
     return score(judgements, truths), misses
 
 
-def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 arrays of the same shape (peak 255); ``inf`` when they are identical."""
-    if a.shape != b.shape:
-        raise ValueError(f"PSNR needs arrays of the same shape, got {a.shape} and {b.shape}")
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
-
-
 def reconstruction_psnr(pipe: Any, jsonl: str | os.PathLike, n_clips: int | None = None) -> dict[str, Any]:
     """Tokenizer fidelity on the clips of a demo jsonl (e.g. ``heldout.jsonl``): each clip's frames as read
     from its file against ``pipe.reconstruct`` of them (VAE encode, multi-scale BSQ bits, decode) at the
@@ -333,7 +325,10 @@ def reconstruction_psnr(pipe: Any, jsonl: str | os.PathLike, n_clips: int | None
     Returns ``{"psnr_db": mean over clips, "min_db", "max_db", "clips", "frames", "data"}``; PSNR is over
     every frame and channel of a clip, peak 255.
     """
+    import torch
+
     from infinitystar import media
+    from infinitystar.train.vae_losses import psnr
 
     records = read_ground_truth(jsonl)
     if n_clips is not None:
@@ -348,7 +343,8 @@ def reconstruction_psnr(pipe: Any, jsonl: str | os.PathLike, n_clips: int | None
         recon = np.asarray(pipe.reconstruct(path, output_type="np"))  # at the pipeline's default size
         if recon.shape[1:3] != frames.shape[1:3]:  # compare at the size the tokenizer saw
             frames = media.resize_and_center_crop(frames, *recon.shape[1:3])
-        values.append(psnr_uint8(recon, frames[: len(recon)]))
+        pair = [torch.from_numpy(np.ascontiguousarray(a))[None] for a in (recon, frames[: len(recon)])]
+        values.append(psnr(*pair, value_range=(0, 255)).item())
         frames_per_clip.add(len(recon))
     return {"psnr_db": float(np.mean(values)), "min_db": float(np.min(values)), "max_db": float(np.max(values)),
             "clips": len(values), "frames": sorted(frames_per_clip), "data": str(jsonl)}
