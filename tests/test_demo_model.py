@@ -165,6 +165,8 @@ def test_recipe_options_reject_bad_sizes():
         RecipeOptions(clips=10, feature_clips=20)
     with pytest.raises(ValueError, match="workers"):
         RecipeOptions(workers=0)
+    with pytest.raises(ValueError, match="processes"):
+        RecipeOptions(processes=0)
 
 
 def test_build_base_puts_the_trained_vae_into_the_demo_preset(tmp_path):
@@ -181,24 +183,3 @@ def test_build_base_puts_the_trained_vae_into_the_demo_preset(tmp_path):
     with pytest.raises((ConfigError, FileNotFoundError, ValueError)):
         build_base(tmp_path / "missing.safetensors", tmp_path / "base2")
     assert not (Path(tmp_path) / "base2" / "model_index.json").exists()
-
-
-def test_install_decoder_swaps_only_a_decoder_trained_on_the_same_encoder(tmp_path):
-    from infinitystar.checkpoints import save_vae
-    from infinitystar.demo.recipe import install_decoder
-
-    pipe = InfinityStarPipeline.from_preset("demo", seed=3)
-    pipe.save_pretrained(tmp_path / "model")
-    tuned = InfinityStarPipeline.from_preset("demo", seed=3).vae
-    with torch.no_grad():
-        tuned.decoder.conv_out.conv.bias.add_(0.5)
-    save_vae(tuned, tmp_path / "tuned.safetensors")
-    assert install_decoder(tmp_path / "model", tmp_path / "tuned.safetensors") is True
-    again = InfinityStarPipeline.from_pretrained(tmp_path / "model")
-    assert torch.equal(again.vae.decoder.conv_out.conv.bias, tuned.decoder.conv_out.conv.bias)
-    assert install_decoder(tmp_path / "model", tmp_path / "tuned.safetensors") is False  # already there
-    with torch.no_grad():
-        tuned.encoder.conv_in.conv.weight.mul_(2)
-    save_vae(tuned, tmp_path / "other_encoder.safetensors")
-    with pytest.raises(ValueError, match="another encoder"):
-        install_decoder(tmp_path / "model", tmp_path / "other_encoder.safetensors")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -349,7 +350,9 @@ def _add_train_vae(subparsers: argparse._SubParsersAction) -> None:
         "train-vae", help="train or fine-tune the video VAE",
         description="Train or fine-tune the video VAE from a VAETrainConfig file (.toml or .json; see "
         "infinitystar.config.VAETrainConfig). Resumes from the newest checkpoint in out_dir; writes "
-        "log.jsonl, checkpoints/ and the final vae.safetensors there.")
+        "log.jsonl, checkpoints/ and the final vae.safetensors there. Data parallel over several processes "
+        "under torchrun (batch_size is per process): torchrun --standalone --nproc_per_node 2 -m "
+        "infinitystar.cli train-vae CONFIG")
     p.add_argument("config", metavar="CONFIG", help="training config (.toml or .json)")
     p.add_argument("--steps", type=int, default=None, help="override the config's steps")
     p.add_argument("--out-dir", default=None, help="override the config's out_dir")
@@ -360,6 +363,7 @@ def _add_train_vae(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_train_vae(args: argparse.Namespace) -> int:
     from infinitystar.config import VAETrainConfig, replace
+    from infinitystar.train.distributed import shutdown_distributed
     from infinitystar.train.vae_trainer import train_vae
 
     config = VAETrainConfig.from_file(args.config)
@@ -368,9 +372,13 @@ def _run_train_vae(args: argparse.Namespace) -> int:
         changes["resume"] = False
     if args.quiet:
         changes["progress"] = False
-    result = train_vae(replace(config, **changes) if changes else config)
-    extra = f", eval PSNR {result.eval_psnr:.2f} dB" if result.eval_psnr is not None else ""
-    print(f"wrote {result.export_path} (step {result.step}{extra})")
+    try:
+        result = train_vae(replace(config, **changes) if changes else config)
+    finally:
+        shutdown_distributed()
+    if int(os.environ.get("RANK", "0")) == 0:
+        extra = f", eval PSNR {result.eval_psnr:.2f} dB" if result.eval_psnr is not None else ""
+        print(f"wrote {result.export_path} (step {result.step}{extra})")
     return 0
 
 
@@ -378,17 +386,20 @@ def _add_train_demo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train-demo", help="retrain the embedded demo model (the whole recipe, CPU, about 2 hours)",
         description="Run the demo model's whole recipe into OUT_DIR with the ordinary commands: make-demo-data -> "
-        "train-vae (configs/demo/vae.toml) -> extract-features -> train (configs/demo/transformer.toml) -> "
-        "export (OUT_DIR/model) -> evaluate (OUT_DIR/eval). Resumable: run it again to continue. --ship writes "
-        "the model into the package (infinitystar/demo/weights), where `generate` without --model finds it.")
+        "train-vae (configs/demo/vae.toml, then vae_decoder.toml) -> extract-features -> train "
+        "(configs/demo/transformer.toml) -> export (OUT_DIR/model) -> evaluate (OUT_DIR/eval). The two trainers "
+        "run as --processes data-parallel processes under torchrun. Resumable: run it again to continue. --ship "
+        "writes the model into the package (infinitystar/demo/weights), where `generate` without --model finds it.")
     p.add_argument("out_dir", metavar="OUT_DIR", help="working folder (data, logs, runs, model, eval)")
     p.add_argument("--config-dir", default=None, help="folder with vae.toml and transformer.toml "
                    "(default: configs/demo of the source tree)")
     p.add_argument("--clips", type=int, default=2048, help="training clips (default: 2048)")
     p.add_argument("--feature-clips", type=int, default=1024,
                    help="training clips the transformer sees (the first N; default: 1024)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="parallel feature-extraction processes (default: 1; the decoder fine-tune runs beside it)")
+    p.add_argument("--workers", type=int, default=2, help="parallel feature-extraction processes (default: 2)")
+    p.add_argument("--processes", type=int, default=2,
+                   help="data-parallel processes of train-vae and train, one thread each (default: 2; the configs' "
+                   "batch_size is per process, so another count trains on another global batch)")
     p.add_argument("--vae-steps", type=int, default=None, help="override the VAE config's steps")
     p.add_argument("--steps", type=int, default=None, help="override the transformer config's steps")
     p.add_argument("--ship", action="store_true", help="write the trained model into infinitystar/demo/weights")
@@ -401,7 +412,7 @@ def _run_train_demo(args: argparse.Namespace) -> int:
     from infinitystar.demo.recipe import DEFAULT_CONFIG_DIR, RecipeOptions, run_recipe
 
     options = RecipeOptions(clips=args.clips, feature_clips=args.feature_clips, workers=args.workers,
-                            vae_steps=args.vae_steps, transformer_steps=args.steps)
+                            processes=args.processes, vae_steps=args.vae_steps, transformer_steps=args.steps)
     result = run_recipe(args.out_dir, options, args.config_dir or DEFAULT_CONFIG_DIR, do_ship=args.ship)
     print(json.dumps(result, indent=2))
     return 0

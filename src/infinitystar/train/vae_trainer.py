@@ -6,7 +6,10 @@
     from infinitystar.train.vae_trainer import train_vae
     result = train_vae(VAETrainConfig(vae_preset="tiny-test", data=("clips/",), steps=2000))
 
-One process, one device. Each step: a batch of clips (drawn from a generator seeded by (seed, step)) ->
+One process, or several under ``torchrun`` (data parallel: ``DistributedDataParallel`` averages the
+gradients; ``batch_size`` is per process, rank r trains on slice r of the step's ``batch_size * world``
+clips, so two processes of batch 2 see exactly the clips of one process of batch 4). Each step: a batch
+of clips (drawn from a generator seeded by (seed, step)) ->
 encoder -> posterior mean -> (optionally) multi-scale BSQ with a straight-through gradient -> decoder
 -> loss = l1 * L1 + l2 * MSE + perceptual * structural + gan * hinge-G + mean BSQ aux (commitment +
 entropy) -> Adam step (gradient clipped); with the GAN on, then a hinge-loss discriminator step.
@@ -58,6 +61,7 @@ from infinitystar.config import ConfigError, QuantizerConfig, VAETrainConfig, co
 from infinitystar.fileio import atomic_output, atomic_write_text
 from infinitystar.schedules import BASE_LEVELS, FRAMES_INNER_CLIP, parse_repetition, scale_repetitions
 from infinitystar.schedules import video_scale_schedule as _video_schedule
+from infinitystar.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
 from infinitystar.train.vae_data import ClipDataset, MediaClipDataset, list_media
 from infinitystar.train.vae_losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, psnr, structural_loss
 from infinitystar.vae.bsq import bsq_aux_losses, bsq_quantize
@@ -228,6 +232,27 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
+class _Reconstruction(nn.Module):
+    """encode -> quantize -> decode as one ``forward``, the unit ``DistributedDataParallel`` wraps (DDP
+    synchronises gradients of what runs inside a wrapped module's forward, not of other methods)."""
+
+    def __init__(self, vae: VideoVAE, quantizer: TrainingQuantizer | None, frozen_encoder: bool) -> None:
+        super().__init__()
+        self.vae = vae
+        self.quantizer = quantizer
+        self.frozen_encoder = frozen_encoder
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        with torch.no_grad() if self.frozen_encoder else contextlib.nullcontext():
+            latent = self.vae.encode(x, chunked=False)
+        zero = latent.new_zeros(())
+        aux = commit = penalty = zero
+        if self.quantizer is not None:
+            q = self.quantizer(latent)
+            latent, aux, commit, penalty = q.codes, q.aux, q.commitment, q.entropy_penalty
+        return self.vae.decode(latent, chunked=False), aux, commit, penalty
+
+
 def reconstruct(model: VideoVAE, video: Tensor, quantizer: TrainingQuantizer | None = None) -> Tensor:
     """Encode (posterior mean), optionally quantize, decode: (B, 3, T, H, W) -> (B, 3, T, H, W), unclamped."""
     latent = model.encode(video, chunked=False)
@@ -266,10 +291,12 @@ class VAETrainer:
     """Owns the model, optimizers, data and files of one VAE training run; :meth:`run` trains to ``steps``."""
 
     def __init__(self, config: VAETrainConfig, dataset: ClipDataset | None = None,
-                 eval_dataset: ClipDataset | None = None) -> None:
+                 eval_dataset: ClipDataset | None = None, info: DistInfo | None = None) -> None:
         self.config = cfg = config
         self.out_dir = Path(cfg.out_dir)
-        self.device = torch.device(cfg.device)
+        # torchrun's environment -> a process group (gloo on CPU, nccl on CUDA); none in a single process.
+        self.info = info if info is not None else init_distributed(cfg.device)
+        self.device = self.info.device
         if dataset is None:
             if not cfg.data:
                 raise ConfigError("VAETrainConfig.data is empty and no dataset was given")
@@ -305,6 +332,20 @@ class VAETrainer:
                                            cfg.disc_layers).to(self.device)
             self.disc_optimizer = torch.optim.AdamW(self.disc.parameters(), lr=cfg.disc_lr or cfg.lr,
                                                     betas=cfg.betas, weight_decay=cfg.weight_decay)
+        # What the step runs: the plain modules in one process, DDP wrappers (rank 0's initial weights
+        # broadcast, gradients averaged over ranks in backward) under torchrun.
+        self.recon: nn.Module = _Reconstruction(self.model, self.quantizer, cfg.train_decoder_only)
+        self.disc_step: nn.Module | None = self.disc
+        if self.info.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # find_unused_parameters: proj_down_two/proj_up_two are kept for the official key names but never
+            # run, so they get no gradient; gradient_as_bucket_view spares a copy of every gradient.
+            self.recon = DistributedDataParallel(self.recon, device_ids=ids, find_unused_parameters=True,
+                                                 gradient_as_bucket_view=True)
+            if self.disc is not None:
+                self.disc_step = DistributedDataParallel(self.disc, device_ids=ids)
         self.step = 0
 
     def _media_dataset(self, sources: Sequence[str]) -> MediaClipDataset:
@@ -324,9 +365,11 @@ class VAETrainer:
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
     def batch(self, step: int) -> Tensor:
-        """The clips of step ``step`` (a function of (seed, step) only): (B, 3, T, H, W)."""
+        """This rank's clips of step ``step`` (B, 3, T, H, W): slice ``rank`` of the ``B * world`` clips drawn
+        from a generator seeded by (seed, step) alone."""
         rng = np.random.default_rng([self.config.seed, step])
-        clips = [self.dataset.sample(rng) for _ in range(self.config.batch_size)]
+        b, rank = self.config.batch_size, self.info.rank
+        clips = [self.dataset.sample(rng) for _ in range(b * self.info.world_size)][rank * b:(rank + 1) * b]
         shapes = {tuple(c.shape) for c in clips}
         want = (3, self.config.num_frames, self.config.height, self.config.width)
         if shapes != {want}:
@@ -347,14 +390,8 @@ class VAETrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        with torch.no_grad() if cfg.train_decoder_only else contextlib.nullcontext():
-            latent = model.encode(x, chunked=False)
-        zero = latent.new_zeros(())
-        aux = commit = penalty = zero
-        if self.quantizer is not None:
-            q = self.quantizer(latent)
-            latent, aux, commit, penalty = q.codes, q.aux, q.commitment, q.entropy_penalty
-        x_hat = model.decode(latent, chunked=False)
+        x_hat, aux, commit, penalty = self.recon(x)
+        zero = x_hat.new_zeros(())
         diff = x_hat - x
         if cfg.foreground_weight > 0:
             weight = 1 + cfg.foreground_weight * (x.amax(1, keepdim=True) > cfg.foreground_threshold).to(x.dtype)
@@ -384,18 +421,23 @@ class VAETrainer:
             self.disc.requires_grad_(True)
             for group in self.disc_optimizer.param_groups:
                 group["lr"] = (cfg.disc_lr or cfg.lr) * lr / cfg.lr
-            d_loss = hinge_d_loss(self.disc(x), self.disc(x_hat.detach()))
+            # One forward of real and fake together: a DDP module runs one forward per backward.
+            assert self.disc_step is not None
+            logits_real, logits_fake = self.disc_step(torch.cat([x, x_hat.detach()])).chunk(2)
+            d_loss = hinge_d_loss(logits_real, logits_fake)
             self.disc_optimizer.zero_grad(set_to_none=True)
             d_loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.grad_clip)
             self.disc_optimizer.step()
-        return {
-            "step": step + 1, "loss": loss.item(), "l1": l1.item(), "l2": l2.item(), "perceptual": perc.item(),
-            "gan_g": g_loss.item(), "gan_d": d_loss.item(), "bsq_aux": aux.item(), "commitment": commit.item(),
-            "entropy_penalty": penalty.item(), "psnr": psnr(x_hat, x).item(), "lr": lr,
-            "grad_norm": grad_norm.item(), "sec": time.perf_counter() - t0,
-        }
+        names = ("loss", "l1", "l2", "perceptual", "gan_g", "gan_d", "bsq_aux", "commitment", "entropy_penalty",
+                 "psnr")
+        values = [loss, l1, l2, perc, g_loss, d_loss, aux, commit, penalty, psnr(x_hat.detach(), x)]
+        # Metrics are means over ranks (the gradient norm is already the all-reduced one's).
+        world = self.info.world_size
+        means = [v / world for v in all_reduce_sum([v.item() for v in values], self.info)]
+        return {"step": step + 1, **dict(zip(names, means)), "lr": lr, "grad_norm": grad_norm.item(),
+                "sec": time.perf_counter() - t0}
 
     # --- evaluation ------------------------------------------------------------------------------
 
@@ -409,7 +451,12 @@ class VAETrainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean PSNR (dB, pixels in [-1, 1] mapped to [0, 1]) of the held-out clips, through the quantizer if on."""
+        """Mean PSNR (dB, pixels in [-1, 1] mapped to [0, 1]) of the held-out clips, through the quantizer if on.
+        Computed by rank 0 (every rank gets its value)."""
+        value = self._evaluate_here() if self.info.is_main else None
+        return broadcast_object(value, self.info)
+
+    def _evaluate_here(self) -> float | None:
         clips = self.eval_clips()
         if not clips:
             return None
@@ -434,11 +481,14 @@ class VAETrainer:
         }
 
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes the checkpoint (every rank holds the same weights and optimizer state); all wait."""
         path = self.out_dir / "checkpoints" / f"step_{self.step:08d}.pt"
-        with atomic_output(path) as tmp:
-            torch.save(self.checkpoint_state(), tmp)
-        for _, old in list_checkpoints(self.out_dir)[:-self.config.keep_last_k]:
-            old.unlink(missing_ok=True)
+        if self.info.is_main:
+            with atomic_output(path) as tmp:
+                torch.save(self.checkpoint_state(), tmp)
+            for _, old in list_checkpoints(self.out_dir)[:-self.config.keep_last_k]:
+                old.unlink(missing_ok=True)
+        barrier(self.info)
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -463,13 +513,15 @@ class VAETrainer:
     # --- the loop --------------------------------------------------------------------------------
 
     def _log(self, record: dict[str, float]) -> None:
+        if not self.info.is_main:
+            return
         with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def _truncate_log(self, step: int) -> None:
         """Drop log lines of steps after ``step`` (a resumed run will log them again)."""
         log = self.out_dir / "log.jsonl"
-        if not log.is_file():
+        if not self.info.is_main or not log.is_file():
             return
         kept = []
         for line in log.read_text(encoding="utf-8").splitlines():
@@ -490,11 +542,14 @@ class VAETrainer:
         if cfg.resume and found:
             self.load_checkpoint(found[-1][1])
             self._truncate_log(self.step)
-        atomic_write_text(self.out_dir / "vae_train_config.json", json.dumps(config_to_dict(self.config), indent=2))
+        if self.info.is_main:
+            atomic_write_text(self.out_dir / "vae_train_config.json",
+                              json.dumps(config_to_dict(self.config), indent=2))
+        barrier(self.info)  # no rank starts before every rank has read the same checkpoint
         history: list[dict[str, float]] = []
         eval_psnr = None
-        bar = tqdm(total=cfg.steps, initial=min(self.step, cfg.steps), disable=not cfg.progress,
-                   desc="train-vae", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=min(self.step, cfg.steps),
+                   disable=not cfg.progress or not self.info.is_main, desc="train-vae", dynamic_ncols=True)
         try:
             while self.step < cfg.steps:
                 record = self.train_step(self.step)
@@ -515,7 +570,10 @@ class VAETrainer:
             bar.close()
         if eval_psnr is None and self.eval_dataset is not None:
             eval_psnr = self.evaluate()
-        export = self.export()
+        export = self.out_dir / "vae.safetensors"
+        if self.info.is_main:
+            export = self.export()
+        barrier(self.info)
         return TrainResult(model=self.model, step=self.step, export_path=export, history=history, eval_psnr=eval_psnr)
 
 
