@@ -193,6 +193,10 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
             ["make-demo-data", str(data), "--clips", str(opts.clips), "--heldout-clips", str(opts.heldout_clips),
              "--seed", str(opts.seed)], logs / "make_demo_data.log", "make-demo-data")
 
+    # One thread per trainer process when several share the cores; a single process keeps every thread (the VAE
+    # configs may still pin their own `threads`).
+    trainer_threads = 1 if opts.processes > 1 else None
+
     # 2. VAE
     vae_cfg = _read_toml(cfg_dir / "vae.toml")
     vae_cfg.update(data=[str(data / "train.jsonl")], eval_data=[str(data / "heldout.jsonl")],
@@ -203,7 +207,7 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     vae_weights = out / "vae" / "vae.safetensors"
     if not vae_weights.is_file():
         timings["train_vae"] = _run(["train-vae", str(gen / "vae.json")], logs / "train_vae.log", "train-vae",
-                                    threads=1, processes=opts.processes)
+                                    threads=trainer_threads, processes=opts.processes)
 
     # 2b. the decoder alone on whole clips (configs/demo/vae_decoder.toml, optional): the encoder -- so the
     # latents and the bits -- stays as it is.
@@ -215,8 +219,8 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
         vae_weights = out / "vae_decoder" / "vae.safetensors"
         if not vae_weights.is_file():
             timings["train_vae_decoder"] = _run(["train-vae", str(gen / "vae_decoder.json")],
-                                                logs / "train_vae_decoder.log", "train-vae (decoder)", threads=1,
-                                                processes=opts.processes)
+                                                logs / "train_vae_decoder.log", "train-vae (decoder)",
+                                                threads=trainer_threads, processes=opts.processes)
 
     # 3. base pipeline
     base = out / "base"
@@ -252,7 +256,7 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     model = out / "model"
     if not (model / "model_index.json").is_file():
         timings["train"] = _run(["train", str(gen / "transformer.json"), "--quiet"], logs / "train.log", "train",
-                                threads=1, processes=opts.processes)
+                                threads=trainer_threads, processes=opts.processes)
         timings["export"] = _run(["export", str(out / "run"), str(model)], logs / "export.log", "export")
 
     # 7. evaluation

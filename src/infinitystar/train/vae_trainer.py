@@ -255,10 +255,7 @@ class _Reconstruction(nn.Module):
 
 def reconstruct(model: VideoVAE, video: Tensor, quantizer: TrainingQuantizer | None = None) -> Tensor:
     """Encode (posterior mean), optionally quantize, decode: (B, 3, T, H, W) -> (B, 3, T, H, W), unclamped."""
-    latent = model.encode(video, chunked=False)
-    if quantizer is not None:
-        latent = quantizer(latent).codes
-    return model.decode(latent, chunked=False)
+    return _Reconstruction(model, quantizer, frozen_encoder=False)(video)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,9 +501,14 @@ class VAETrainer:
         torch.set_rng_state(state["rng"]["torch"])
         self.step = int(state["step"])
 
+    @property
+    def export_path(self) -> Path:
+        """Where :meth:`export` writes by default (and where a run's final weights are)."""
+        return self.out_dir / "vae.safetensors"
+
     def export(self, path: str | os.PathLike | None = None) -> Path:
         """Write the model as safetensors (official key names, config in the metadata) for ``load_vae``."""
-        out = Path(path) if path is not None else self.out_dir / "vae.safetensors"
+        out = Path(path) if path is not None else self.export_path
         save_vae(self.model, out, metadata={"step": str(self.step), "source": "infinitystar train-vae"})
         return out
 
@@ -570,11 +572,11 @@ class VAETrainer:
             bar.close()
         if eval_psnr is None and self.eval_dataset is not None:
             eval_psnr = self.evaluate()
-        export = self.out_dir / "vae.safetensors"
         if self.info.is_main:
-            export = self.export()
+            self.export()
         barrier(self.info)
-        return TrainResult(model=self.model, step=self.step, export_path=export, history=history, eval_psnr=eval_psnr)
+        return TrainResult(model=self.model, step=self.step, export_path=self.export_path, history=history,
+                           eval_psnr=eval_psnr)
 
 
 def train_vae(config: VAETrainConfig, dataset: ClipDataset | None = None,
