@@ -9,11 +9,16 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = Path(os.environ.get("INFINITYSTAR_GOLDEN", REPO_ROOT.parent / "shared" / "golden"))
+# The reference's numbers ship with the tests (tests/golden, a byte-identical copy of the project's shared golden
+# folder; tests/test_golden_copy.py keeps the two from drifting). INFINITYSTAR_GOLDEN points at another copy, e.g.
+# one that holds more cases of each kind.
+VENDORED_GOLDEN_DIR = REPO_ROOT / "tests" / "golden"
+SHARED_GOLDEN_DIR = REPO_ROOT.parent / "shared" / "golden"
+GOLDEN_DIR = Path(os.environ.get("INFINITYSTAR_GOLDEN", VENDORED_GOLDEN_DIR))
 
 
 def golden_cases(kind: str) -> list[Path]:
-    """Every case folder under golden/<kind>/ (vae or transformer), sorted by name."""
+    """Every case folder under golden/<kind>/ (vae, transformer, interactive, frontend, output), sorted by name."""
     root = GOLDEN_DIR / kind
     if not root.is_dir():
         return []
