@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -37,3 +38,48 @@ def golden_dir() -> Path:
     if not GOLDEN_DIR.is_dir():
         pytest.fail(f"golden directory {GOLDEN_DIR} is missing (set INFINITYSTAR_GOLDEN)")
     return GOLDEN_DIR
+
+
+def adam_step_bound(betas: tuple[float, float], t: int) -> float:
+    """Largest |m_hat| / sqrt(v_hat) of Adam's step t over all gradient sequences (a step is at most lr times it).
+
+    m_t = sum_i (1-b1) b1^(t-i) g_i and v_t = sum_i (1-b2) b2^(t-i) g_i^2, so by Cauchy-Schwarz
+    |m_t| <= sqrt(sum_i ((1-b1) b1^(t-i))^2 / ((1-b2) b2^(t-i))) sqrt(v_t); then the bias corrections.
+    """
+    b1, b2 = betas
+    s = sum(((1 - b1) * b1 ** (t - i)) ** 2 / ((1 - b2) * b2 ** (t - i)) for i in range(1, t + 1))
+    return math.sqrt(1 - b2**t) / (1 - b1**t) * math.sqrt(s)
+
+
+FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def layer_reductions(model: torch.nn.Module) -> list[int]:
+    """Length of the sum behind each output element of every conv/linear layer (its fan-in) and norm (its width)."""
+    lengths = []
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            lengths.append(m.weight[0].numel())
+        elif "Norm" in type(m).__name__ and isinstance(getattr(m, "weight", None), torch.Tensor):
+            lengths.append(m.weight.numel())
+    return lengths
+
+
+def float32_rounding_tolerance(scale: float, reductions: list[int], spread: float = 6.0) -> float:
+    """How far two float32 evaluations of the same formula may drift apart when they round differently (other
+    kernels or ISA, summation order, batch/chunk/padding shapes, thread count).
+
+    Model (Higham's probabilistic rounding analysis): a sum of n terms errs by ~sqrt(n) unit roundoffs (2^-24)
+    of the magnitudes involved (at most `scale`, the largest value compared); the independent errors of the
+    successive sums of a path (`reductions`, their lengths) add in quadrature; the difference of two evaluations
+    has sqrt(2) times the error of one. `spread` standard deviations: 6 is exceeded with probability ~2e-9 per
+    element under the model. A real bug (a wrong mask, position, slice or weight) changes values by a sizeable
+    fraction of `scale`, far above this.
+    """
+    return spread * math.sqrt(2) * FLOAT32_UNIT_ROUNDOFF * scale * math.sqrt(sum(reductions))
+
+
+def transformer_rounding_path(model: torch.nn.Module, seq_len: int) -> list[int]:
+    """Lengths of the float32 sums behind an InfinityStarTransformer output: every layer's, and per block the
+    attention's (scores over head_dim, softmax and weighted sum over up to `seq_len` keys)."""
+    return layer_reductions(model) + [model.cfg.head_dim, seq_len, seq_len] * model.cfg.depth

@@ -231,7 +231,8 @@ def test_judge_is_right_on_ground_truth_clips():
     acc = ev.score(judged, truths)
     assert acc["n"] == 220
     assert acc["colour"] >= 0.99 and acc["shape"] >= 0.99 and acc["direction"] >= 0.99, acc
-    # Sanity: against shuffled labels the same verdicts score about chance (1/6, 1/3, 1/4).
+    # Sanity: against shuffled labels the same verdicts score about chance (1/6, 1/3, 1/4). With 220 clips the
+    # standard errors are 0.025, 0.032, 0.029: the bounds sit 5-6.5 of them above chance (fixed permutation).
     perm = np.random.default_rng(0).permutation(len(truths))
     shuffled = ev.score(judged, [truths[i] for i in perm])
     assert shuffled["colour"] < 0.33 and shuffled["shape"] < 0.5 and shuffled["direction"] < 0.42, shuffled

@@ -67,7 +67,11 @@ def _judged(pipe, triple, seed):
 
 # The targets on held-out triples (colour >= 90 %, shape >= 80 %, direction >= 80 %), checked here on one
 # clip of each of the 12 held-out triples and of 12 seen ones (fixed seeds); the README gives the figures of the
-# full evaluation (4 clips per prompt).
+# full evaluation (4 clips per prompt). False alarms: each fixed-seed clip is judged right on every attribute here
+# (12/12), and the targets allow 1 (colour) or 2 misses of 12. Another machine rounds the logits differently (~1e-6),
+# which changes a sampled bit only where a uniform draw falls that close to its probability, and the decoder's
+# pixels by at most one level (measured with AVX2 and plain kernels); even a clip re-drawn by such a flip misses
+# with the full evaluation's rates (<= 6.2 %), so a false alarm needs two or three such clips.
 TARGETS = {"colour": 0.9, "shape": 0.8, "direction": 0.8}
 
 

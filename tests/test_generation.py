@@ -66,6 +66,10 @@ def test_shifting_cached_keys_equals_computing_them_at_the_shifted_positions():
     # not redo; see plan_steps.)
     (k_late,), (v_late,) = cache.get(0, ["late"])
     (k_early,), (v_early,) = cache.get(0, ["early"])
+    # Keys: rotations by float32 angles pos * freq (integer positions <= 84 here, freqs 1, 0.1, 0.01, 0.001): the
+    # late and early angles round by <= 1/2 ulp(8.4) = 4.8e-7 each (the freq-1 angles are exact), the shift's by
+    # less, and each rotation adds ~2 unit roundoffs: |k| <= 3 times ~1.3e-6 rad is <= 4e-6, under 1e-5.
+    # Values carry no rotation: the same input through the same kernels, so they agree bitwise.
     torch.testing.assert_close(k_late, k_early, atol=1e-5, rtol=0)
     torch.testing.assert_close(v_late, v_early, atol=0, rtol=0)
     # Without the shift they differ: the test can fail.

@@ -210,7 +210,7 @@ def test_interactive_layout():
     assert layout.extra_condition_tokens == g["extra_condition_tokens"] == 1320 + 4770
     assert layout.frames == (0, 20)
     # the previous segment = context frames 1..20, its last two = context frames 19, 20
-    assert layout.semantic_source == (1, 21) and layout.detail_source_from_former == (19, 21)
+    assert layout.semantic_source == (1, 21) and layout.detail_former_frames == (19, 20)
     assert (layout.context_latent_frames, layout.decode_latent_frames, layout.output_video_frames) == (21, 40, 80)
     assert layout.prefix_passes + g["visual_forward_steps"] == g["total_forward_passes_incl_text_and_conditions"]
 

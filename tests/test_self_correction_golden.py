@@ -162,6 +162,7 @@ def test_random_flips_reproducible_and_rate():
     for _ in range(20):
         mask = src.flip_mask(0, steps[0], bits)
         rates.append((src.drawn[-1], 0.0 if mask is None else mask.float().mean().item()))
+    # 64^3 = 262144 Bernoulli(p) bits: standard error <= 0.5 / 512 = 0.001, so 0.01 is >= 10 of them.
     for p, rate in rates:
         assert abs(rate - p) < 0.01, f"drawn p={p}, flipped fraction {rate}"
     assert len({p for p, _ in rates}) > 3  # the strength itself is random per call

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import adam_step_bound
 from infinitystar.config import ConfigError, DataConfig, TrainConfig, load_train_config
 from infinitystar.train import checkpointing
 from infinitystar.train.ema import EMA
@@ -258,10 +259,14 @@ def test_fsdp_two_processes_match_one_then_export_and_generate(tiny_data, tmp_pa
     log = read_log(tmp_path / "two" / "train_log.jsonl")
     assert [r["step"] for r in log if r.get("event") == "resume"] == [3]
     again = step_losses(tmp_path / "two" / "train_log.jsonl")
+    # Exact: the same 2 processes run the same kernels on the same inputs from the restored state, and a sum over 2
+    # ranks does not depend on their order.
     assert [again[s] for s in (4, 5)] == [b[4], b[5]]
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
-    # Tolerance 1e-5 on losses (measured: <= 1e-7): the packed sequence of 2 and two sequences of 1 round
-    # differently; gradients are averaged by FSDP's reduce-scatter.
+    # Losses within 1e-5 (~170 float32 ulps of a ~0.69 loss): the packed sequence of 2 and two sequences of 1 run
+    # the same arithmetic but round differently (other kernel shapes; FSDP's reduce-scatter sums the gradient in
+    # another order). Adam lets rounding move only coordinates whose gradient is at rounding level (see the
+    # weights below), and those hardly change the loss to first order; the rest is rounding grown over 5 steps.
     for s in a:
         assert abs(a[s] - b[s]) <= 1e-5, (s, a[s], b[s])
     assert len(list((tmp_path / "two" / "checkpoints" / "step_00000005").glob("*.distcp"))) == 2
@@ -278,15 +283,18 @@ def test_fsdp_two_processes_match_one_then_export_and_generate(tiny_data, tmp_pa
     w2 = load_safetensors(tmp_path / "export_two" / "transformer" / "model.safetensors")
     base = InfinityStarPipeline.from_preset("tiny-test", seed=0).transformer.state_dict()
     assert w1.keys() == w2.keys() == base.keys()
-    # Adam turns rounding-level gradient differences into update differences of up to ~lr where a gradient is
-    # near zero, so the weights are compared relative to how far training moved them. Measured: relative L2
-    # 1.1e-5, largest element 1.4e-5 for a largest update of 1.0e-2.
+    # Adam divides each gradient by its own running RMS: where a gradient is at rounding level (|g| ~ eps) the
+    # rounding differences of the two runs become step differences of up to a whole step, in either direction;
+    # elsewhere the steps agree to rounding. Each run's step t moves a coordinate by at most lr_t * rho_t
+    # (conftest.adam_step_bound), so no coordinate differs by more than `worst`, which only such coordinates
+    # approach; even if 0.1% of the coordinates did, the mean difference would be 1e-3 of it. A wrong batch slice
+    # or unsynchronised gradients change the steps of most coordinates: a mean difference of the order of `worst`.
+    cfg = load_train_config(str(one))
+    worst = 2 * sum(lr_at(t - 1, cfg) * adam_step_bound(cfg.betas, t) for t in range(1, steps + 1))
     update = max((w1[k] - base[k]).abs().max().item() for k in w1)
     assert update > 1e-3  # training changed the weights
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-2 * update
-    diff = sum(((w1[k] - w2[k]) ** 2).sum() for k in w1) ** 0.5
-    moved = sum(((w1[k] - base[k]) ** 2).sum() for k in w1) ** 0.5
-    assert diff <= 1e-4 * moved
+    diffs = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
+    assert diffs.max().item() <= worst and diffs.mean().item() <= 1e-3 * worst, (diffs.max(), diffs.mean(), worst)
     # The EMA export holds different weights (decay 0.5 lags behind the model).
     out_ema = export_run(tmp_path / "two", tmp_path / "export_ema", use_ema=True)
     w_ema = load_safetensors(out_ema / "transformer" / "model.safetensors")

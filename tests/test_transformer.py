@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GOLDEN_DIR
+from conftest import GOLDEN_DIR, float32_rounding_tolerance, transformer_rounding_path
 from infinitystar.checkpoints import (
     OFFICIAL_INDEX_NAME,
     export_official_transformer,
@@ -97,9 +97,12 @@ def test_sdpa_and_flex_agree_on_packed_sequence() -> None:
         a = model.forward_packed(x, texts, layout, backend="sdpa")
         b = model.forward_packed(x, texts, layout, backend="flex")
     assert torch.isfinite(a.hidden).all()
-    assert (a.hidden - b.hidden).abs().max() < 1e-5
+    # Two kernels for the same attention: they differ by float32 rounding along every layer's sums plus, per block,
+    # the attention's own (scores over head_dim, softmax and weighted sum over the sequence).
+    tol = float32_rounding_tolerance(a.hidden.abs().max().item(), transformer_rounding_path(model, layout.seq_len))
+    assert (a.hidden - b.hidden).abs().max() <= tol
     for la, lb in zip(a.logits, b.logits):
-        assert (la - lb).abs().max() < 1e-5
+        assert (la - lb).abs().max() <= tol
     # Padding rows attend to nothing: zero attention output, and with bias-free blocks zero hidden state.
     assert a.hidden[0, layout.seq_len - layout.pad_len:].abs().max() == 0
 
@@ -123,8 +126,10 @@ def test_attend_backends_match_dense_reference_including_blind_rows() -> None:
             if vis.any():
                 w = torch.softmax(q[0, h, i] @ k[0, h // 2, vis].T / 4.0, dim=-1)
                 ref[0, h, i] = w @ v[0, h // 2, vis]
-    assert (out_sdpa - ref).abs().max() < 1e-5
-    assert (out_flex - ref).abs().max() < 1e-5
+    # Rounding of one attention: scores over the head dim, softmax and weighted sum over the 128 keys.
+    tol = float32_rounding_tolerance(v.abs().max().item(), [16, 128, 128])
+    assert (out_sdpa - ref).abs().max() <= tol
+    assert (out_flex - ref).abs().max() <= tol
     assert out_sdpa[..., 90:, :].abs().max() == 0
     # The dense path keeps gradients finite although some rows see no key.
     q.requires_grad_(True)
@@ -140,8 +145,11 @@ def test_packed_forward_matches_kv_cached_steps() -> None:
     x = torch.randn(1, layout.visual_len, TINY.d_vae, generator=gen) * 0.1
     text = torch.randn(7, TINY.text_channels, generator=gen)
     model = _model()
+    # Same visibility, other shapes (one packed sequence vs a step per scale): equal up to float32 rounding.
+    path = transformer_rounding_path(model, layout.seq_len)
     with torch.no_grad():
         packed = model.forward_packed(x, [text], layout)
+        tol = float32_rounding_tolerance(packed.hidden.abs().max().item(), path)  # the largest value on the path
         cache = model.new_cache()
         model.prefill_text(text, cache, guidance=False)
         info = clip_layout(VIDEO)
@@ -151,7 +159,7 @@ def test_packed_forward_matches_kv_cached_steps() -> None:
             rope = model.step_rope(scale, si, info[si].frame_ss, VIDEO[-1][1:])
             logits = model.step(x[:, start:start + n], rope, cache, refs=info[si].ref_sids, store_as=si,
                                 semantic=layout.semantic[si], batch=1)
-            assert (logits - packed.logits[si]).abs().max() < 1e-5, f"scale {si}"
+            assert (logits - packed.logits[si]).abs().max() <= tol, f"scale {si}"
             start += n
         cache.keep_only({cache.TEXT, 2})
         assert sorted(map(str, cache.keys())) == ["2", "text"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import float32_rounding_tolerance, layer_reductions
 from infinitystar.checkpoints import (
     convert_vae_checkpoint,
     load_official_vae_state_dict,
@@ -20,10 +21,6 @@ from infinitystar.checkpoints import (
 from infinitystar.cli import main as cli_main
 from infinitystar.config import VAEConfig, get_preset, replace
 from infinitystar.vae.model import VideoVAE, chunk_bounds
-
-# Chunked and one-shot processing are the same computation reordered in time; agreement is
-# float-rounding level (observed: bitwise on CPU). 1e-5 is far below any real error.
-CHUNK_ATOL = 1e-5
 
 MASKS = {
     "quantizer.lfq_semantic.mask": torch.tensor([2**i for i in range(15, -1, -1)], dtype=torch.int64),
@@ -70,6 +67,16 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+def _rounding_ratio(vae: VideoVAE, a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| over the float32 rounding bound of the VAE's sums, for a and b computed by the same network on
+    inputs reordered in time or batch (chunked vs one shot, prefix vs whole, one item vs a batch). The kernels
+    see other shapes and may sum in another order (bitwise equal with AVX-512 kernels, not with AVX2), so <= 1
+    is the criterion; a wrong chunk boundary, causal pad or cache moves values by a sizeable fraction of their range.
+    """
+    scale = max(a.abs().max().item(), b.abs().max().item())
+    return _maxdiff(a, b) / float32_rounding_tolerance(scale, layer_reductions(vae))
+
+
 # ----------------------------------------------------------------------------------------------
 # Chunking and causality
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +97,7 @@ def test_chunked_encode_matches_one_shot(vae, frames):
     with torch.no_grad():
         chunked, one_shot = vae.encode(x), vae.encode(x, chunked=False)
     assert chunked.shape == (1, 64, 1 + (frames - 1) // 4, 2, 3)
-    assert _maxdiff(chunked, one_shot) <= CHUNK_ATOL
+    assert _rounding_ratio(vae, chunked, one_shot) <= 1
 
 
 @pytest.mark.parametrize("latents", [1, 2, 3, 4, 6, 7])
@@ -100,7 +107,7 @@ def test_chunked_decode_matches_one_shot(vae, latents):
     with torch.no_grad():
         chunked, one_shot = vae.decode(z), vae.decode(z, chunked=False)
     assert chunked.shape == (1, 3, 1 + 4 * (latents - 1), 32, 48)
-    assert _maxdiff(chunked, one_shot) <= CHUNK_ATOL
+    assert _rounding_ratio(vae, chunked, one_shot) <= 1
 
 
 def test_other_chunk_sizes_match_one_shot(vae):
@@ -109,8 +116,8 @@ def test_other_chunk_sizes_match_one_shot(vae):
     other.load_state_dict(vae.state_dict())
     x, z = _video(21), _latent(6)
     with torch.no_grad():
-        assert _maxdiff(other.encode(x), vae.encode(x, chunked=False)) <= CHUNK_ATOL
-        assert _maxdiff(other.decode(z), vae.decode(z, chunked=False)) <= CHUNK_ATOL
+        assert _rounding_ratio(vae, other.encode(x), vae.encode(x, chunked=False)) <= 1
+        assert _rounding_ratio(vae, other.decode(z), vae.decode(z, chunked=False)) <= 1
 
 
 def test_encoder_is_causal(vae):
@@ -120,10 +127,10 @@ def test_encoder_is_causal(vae):
         full = vae.encode(x)
         for k in (0, 1, 2, 4):
             prefix = vae.encode(x[:, :, : 1 + 4 * k])
-            assert _maxdiff(prefix, full[:, :, : 1 + k]) <= CHUNK_ATOL
+            assert _rounding_ratio(vae, prefix, full[:, :, : 1 + k]) <= 1
         image = vae.encode(x[:, :, 0])  # 4-D image batch
     assert image.shape == (1, 64, 1, 2, 3)
-    assert _maxdiff(image, full[:, :, :1]) <= CHUNK_ATOL
+    assert _rounding_ratio(vae, image, full[:, :, :1]) <= 1
 
 
 def test_decoder_is_causal(vae):
@@ -131,16 +138,16 @@ def test_decoder_is_causal(vae):
     with torch.no_grad():
         full = vae.decode(z)
         for k in (1, 2, 3, 5):
-            assert _maxdiff(vae.decode(z[:, :, :k]), full[:, :, : 1 + 4 * (k - 1)]) <= CHUNK_ATOL
+            assert _rounding_ratio(vae, vae.decode(z[:, :, :k]), full[:, :, : 1 + 4 * (k - 1)]) <= 1
 
 
 def test_batch_items_are_independent(vae):
     x = torch.cat([_video(5, seed=1), _video(5, seed=2)])
     with torch.no_grad():
         both = vae.encode(x)
-        assert _maxdiff(both[1:], vae.encode(x[1:])) <= CHUNK_ATOL
+        assert _rounding_ratio(vae, both[1:], vae.encode(x[1:])) <= 1
         dec = vae.decode(both)
-        assert _maxdiff(dec[:1], vae.decode(both[:1])) <= CHUNK_ATOL
+        assert _rounding_ratio(vae, dec[:1], vae.decode(both[:1])) <= 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +168,7 @@ def test_seeded_sampling_is_reproducible(vae):
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert not torch.equal(a, mean_latent)
-    # The draw comes from the given generator, and `noise` is used as eps.
+    # The draw comes from the given generator, and `noise` is used as eps (the same draw and formula: bitwise).
     assert _maxdiff(a, explicit) <= 1e-6
     assert torch.all(logvar <= 20) and torch.all(logvar >= -30)
 
@@ -185,7 +192,8 @@ def test_tiled_decode_close_to_untiled(vae):
     overlap 6: mean 7.0e-4, max 2.4e-2. (Two latent frames of 24x32 cells, tile 16 / overlap 8: mean
     3.5e-5, max 5.2e-3.) Stated tolerances: overlap 4 mean < 6e-3 and max < 0.3, overlap 6 mean < 2e-3
     and max < 0.1, error falling with the overlap. A misplaced tile or wrong blend weights gives mean
-    errors >= 0.05.
+    errors >= 0.05. These errors are the tiling's approximation (zero padding), a property of the weights and
+    the input; float rounding (~1e-6 here) moves them by far less than the 2-4x margins, on any machine.
     """
     # Many small convolutions: one thread avoids OpenMP barrier stalls on a shared CPU (the autouse
     # fixture restores 2 threads for the next test).

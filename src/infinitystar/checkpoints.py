@@ -404,7 +404,8 @@ def load_official_transformer(
     Keys and shapes of every shard are checked from the headers first (a checkpoint of another size
     fails before any data is read). Then shards are read one at a time through ``safe_open`` (memory
     mapped) and each tensor is converted and kept, so peak memory stays near one copy of the weights.
-    ``block_dtype`` (e.g. bf16, as the reference does for inference) applies to the blocks only.
+    ``block_dtype`` applies to the blocks only: the pipeline passes its precision policy's (bf16 for
+    ``precision="bf16"``, as the reference casts its blocks), so the weights are never held in float32 first.
     """
     from safetensors import safe_open
 

@@ -44,6 +44,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aspect", default=None, help="aspect ratio W:H, e.g. 16:9 (default: the preset's)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     p.add_argument("--offload", action="store_true", help="keep components on the CPU except while they work")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="bf16: the reference's policy (transformer blocks bf16, Flan-T5 fp16, under bf16 autocast); "
+                   "fp32: everything float32 (default: bf16 on CUDA, fp32 elsewhere)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -56,7 +59,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
                    "(default: outputs/infinitystar.mp4 or .png)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--image", metavar="PATH", help="image-to-video: the first frame")
-    p.add_argument("--video", metavar="PATH", help="video extension: continue this video")
+    p.add_argument("--video", metavar="PATH", help="video extension: continue this video (its first whole clips, "
+                   "at most all but the output's last, sampled as the reference does)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--seconds", type=float, default=None, help="video length in seconds")
     length.add_argument("--frames", type=int, default=None, help="number of frames (1 = image, else 1 + 4k)")
@@ -72,18 +76,26 @@ def _add_interactive(subparsers: argparse._SubParsersAction) -> None:
                               "segment, continuing the previous one.")
     p.add_argument("prompts_file", metavar="PROMPTS_FILE")
     p.add_argument("-o", "--output", default="outputs/interactive.mp4", help="output .mp4 (all segments joined)")
-    p.add_argument("--video", metavar="PATH", help="reference video for segment 0 (default: generate it)")
+    p.add_argument("--video", metavar="PATH", help="reference video for segment 0: its last clip, at the aspect "
+                   "nearest its own unless --aspect is given (default: generate segment 0)")
     p.add_argument("--save-segments", action="store_true", help="also write OUTPUT_0000.mp4, ... per segment")
     _add_model_options(p)
     p.set_defaults(func=_run_interactive)
 
 
-def load_pipeline(model: str | None, preset: str | None, device: str = "cpu", offload: bool = False):
-    """The pipeline the CLI and the web page use: --model, else the demo model, else random weights."""
+def load_pipeline(model: str | None, preset: str | None, device: str = "cpu", offload: bool = False,
+                  precision: str | None = None):
+    """The pipeline the CLI and the web page use: --model, else the demo model, else random weights.
+
+    ``precision`` None follows ``device`` (bf16 on CUDA, fp32 elsewhere); see ``InfinityStarPipeline.set_precision``.
+    """
+    from infinitystar.config import check_precision
     from infinitystar.pipeline import InfinityStarPipeline
 
+    if precision is not None:
+        check_precision(precision)  # before loading any weights
     if model is not None:
-        pipe = InfinityStarPipeline.from_pretrained(model, preset=preset)
+        pipe = InfinityStarPipeline.from_pretrained(model, preset=preset, precision=precision)
     elif preset is not None:
         print(f"note: preset {preset!r} with RANDOM weights (no --model given): the output is noise", file=sys.stderr)
         pipe = InfinityStarPipeline.from_preset(preset)
@@ -93,6 +105,8 @@ def load_pipeline(model: str | None, preset: str | None, device: str = "cpu", of
         print("note: no demo model is shipped yet; using the tiny-test preset with RANDOM weights: the output is "
               "noise, but every stage of the pipeline runs", file=sys.stderr)
         pipe = InfinityStarPipeline.from_preset("tiny-test")
+    if precision is not None:
+        pipe.set_precision(precision)
     if offload:
         pipe.enable_model_cpu_offload(device)
     else:
@@ -118,7 +132,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     default_name = "infinitystar.png" if is_image else "infinitystar.mp4"
     out = Path(args.output) if args.output else Path("outputs") / default_name
     _check_output(out, is_image)
-    pipe = load_pipeline(args.model, args.preset, args.device, args.offload)
+    pipe = load_pipeline(args.model, args.preset, args.device, args.offload, args.precision)
     t0 = time.perf_counter()
     result = pipe(args.prompt, args.negative_prompt, image=args.image, video=args.video, num_frames=args.frames,
                   seconds=args.seconds, resolution=args.resolution, aspect=args.aspect, guidance_scale=args.guidance,
@@ -142,7 +156,7 @@ def _run_interactive(args: argparse.Namespace) -> int:
         raise ValueError(f"prompts file {path} holds no prompt (one per line)")
     out = Path(args.output)
     _check_output(out, is_image=False)
-    pipe = load_pipeline(args.model, args.preset, args.device, args.offload)
+    pipe = load_pipeline(args.model, args.preset, args.device, args.offload, args.precision)
     result = pipe.interactive(prompts, video=args.video, aspect=args.aspect, guidance_scale=args.guidance,
                               seed=args.seed, progress=not args.quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +269,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         if args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         prompts = {g: ps[: args.limit] for g, ps in prompts.items()}
-    pipe = load_pipeline(args.model, args.preset, args.device, args.offload)
+    pipe = load_pipeline(args.model, args.preset, args.device, args.offload, args.precision)
     kwargs = {k: v for k, v in (("guidance_scale", args.guidance), ("aspect", args.aspect)) if v is not None}
     out = Path(args.out)
     total = sum(len(ps) for ps in prompts.values()) * args.clips_per_prompt
@@ -304,8 +318,10 @@ def _add_extract_features(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pn", default=None, help="pixel budget of the buckets: 0.06M, 0.25M, 0.40M or 0.90M")
     p.add_argument("--num-scales", type=int, default=None, help="truncate the scale ladder (small models)")
     p.add_argument("--max-seconds", type=int, default=None, help="clamp clips to this many whole seconds")
-    p.add_argument("--sample", action="store_true", help="store a seeded posterior sample instead of the mean")
-    p.add_argument("--seed", type=int, default=None, help="seed of --sample")
+    p.add_argument("--sample", action="store_true",
+                   help="store a posterior sample instead of the mean (the reference's training features; use it "
+                   "with the official VAE), reproducible per clip from --seed and the clip")
+    p.add_argument("--seed", type=int, default=None, help="base seed of --sample (the training config's data.seed)")
     p.add_argument("--rank", type=int, default=0, help="this process's share: records RANK::WORLD_SIZE")
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--device", default="cpu", help="torch device for the VAE")

@@ -468,6 +468,95 @@ __all__ += ["PipelineConfig", "SamplingConfig"]
 
 
 # ----------------------------------------------------------------------------------------------
+# Inference precision
+# ----------------------------------------------------------------------------------------------
+
+# What a user may ask for: "fp32" (everything in float32) or "bf16" (the reference's inference policy).
+PRECISIONS = ("fp32", "bf16")
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def _torch_dtype(name: str | None) -> Any:
+    import torch  # lazily: this module stays importable without torch
+
+    return None if name is None else getattr(torch, name)
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """The dtypes inference runs in (inference.md 2.1 and 5, transformer.md 11).
+
+    Only the transformer blocks and the Flan-T5 encoder change; the embeddings, the unconditional text,
+    the final norm and the heads, the VAE and the summed codes always stay float32. Build one with
+    :func:`precision_policy`, which knows the reference's two variants.
+    """
+
+    name: str
+    # Weight dtype of the transformer blocks, and the autocast dtype their forward runs under (None = off).
+    block_weights: str = "float32"
+    block_autocast: str | None = None
+    # Weight dtype of the Flan-T5 encoder, and the autocast dtype it runs under (None = off).
+    text_weights: str = "float32"
+    text_autocast: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.name in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got {self.name!r}")
+        for field_name in ("block_weights", "block_autocast", "text_weights", "text_autocast"):
+            value = getattr(self, field_name)
+            _require(value in _DTYPE_NAMES or (value is None and field_name.endswith("autocast")),
+                     f"PrecisionPolicy.{field_name} must be one of {list(_DTYPE_NAMES)}, got {value!r}")
+
+    @property
+    def block_dtype(self) -> Any:
+        return _torch_dtype(self.block_weights)
+
+    @property
+    def block_autocast_dtype(self) -> Any:
+        return _torch_dtype(self.block_autocast)
+
+    @property
+    def text_dtype(self) -> Any:
+        return _torch_dtype(self.text_weights)
+
+    @property
+    def text_autocast_dtype(self) -> Any:
+        return _torch_dtype(self.text_autocast)
+
+
+def check_precision(name: Any) -> str:
+    """``name`` if it is a precision a user may ask for; one ConfigError line otherwise."""
+    _require(isinstance(name, str) and name in PRECISIONS,
+             f"precision must be one of {list(PRECISIONS)} (or None: bf16 on CUDA, fp32 elsewhere), got {name!r}")
+    return name
+
+
+def default_precision(device_type: str) -> str:
+    """The precision used when none was asked for: the reference's bf16 on CUDA, fp32 on every other device
+    (bf16 matmuls on a CPU are slower than fp32 and only lose accuracy)."""
+    return "bf16" if device_type == "cuda" else "fp32"
+
+
+def precision_policy(name: str, *, interactive: bool = False) -> PrecisionPolicy:
+    """The policy behind a precision name.
+
+    ``"bf16"`` is what the reference's scripts do: the T2V/I2V scripts cast every block to bf16
+    (``block.bfloat16()``, ``bf16=1``) and run blocks and Flan-T5 (fp16 weights) under bf16 autocast; the
+    interactive script keeps float32 block weights (``bf16=0``) under the same autocast and runs Flan-T5 in
+    plain fp16 (it encodes outside the autocast region).
+    """
+    check_precision(name)
+    if name == "fp32":
+        return PrecisionPolicy("fp32")
+    if interactive:
+        return PrecisionPolicy("bf16", block_weights="float32", block_autocast="bfloat16", text_weights="float16")
+    return PrecisionPolicy("bf16", block_weights="bfloat16", block_autocast="bfloat16", text_weights="float16",
+                           text_autocast="bfloat16")
+
+
+__all__ += ["PRECISIONS", "PrecisionPolicy", "check_precision", "default_precision", "precision_policy"]
+
+
+# ----------------------------------------------------------------------------------------------
 # Training data
 # ----------------------------------------------------------------------------------------------
 
@@ -582,8 +671,8 @@ class TrainConfig:
     Defaults are the released fine-tuning scripts' (training spec sections 5 and 9): AdamW with lr
     4e-5, betas (0.9, 0.97), eps 1e-8, no weight decay, constant LR without warmup, gradient clip 5,
     bf16 autocast on CUDA with fp32 master weights, per-block activation checkpointing, no EMA,
-    bitwise self-correction strength 0.3 and the 480p scale-subset table. Condition (caption) dropout
-    is a data setting: ``data.cond_dropout``.
+    bitwise self-correction strength 0.3 and the scale-subset table of the script for the pipeline's pixel
+    budget (720p for pn 0.90M, else 480p). Condition (caption) dropout is a data setting: ``data.cond_dropout``.
     """
 
     # What to train: a pipeline preset name (random initialisation, e.g. "tiny-test") or a model folder in
@@ -625,7 +714,9 @@ class TrainConfig:
     # official pyramids; small presets whose clips have fewer scales than the table names get only
     # outcome 0 (the first-frame pyramid), so train them with var_len = false.
     var_len: bool = True
-    var_len_prob: tuple[float, ...] = (40, 30, 20, 6, 3, 1, 60, 40, 12, 6, 2)
+    # Relative outcome probabilities; None = the release script's table for the pipeline's pn: 720p's at 0.90M,
+    # else 480p's (train.scale_subsets.var_len_prob_for).
+    var_len_prob: tuple[float, ...] | None = None
     drop_720p_last_scale: bool = True
     # Loss weights per scale (reweight_loss_by_scale=4, max_reweight_value=40 in the scripts).
     reweight_loss_by_scale: float = 4.0
@@ -644,7 +735,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        object.__setattr__(self, "var_len_prob", tuple(float(p) for p in self.var_len_prob))
+        if self.var_len_prob is not None:
+            object.__setattr__(self, "var_len_prob", tuple(float(p) for p in self.var_len_prob))
         if isinstance(self.data, dict):
             object.__setattr__(self, "data", config_from_dict(DataConfig, self.data))
         _require(isinstance(self.data, DataConfig), f"TrainConfig.data must be a DataConfig, got {self.data!r}")
@@ -671,8 +763,8 @@ class TrainConfig:
         _require(math.isfinite(self.grad_clip), f"TrainConfig.grad_clip must be finite, got {self.grad_clip}")
         _require(0 <= self.ema_decay < 1, f"TrainConfig.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         _require(0 <= self.bsc_strength <= 1, f"TrainConfig.bsc_strength must be in [0, 1], got {self.bsc_strength}")
-        _require(bool(self.var_len_prob) and all(p >= 0 for p in self.var_len_prob)
-                 and any(p > 0 for p in self.var_len_prob),
+        _require(self.var_len_prob is None or (bool(self.var_len_prob) and all(p >= 0 for p in self.var_len_prob)
+                                               and any(p > 0 for p in self.var_len_prob)),
                  f"TrainConfig.var_len_prob must be non-negative with a positive entry, got {self.var_len_prob}")
         _require(self.reweight_loss_by_scale >= 0,
                  f"TrainConfig.reweight_loss_by_scale must be >= 0, got {self.reweight_loss_by_scale}")

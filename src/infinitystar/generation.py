@@ -13,7 +13,9 @@ pyramid, video extension the given clips). Per step:
 
 Only the K/V that later steps can see are kept (the text and, per clip, the previous clip's last
 scale), so a long video needs constant cache memory per clip. Forced steps whose K/V nothing reads
-are not run through the transformer at all: their bits go straight into the code accumulator.
+are not run through the transformer at all: their bits go straight into the code accumulator, and the
+generator is advanced exactly as the reference's (discarded) draw on that step advances it, so every
+later sample is the reference's.
 """
 
 from __future__ import annotations
@@ -26,8 +28,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import QuantizerConfig, SamplingConfig
-from .sampling import apply_temperature, guide_logits, sample_bits
-from .schedules import FRAMES_INNER_CLIP, Scale, ScaleStep, build_step_plan, scales_per_clip
+from .sampling import advance_like_sample_bits, apply_temperature, guide_logits, sample_bits
+from .schedules import (
+    FRAMES_INNER_CLIP,
+    InteractiveSegmentLayout,
+    Scale,
+    ScaleStep,
+    build_step_plan,
+    scales_per_clip,
+)
 from .transformer.attention import KVCache
 from .transformer.model import InfinityStarTransformer
 from .transformer.rope import apply_rope, rope_table, visual_positions
@@ -41,8 +50,11 @@ class StepEvent:
     index: int
     step: ScaleStep
     bits_BthwD: Tensor
-    logits_Bnd2: Tensor | None  # guided logits (None for forced steps that were not run)
+    logits_Bnd2: Tensor | None  # guided logits, sampled from (None for forced steps that were not run)
     forced: bool
+    # The logits after 1/tau, before guidance: row 0 conditional, row 1 unconditional when guided (None when
+    # not run).
+    branches_Bnd2: Tensor | None = None
 
 
 @dataclass
@@ -162,17 +174,29 @@ def _position_shift(model: InfinityStarTransformer, d_scale: int, d_frame: int, 
 
 
 def _sample_step(logits_Bnd2: Tensor, step: ScaleStep, sampling: SamplingConfig,
-                 generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    logits = apply_temperature(logits_Bnd2, step.tau)
+                 generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Temperature, guidance, one draw: returns (bits (1, t, h, w, d), guided logits, logits after 1/tau)."""
+    branches = apply_temperature(logits_Bnd2, step.tau)
     if sampling.uses_guidance:
-        flat = guide_logits(logits.flatten(-2), sampling.guidance_scale, sampling.guidance,  # type: ignore[arg-type]
-                            sampling.apg_norm_threshold)
+        flat = guide_logits(branches.flatten(-2), sampling.guidance_scale,
+                            sampling.guidance, sampling.apg_norm_threshold)  # type: ignore[arg-type]
         logits = flat.unflatten(-1, (-1, 2))
     else:
-        logits = logits[0:1]
+        logits = branches[0:1]
     bits = sample_bits(logits, generator)
     t, h, w = step.scale
-    return bits.reshape(1, t, h, w, bits.shape[-1]), logits
+    return bits.reshape(1, t, h, w, bits.shape[-1]), logits, branches
+
+
+def _skip_draw(model: InfinityStarTransformer, step: ScaleStep, generator: torch.Generator | None,
+               device: torch.device) -> None:
+    """Advance ``generator`` as :func:`_sample_step` would on this step, for a forced step that is not run.
+
+    The reference samples every step, forced or not, and only then replaces the sample with the given
+    bits; the guided logits it samples from are [1, t*h*w, head bits, 2] on the model's device.
+    """
+    head_bits = model.cfg.detail_bits if step.detail_head else model.cfg.semantic_bits
+    advance_like_sample_bits((1, step.query_tokens, head_bits), generator, device=device)
 
 
 @torch.no_grad()
@@ -201,10 +225,11 @@ def generate_codes(
 
     ``forced_bits[i]`` replaces the sampled bits of step i (teacher forcing: image-to-video, video
     extension). Forced steps are run through the transformer only when a later step reads their K/V,
-    or when ``run_forced_steps`` is set (to compare logits with the reference). ``extra_context`` are
-    cache ids every step attends besides its references and the text (the interactive conditions);
-    pass a ``cache`` that already holds them. ``on_clip(clip_id, codes)`` is called as each clip's
-    codes are complete (for streaming).
+    or when ``run_forced_steps`` is set (to compare logits with the reference); either way the generator
+    is drawn on every step as the reference draws it, so both settings give the same bits.
+    ``extra_context`` are cache ids every step attends besides its references and the text (the
+    interactive conditions); pass a ``cache`` that already holds them. ``on_clip(clip_id, codes)`` is
+    called as each clip's codes are complete (for streaming).
     """
     if not isinstance(plan, StepPlan):
         plan = StepPlan(list(plan))
@@ -229,9 +254,10 @@ def generate_codes(
     for i, step in enumerate(tqdm(steps, desc="scales", disable=not progress, leave=False)):
         forced = i < len(forced_bits)
         store_as = step.si if (step.is_last_repeat and step.si in later[i]) else None
-        logits = None
+        logits = branches = None
         if forced and store_as is None and not run_forced_steps:
             bits = forced_bits[i].to(device)
+            _skip_draw(model, step, generator, device)
         else:
             rope = rope_table(
                 visual_positions(step.scale, step.rope_scale_index, step.frames[0], full_hw, model.cfg.text_maxlen),
@@ -239,7 +265,7 @@ def generate_codes(
             )
             raw = model.step(_tokens(x), rope, cache, refs=(*step.ref_sids, *extra_context), store_as=store_as,
                              semantic=not step.detail_head, batch=batch)
-            bits, logits = _sample_step(raw, step, sampling, generator)
+            bits, logits, branches = _sample_step(raw, step, sampling, generator)
             if forced:
                 bits = forced_bits[i].to(device)
         if (store_as is not None and plan.anchored_from_clip is not None
@@ -250,7 +276,7 @@ def generate_codes(
         peak = max(peak, cache.nbytes())
         cache.keep_only(persistent | later[i])
         if on_step is not None:
-            on_step(StepEvent(i, step, bits, logits, forced))
+            on_step(StepEvent(i, step, bits, logits, forced, branches))
         if keep_bits:
             kept_bits.append(bits)
         x = acc.add_bits(bits.to(torch.uint8) if bits.dtype != torch.uint8 else bits)
@@ -286,28 +312,42 @@ def _condition_positions(scale: Scale, rope_scale_id: int, frames: Sequence[int]
     return torch.cat(blocks)
 
 
+def _check_interactive_inputs(context_B64THW: Tensor, first_frame_B641HW: Tensor,
+                              layout: InteractiveSegmentLayout) -> None:
+    _, full_h, full_w = layout.schedule[-1]
+    want = (layout.context_latent_frames, full_h, full_w)
+    if context_B64THW.dim() != 5 or tuple(context_B64THW.shape[2:]) != want:
+        raise ValueError(f"interactive context latent must be (1, C, {want[0]}, {full_h}, {full_w}) for this layout, "
+                         f"got {tuple(context_B64THW.shape)}")
+    if first_frame_B641HW.dim() != 5 or tuple(first_frame_B641HW.shape[2:]) != (1, full_h, full_w):
+        raise ValueError(f"interactive first-frame latent must be (1, C, 1, {full_h}, {full_w}), "
+                         f"got {tuple(first_frame_B641HW.shape)}")
+
+
 @torch.no_grad()
 def prefill_interactive_conditions(
     model: InfinityStarTransformer,
     cache: KVCache,
     context_B64THW: Tensor,
     first_frame_B641HW: Tensor,
-    layout,  # schedules.InteractiveSegmentLayout
+    layout: InteractiveSegmentLayout,
     *,
     batch: int,
 ) -> None:
-    """Cache the two condition blocks of an interactive turn.
+    """Cache the two condition blocks of an interactive turn (after the text, before the steps).
 
     * semantic: the previous segment (context frames 1..20) area-downsampled to the grid of clip scale 7,
       RoPE scale id 800, frames 1..20;
     * detail: the story's first latent frame + the previous segment's last two frames at full size,
       RoPE scale id 801, frames 0, 19, 20.
+
+    Each pass attends only its own tokens (see the comment at the call).
     """
+    _check_interactive_inputs(context_B64THW, first_frame_B641HW, layout)
     full_hw = tuple(layout.schedule[-1][1:])
     s0, s1 = layout.semantic_source
     semantic = area_resize(context_B64THW[:, :, s0:s1], layout.semantic_condition_scale)
-    d0, d1 = layout.detail_source_from_former
-    detail = torch.cat([first_frame_B641HW, context_B64THW[:, :, d0:d1]], dim=2)
+    detail = torch.cat([first_frame_B641HW, context_B64THW[:, :, list(layout.detail_former_frames)]], dim=2)
     for name, x, scale, sid, frames in (
         (SEMANTIC_CONDITION, semantic, layout.semantic_condition_scale, layout.semantic_rope_scale_id,
          layout.semantic_rope_frames),
@@ -318,4 +358,51 @@ def prefill_interactive_conditions(
         # scale indices of the same axis.
         pos = _condition_positions(scale, sid, frames, full_hw, model.cfg.text_maxlen)
         rope = rope_table(pos, model.cfg.head_dim, model.cfg.rope_theta)
-        model.step(_tokens(x), rope, cache, refs=(), store_as=name, semantic=True, batch=batch)
+        # Each condition sees only its own tokens: the reference concatenates cached K/V only for integer
+        # (scale) ids, and these passes are keyed by strings, so neither the text nor the other condition.
+        model.step(_tokens(x), rope, cache, refs=(), store_as=name, semantic=True, batch=batch, attend_text=False)
+
+
+@dataclass
+class InteractiveTurn:
+    """One interactive turn's latents."""
+
+    result: GenerationResult  # the new clip (result.summed_codes: (1, 64, clip, H, W))
+    decode_latent: Tensor  # cat(context[1:], new clip) on t: what the VAE decodes (the new segment is its end)
+    next_context: Tensor  # its last context_latent_frames frames: the next turn's context (upstream's summed_codes)
+
+
+@torch.no_grad()
+def run_interactive_turn(
+    model: InfinityStarTransformer,
+    quantizer: QuantizerConfig,
+    text_LC: Tensor,
+    context_B64THW: Tensor,
+    first_frame_B641HW: Tensor,
+    layout: InteractiveSegmentLayout,
+    plan: StepPlan | Sequence[ScaleStep],
+    repetitions: Sequence[int],
+    sampling: SamplingConfig,
+    *,
+    seed: int,
+    on_step: Callable[[StepEvent], None] | None = None,
+    progress: bool = True,
+) -> InteractiveTurn:
+    """One interactive turn: text pass, the two condition passes, then the clip's steps, each attending
+    [text, semantic condition, detail condition, own]; the generator is a fresh one seeded ``seed`` (the
+    reference re-seeds every turn)."""
+    device = next(model.parameters()).device
+    batch = 2 if sampling.uses_guidance else 1
+    cache = model.new_cache()
+    model.prefill_text(text_LC.to(device), cache, guidance=batch == 2)
+    prefill_interactive_conditions(model, cache, context_B64THW.to(device), first_frame_B641HW.to(device), layout,
+                                   batch=batch)
+    # On the model's device, as the reference's fresh generator (a CPU generator cannot drive CUDA sampling).
+    generator = torch.Generator(device=device).manual_seed(seed)
+    clip = layout.frames[1] - layout.frames[0]
+    result = generate_codes(model, quantizer, text_LC, layout.schedule, plan, repetitions, sampling,
+                            generator=generator, frames_inner_clip=clip, cache=cache,
+                            extra_context=(SEMANTIC_CONDITION, DETAIL_CONDITION), on_step=on_step, progress=progress)
+    joined = torch.cat([context_B64THW, result.summed_codes.to(context_B64THW)], dim=2)
+    decode_latent = joined[:, :, -layout.decode_latent_frames:]
+    return InteractiveTurn(result, decode_latent, decode_latent[:, :, -layout.context_latent_frames:])

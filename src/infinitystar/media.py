@@ -5,7 +5,8 @@ leading ``B``). This module owns every step between files and those tensors:
 
 * images: :func:`read_image` (png/jpg/webp -> RGB PIL image), :func:`load_image_tensor`;
 * videos: :func:`probe_video` -> :class:`VideoInfo`, :func:`read_video` (optionally resampled to a
-  target fps by frame presentation times), :func:`load_video_tensor`;
+  target fps by frame presentation times), :func:`load_video_tensor`; conditioning clips the reference's way:
+  :func:`count_video_frames`, :func:`clip_frame_indices`, :func:`read_video_clip`;
 * the reference's pixel transform (spec vae.md 2, training.md 2.5, inference.md 3): PIL LANCZOS resize
   so the picture *covers* the target box, then centre crop -- :func:`resize_and_center_crop`;
 * uint8 frames <-> tensors: :func:`frames_to_tensor`, :func:`tensor_to_frames`;
@@ -18,11 +19,13 @@ Where we differ from the reference, on purpose:
 
 * Frames are written in RGB. The reference flips decoded frames to BGR for OpenCV and flips back
   before ``imageio``; we never leave RGB.
-* float -> uint8 rounds to nearest by default (the reference truncates, i.e. is on average half a
-  level darker); ``tensor_to_frames(x, rounding="truncate")`` reproduces the reference's values.
-* Video frames are sampled by presentation timestamp (nearest frame to ``start + i/fps``), not by
-  the reference's ``linspace`` over frame indices, whose half-open window duplicates frame 0 of a
-  16 fps source and drifts by up to two frames on 24 fps sources (training.md 2.4 allows this).
+* float -> uint8 truncates by default, exactly as the reference (so on average half a level darker
+  than the nearest level); ``tensor_to_frames(x, rounding="round")`` gives the nearest level instead.
+* :func:`read_video` samples frames by presentation timestamp (nearest frame to ``start + i/fps``),
+  not by the reference's ``linspace`` over frame indices, whose half-open window duplicates frame 0
+  of a 16 fps source and drifts by up to two frames on 24 fps sources (training.md 2.4 allows this).
+  The conditioning clips of video extension and interactive generation use the reference's rule
+  itself (:func:`read_video_clip`), duplicated frame 0 included.
 * The "copy decoded frame 1 over frame 0" step of the reference's output path is not done here; it
   belongs to the pipeline (inference.md 2.6), which decides whether to reproduce it.
 
@@ -59,6 +62,8 @@ __all__ = [
     "VIDEO_WRITE_SUFFIXES",
     "MediaError",
     "VideoInfo",
+    "clip_frame_indices",
+    "count_video_frames",
     "cover_resize_size",
     "frames_to_tensor",
     "h264_encoder",
@@ -67,6 +72,7 @@ __all__ = [
     "probe_video",
     "read_image",
     "read_video",
+    "read_video_clip",
     "resize_and_center_crop",
     "save_output",
     "tensor_to_frames",
@@ -247,14 +253,16 @@ def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
     return x_3THW.add(x_3THW).sub_(1)
 
 
-def tensor_to_frames(x: torch.Tensor, rounding: Literal["round", "truncate"] = "round") -> np.ndarray:
-    """Float pixels in [-1, 1], ``[3, T, H, W]`` or ``[1, 3, T, H, W]`` -> uint8 frames ``[T, H, W, 3]``.
+def tensor_to_frames(x: torch.Tensor, rounding: Literal["round", "truncate"] = "truncate") -> np.ndarray:
+    """Float pixels in [-1, 1], ``[3, T, H, W]`` or ``[1, 3, T, H, W]`` -> uint8 RGB frames ``[T, H, W, 3]``.
 
     ``v = clamp((x + 1) / 2, 0, 1) * 255`` computed in float32 (the VAE output is not clamped, so the
     clamp matters), then converted to uint8:
 
-    * ``rounding="round"`` (default): round half to even (``torch.round``), i.e. the nearest level;
-    * ``rounding="truncate"``: drop the fraction, exactly the reference's ``.to(uint8)``.
+    * ``rounding="truncate"`` (default): drop the fraction, exactly the reference's ``.to(uint8)``
+      (golden README 15: its frames before the BGR flip);
+    * ``rounding="round"``: round half to even (``torch.round``), i.e. the nearest level (on average
+      half a level brighter than the reference).
 
     NaN/inf values raise :class:`MediaError` instead of becoming arbitrary bytes.
     """
@@ -560,13 +568,123 @@ def load_video_tensor(
 ) -> torch.Tensor:
     """Read, resample, resize/centre-crop and map a video to float32 ``[3, T, H, W]`` in [-1, 1].
 
-    E.g. the V2V conditioning clip of inference.md 4 (first 5 s at 16 fps, 81 frames) is
-    ``load_video_tensor(path, 480, 848, fps=16, max_frames=81, end_tolerance=0.2)`` (the tolerance so
-    that a video of exactly 5.0 s gives 81 frames, see :func:`read_video`).
+    Frames are sampled by timestamp (:func:`read_video`); the reference's conditioning clips (V2V,
+    interactive) pick frames by its index rule instead: :func:`read_video_clip`.
     """
     frames_THW3, _ = read_video(path, fps=fps, max_frames=max_frames, start_time=start_time,
                                 end_tolerance=end_tolerance)
     return frames_to_tensor(resize_and_center_crop(frames_THW3, height, width))
+
+
+# ------------------------------------------------------------------------ conditioning clips (reference rule)
+
+
+def _counted_frames(container, stream, p: Path) -> int:
+    """Frames of the stream as the reference's readers count them: the container's stored count (what
+    decord's ``len`` and OpenCV's ``CAP_PROP_FRAME_COUNT`` report for mp4/mov), else one per demuxed packet
+    (webm and others store none; a video packet holds one frame). Leaves the container at its end."""
+    if stream.frames:
+        return int(stream.frames)
+    try:
+        # The demuxer's final flush packet carries no data: only packets with a payload are frames.
+        return sum(1 for packet in container.demux(stream) if packet.size)
+    except av.FFmpegError as e:
+        raise MediaError(f"cannot count the frames of {p}: {e}") from e
+
+
+def count_video_frames(path: PathLike) -> tuple[int, float]:
+    """``(number of frames, frames per second)`` of a video as the reference's clip readers see them.
+
+    The duration they work with is ``num_frames / fps``. Raises :class:`MediaError` for a video without a
+    frame rate or without frames.
+    """
+    p = _checked_input(path, VIDEO_READ_SUFFIXES, "video")
+    with _open_video(p) as (container, stream):
+        rate = _stream_rate(stream)
+        if rate is None:
+            raise MediaError(f"{p}: the stream reports no frame rate")
+        num_frames = _counted_frames(container, stream, p)
+    if num_frames < 1:
+        raise MediaError(f"{p}: the video holds no frames")
+    return num_frames, float(rate)
+
+
+def clip_frame_indices(num_frames: int, fps: float, start_sec: float, end_sec: float, count: int) -> np.ndarray:
+    """The source frames the reference's ``get_clip(start_sec, end_sec, count)`` returns (int64 ``[count]``).
+
+    ``start = ceil(fps * start_sec)``, ``end = min(ceil(fps * end_sec), num_frames)``, then ``count``
+    evenly spaced positions from ``start`` to ``end - 1`` truncated to integers
+    (``np.linspace(start, end - 1, count, dtype=int)``): a window holding fewer frames than ``count``
+    repeats some (a 16 fps source gives frame 0 twice for 81 frames of 5 s), a fuller one is subsampled
+    (30 fps). The float arithmetic is the reference's, so the boundary frames agree with it.
+    """
+    if int(num_frames) != num_frames or num_frames < 1:
+        raise MediaError(f"num_frames must be a positive integer, got {num_frames!r}")
+    if int(count) != count or count < 1:
+        raise MediaError(f"count must be a positive integer, got {count!r}")
+    if not (math.isfinite(fps) and fps > 0):
+        raise MediaError(f"fps must be a positive number, got {fps!r}")
+    if not (math.isfinite(start_sec) and math.isfinite(end_sec) and 0 <= start_sec < end_sec):
+        raise MediaError(f"the clip window must satisfy 0 <= start_sec < end_sec, got [{start_sec!r}, {end_sec!r})")
+    start = math.ceil(fps * start_sec)
+    end = min(math.ceil(fps * end_sec), int(num_frames))
+    if start >= end:
+        raise MediaError(f"the window [{start_sec:.3f} s, {end_sec:.3f} s) holds no frame of a video of "
+                         f"{num_frames} frames at {fps:g} fps")
+    return np.linspace(start, end - 1, int(count), dtype=np.int64)
+
+
+def read_video_clip(
+    path: PathLike, count: int, seconds: float, *, at_end: bool = False, apply_rotation: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` uint8 RGB frames ``[count, H, W, 3]`` spread over the first (or last) ``seconds`` of a video.
+
+    The conditioning clip of the reference: video extension reads the first 5 s
+    (``get_clip(0, 5, 81)``), interactive generation the last 5 s of its reference video
+    (``get_clip(duration - 5, duration, 81)`` with ``duration = num_frames / fps``); the frames are the
+    ones :func:`clip_frame_indices` names, counted as :func:`count_video_frames` counts them. A video
+    shorter than ``seconds`` gives repeated frames when read from the start; read from the end
+    (``at_end``) it raises :class:`MediaError`, as the window would start before the video.
+
+    Returns ``(frames, source frame indices)``. Frames are decoded in display order with PyAV and only the
+    chosen ones are converted (a repeated frame is the same array twice).
+    """
+    p = _checked_input(path, VIDEO_READ_SUFFIXES, "video")
+    num_frames, fps = count_video_frames(p)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise MediaError(f"seconds must be a positive number, got {seconds!r}")
+    if at_end:
+        duration = num_frames / fps  # the reference's duration, in its float arithmetic
+        if duration < seconds:
+            raise MediaError(f"{p} lasts {duration:.3f} s ({num_frames} frames at {fps:g} fps); its last "
+                             f"{seconds:g} s are needed")
+        start_sec, end_sec = duration - seconds, duration
+    else:
+        start_sec, end_sec = 0.0, seconds
+    indices = clip_frame_indices(num_frames, fps, start_sec, end_sec, count)
+    return _frames_at(p, indices, apply_rotation), indices
+
+
+def _frames_at(p: Path, indices: np.ndarray, apply_rotation: bool) -> np.ndarray:
+    """The decoded frames at the given display-order indices (sorted, repeats allowed) of video ``p``."""
+    wanted = set(indices.tolist())
+    last = int(indices.max())
+    picked: dict[int, np.ndarray] = {}
+    decoded = 0
+    with _open_video(p) as (container, stream):
+        stream.thread_type = "AUTO"
+        for _, frame in _timed_frames(container, stream, p, Fraction(0)):
+            if decoded in wanted:
+                picked[decoded] = _frame_to_rgb(frame, apply_rotation)
+            decoded += 1
+            if decoded > last:
+                break
+    if last not in picked:
+        raise MediaError(f"{p}: only {decoded} frames decode, but frame {last} is needed (the container reports "
+                         "more frames than it holds)")
+    if len({f.shape for f in picked.values()}) > 1:
+        raise MediaError(f"{p}: the frame size changes within the video ({sorted({f.shape for f in picked.values()})})")
+    return np.stack([picked[i] for i in indices.tolist()])
 
 
 # -------------------------------------------------------------------------------------- video output

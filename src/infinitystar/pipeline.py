@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -32,16 +33,20 @@ from . import checkpoints, schedules
 from .config import (
     ConfigError,
     PipelineConfig,
+    PrecisionPolicy,
     QuantizerConfig,
     SamplingConfig,
     TransformerConfig,
     VAEConfig,
+    check_precision,
     config_from_dict,
     config_to_dict,
+    default_precision,
     get_preset,
+    precision_policy,
 )
 from .fileio import atomic_write_json
-from .generation import GenerationResult, StepEvent, generate_codes, plan_steps, prefill_interactive_conditions
+from .generation import GenerationResult, StepEvent, generate_codes, plan_steps, run_interactive_turn
 from .text import ByteTextEncoder, FlanT5Encoder, TextEncoder, WordTextEncoder, build_prompt, duration_prefix
 from .transformer.model import InfinityStarTransformer
 from .vae.model import VideoVAE
@@ -86,6 +91,11 @@ def _pipeline_config_from_dict(data: dict[str, Any]) -> PipelineConfig:
     return config_from_dict(PipelineConfig, data)
 
 
+def _movable(component: Any) -> bool:
+    """Whether a component has weights to move between devices (Flan-T5 wraps its module, others are modules)."""
+    return isinstance(component, (nn.Module, FlanT5Encoder))
+
+
 def _check_condition_tensor(x: Tensor, what: str, want: tuple[int, ...], given: Any) -> Tensor:
     """``x`` as float32 after checking its layout (``want``, [1, 3, T, H, W] at the bucket size) and range."""
     if tuple(x.shape) != want:
@@ -100,6 +110,126 @@ def _check_condition_tensor(x: Tensor, what: str, want: tuple[int, ...], given: 
     return x.float()
 
 
+def resolve_size(cfg: PipelineConfig, *, resolution: str | None = None, aspect: str | None = None,
+             height: int | None = None, width: int | None = None, h_div_w: float | None = None,
+             ) -> tuple[float, list[schedules.Scale], tuple[int, int]]:
+    """(template, image pyramid, pixel (H, W)) of preset ``cfg`` for the requested size.
+
+    The template is the one nearest ``height / width``, else ``h_div_w`` (a ratio as is, e.g. an
+    interactive reference video's own h/w), else ``aspect`` (``"W:H"``), else the preset's default aspect.
+    Errors name what the preset can do.
+    """
+    if resolution is not None:
+        want = RESOLUTIONS.get(resolution)
+        if want is None:
+            raise ValueError(f"unknown resolution {resolution!r}; valid: {sorted(RESOLUTIONS)}")
+        if want != cfg.pn:
+            have = [r for r, pn in RESOLUTIONS.items() if pn == cfg.pn]
+            raise ValueError(f"resolution {resolution!r} is not available with preset {cfg.name!r}, which "
+                             f"generates {have[0] if have else cfg.pn}")
+    if (height is None) != (width is None):
+        raise ValueError("give both height and width, or neither")
+    if sum(x is not None for x in (height, aspect, h_div_w)) > 1:
+        raise ValueError("give one of aspect, height/width or h_div_w, not several")
+    if height is not None:
+        if height <= 0 or width <= 0:  # type: ignore[operator]
+            raise ValueError(f"height and width must be positive, got {height}x{width}")
+        template = schedules.nearest_h_div_w_template(height / width)  # type: ignore[operator]
+    elif h_div_w is not None:
+        template = schedules.nearest_h_div_w_template(h_div_w)
+    else:
+        template = schedules.nearest_h_div_w_template(schedules.parse_aspect_ratio(aspect or cfg.default_aspect))
+    ladder = schedules.spatial_ladder(template)[: cfg.scales_per_clip]
+    pyramid = [(1, h, w) for h, w in ladder]
+    try:  # the head rule and the quantizer rule must agree on every scale of this template's pyramid
+        schedules.detail_scale_flags(pyramid, cfg.transformer.semantic_scales,
+                                     cfg.transformer.detail_scale_min_tokens)
+    except ValueError:
+        asked = (f"{height}x{width}" if height is not None else f"h/w {h_div_w:.4g}" if h_div_w is not None
+                 else aspect or cfg.default_aspect)
+        raise ValueError(f"aspect {asked} (template h/w {template}) is not supported by preset {cfg.name!r}: its "
+                         f"semantic/detail scale split does not fit that pyramid; supported aspects: "
+                         f"{list(cfg.aspects)}") from None
+    stride = cfg.vae.space_stride
+    size = (pyramid[-1][1] * stride, pyramid[-1][2] * stride)
+    if height is not None and (height, width) != size:
+        raise ValueError(f"size {height}x{width} is not one the preset {cfg.name!r} generates; the nearest "
+                         f"bucket is {size[0]}x{size[1]} (aspect template {template})")
+    return template, pyramid, size
+
+
+def _condition_clips(cfg: PipelineConfig, given_clips: int, total_latents: int) -> int:
+    """Whole clips of a given video that video extension keeps: all it holds, but at most all clips of the output
+    except its last (the reference conditions its 10 s output on the first 5 s of any longer input)."""
+    fic = cfg.frames_inner_clip
+    room = (total_latents - 2) // fic  # the forced 1 + c*fic latent frames must leave one to generate
+    if given_clips >= 1 and room < 1:
+        frames = 1 + cfg.frames_per_clip
+        raise ValueError(f"video extension keeps at least the given video's first clip ({frames} frames, "
+                         f"{cfg.frames_per_clip / cfg.fps:g} s) and generates after it, but the requested length "
+                         f"({total_latents} latent frames) leaves nothing to generate after it; ask for more than "
+                         f"{frames} frames ({cfg.frames_per_clip / cfg.fps:g} s)")
+    return min(given_clips, max(room, 0))
+
+
+def extension_frames(cfg: PipelineConfig, path: str | os.PathLike, total_latents: int) -> np.ndarray:
+    """The frames of a video file that condition video extension to ``total_latents`` latent frames with preset
+    ``cfg``, as uint8 RGB [T, H, W, 3] at the file's own size.
+
+    The first c whole clips (c = those the file's duration ``num_frames / fps`` covers, at most all but the
+    output's last clip), i.e. ``1 + c * frames_per_clip`` frames spread over the first ``c * frames_per_clip / fps``
+    seconds exactly as the reference's reader picks them (:func:`media.read_video_clip`; ``get_clip(0, 5, 81)``
+    for the official models: a 16 fps file gives its frame 0 twice, a 30 fps file every ~1.85th frame). A file
+    shorter than one clip gives its first frame only (with a warning).
+    """
+    from . import media
+
+    num_frames, fps = media.count_video_frames(path)
+    per_clip = cfg.frames_per_clip
+    covered = math.floor(num_frames / fps * cfg.fps / per_clip)
+    clips = _condition_clips(cfg, covered, total_latents)
+    if clips == 0:
+        warnings.warn(f"{path} lasts {num_frames / fps:.2f} s, less than one clip ({per_clip / cfg.fps:g} s): "
+                      f"only its first frame conditions the video", stacklevel=4)
+        return media.read_video(path, max_frames=1)[0]
+    return media.read_video_clip(path, 1 + clips * per_clip, clips * per_clip / cfg.fps)[0]
+
+
+def interactive_reference_frames(cfg: PipelineConfig, path: str | os.PathLike) -> np.ndarray:
+    """The reference video of an interactive story with preset ``cfg``: its last ``frames_per_clip / fps`` seconds
+    as ``1 + frames_per_clip`` uint8 RGB frames at the file's own size, picked as the reference does
+    (``get_clip(duration - 5, duration, 81)``, :func:`media.read_video_clip`)."""
+    from . import media
+
+    per_clip = cfg.frames_per_clip
+    return media.read_video_clip(path, 1 + per_clip, per_clip / cfg.fps, at_end=True)[0]
+
+
+def _frame_hw(video: Tensor | np.ndarray) -> tuple[int, int]:
+    """(H, W) of uint8 frames [T, H, W, 3] or of a float video [..., H, W]."""
+    if isinstance(video, np.ndarray):
+        return int(video.shape[1]), int(video.shape[2])
+    return int(video.shape[-2]), int(video.shape[-1])
+
+
+def interactive_size(cfg: PipelineConfig, reference_hw: tuple[int, int] | None, aspect: str | None = None,
+                     ) -> tuple[float, list[schedules.Scale], tuple[int, int]]:
+    """(template, image pyramid, pixel (H, W)) of an interactive story with preset ``cfg``.
+
+    With a reference video of frame size ``reference_hw`` = (h, w): the template nearest its own h/w, as the
+    reference picks its ``infinity_star_interact`` template from the decoded frame (a portrait video stays
+    portrait). An explicit ``aspect``, or no reference video, follows :func:`resolve_size`.
+    """
+    if reference_hw is None or aspect is not None:
+        return resolve_size(cfg, aspect=aspect)
+    h, w = reference_hw
+    try:
+        return resolve_size(cfg, h_div_w=h / w)
+    except ValueError as exc:
+        raise ValueError(f"the reference video's frame size {w}x{h}: {exc}; pass an aspect to crop it to one "
+                         f"of those") from None
+
+
 class InfinityStarPipeline:
     """Text-to-image, text-to-video, image-to-video, video extension, long and interactive videos."""
 
@@ -108,12 +238,19 @@ class InfinityStarPipeline:
         if text_encoder.width != config.transformer.text_channels:
             raise ConfigError(f"text encoder width {text_encoder.width} != transformer text_channels "
                               f"{config.transformer.text_channels}")
-        self.transformer = transformer.eval()
-        self.vae = vae.eval()
+        # Inference-only, however the weights were made: a loaded checkpoint comes frozen, and CPU convolutions
+        # take another kernel (other rounding, ~1e-7) when a weight requires grad, even under no_grad; so a
+        # pipeline built from a preset and one loaded from its save_pretrained folder compute the same bits.
+        # The trainer turns gradients back on for the module it trains.
+        self.transformer = transformer.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder
         self.config = config
         self._offload_device: torch.device | None = None
         self.vae_tile_size: int | None = None
+        # None: the precision follows the device (see set_precision); the weights arrive in float32.
+        self._precision_request: str | None = None
+        self._policy: PrecisionPolicy = precision_policy("fp32", interactive=config.interactive)
 
     # ------------------------------------------------------------------------------------------
     # Construction
@@ -144,30 +281,42 @@ class InfinityStarPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, preset: str | PipelineConfig | None = None,
-                        block_dtype: torch.dtype | None = None) -> InfinityStarPipeline:
+                        precision: str | None = None) -> InfinityStarPipeline:
         """Load our layout (``model_index.json``) or the official download layout from a local folder.
 
         For the official layout ``preset`` picks the transformer folder when several are present (a preset name),
         or gives the whole configuration (a :class:`PipelineConfig`, e.g. for a small stand-in of that layout).
+        ``precision`` (see :meth:`set_precision`): ``"bf16"`` reads the block weights straight into bf16 (half the
+        host memory of loading float32 first); None follows the device the pipeline is later moved to.
         """
+        if precision is not None:
+            check_precision(precision)
         root = Path(path)
         if not root.is_dir():
             raise FileNotFoundError(f"model folder {root} does not exist")
         if (root / MODEL_INDEX).is_file():
-            return cls._from_own_layout(root, block_dtype)
-        if (root / OFFICIAL_VAE_FILE).is_file():
-            return cls._from_official_layout(root, preset, block_dtype)
-        raise FileNotFoundError(f"{root} is neither a pipeline folder ({MODEL_INDEX}) nor an official download "
+            pipe = cls._from_own_layout(root, precision)
+        elif (root / OFFICIAL_VAE_FILE).is_file():
+            pipe = cls._from_official_layout(root, preset, precision)
+        else:
+            raise FileNotFoundError(f"{root} is neither a pipeline folder ({MODEL_INDEX}) nor an official download "
                                 f"({OFFICIAL_VAE_FILE} + transformer shard folder + {OFFICIAL_T5_DIR})")
+        return pipe.set_precision(precision)
+
+    @staticmethod
+    def _load_block_dtype(cfg: PipelineConfig, precision: str | None) -> torch.dtype | None:
+        """dtype to read the block weights in: the asked precision's, else as stored (cast later if needed)."""
+        return None if precision is None else precision_policy(precision, interactive=cfg.interactive).block_dtype
 
     @classmethod
-    def _from_own_layout(cls, root: Path, block_dtype: torch.dtype | None) -> InfinityStarPipeline:
+    def _from_own_layout(cls, root: Path, precision: str | None) -> InfinityStarPipeline:
         index = json.loads((root / MODEL_INDEX).read_text())
         try:
             cfg = _pipeline_config_from_dict(index["config"])
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"{root / MODEL_INDEX} has no valid 'config': {exc}") from exc
         transformer = checkpoints.load_transformer(root / "transformer" / "model.safetensors", cfg.transformer)
+        block_dtype = cls._load_block_dtype(cfg, precision)
         if block_dtype is not None:
             transformer.blocks.to(block_dtype)
         vae = checkpoints.load_vae(root / "vae" / "model.safetensors", cfg.vae)
@@ -176,7 +325,7 @@ class InfinityStarPipeline:
 
     @classmethod
     def _from_official_layout(cls, root: Path, preset: str | PipelineConfig | None,
-                              block_dtype: torch.dtype | None) -> InfinityStarPipeline:
+                              precision: str | None) -> InfinityStarPipeline:
         found = {name: p for name, p in OFFICIAL_TRANSFORMER_DIRS.items() if (root / name).exists()}
         if preset is None or isinstance(preset, PipelineConfig):
             if len(found) != 1:
@@ -194,7 +343,7 @@ class InfinityStarPipeline:
                 raise FileNotFoundError(f"preset {preset!r} needs the transformer folder {root / folder_name}")
             cfg = get_preset("pipeline", preset)
         transformer = checkpoints.load_official_transformer(root / folder_name, cfg.transformer,
-                                                            block_dtype=block_dtype)
+                                                            block_dtype=cls._load_block_dtype(cfg, precision))
         vae = checkpoints.load_vae(root / OFFICIAL_VAE_FILE, cfg.vae)
         text = cls._build_text_encoder(cfg, root / OFFICIAL_T5_DIR)
         return cls(transformer, vae, text, cfg)
@@ -233,25 +382,81 @@ class InfinityStarPipeline:
         return next(self.transformer.parameters()).device
 
     def to(self, device: torch.device | str) -> InfinityStarPipeline:
+        """Move every component to ``device``; without an explicit precision, apply that device's default."""
+        device = torch.device(device)
         self._offload_device = None
-        self.transformer.to(device)
-        self.vae.to(device)
-        if isinstance(self.text_encoder, nn.Module):
-            self.text_encoder.to(device)
+        self._apply_precision(device)  # before the move: a bf16 copy moves half the bytes
+        self._move_all(device)
         return self
 
     def enable_model_cpu_offload(self, device: torch.device | str = "cuda") -> None:
-        """Keep components on the CPU and move each to ``device`` only while it works."""
-        self.to("cpu")
-        self._offload_device = torch.device(device)
+        """Keep components on the CPU and move each to ``device`` only while it works; the precision follows
+        ``device`` (not the CPU) unless one was set."""
+        device = torch.device(device)
+        self._apply_precision(device)
+        self._move_all(torch.device("cpu"))
+        self._offload_device = device
+
+    def _move_all(self, device: torch.device) -> None:
+        self.transformer.to(device)
+        self.vae.to(device)
+        if _movable(self.text_encoder):
+            self.text_encoder.to(device)
+
+    # ------------------------------------------------------------------------------------------
+    # Precision
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def precision(self) -> str:
+        """The precision in effect: ``"fp32"`` or ``"bf16"`` (see :meth:`set_precision`)."""
+        return self._policy.name
+
+    @property
+    def precision_policy(self) -> PrecisionPolicy:
+        """The dtypes in effect, component by component."""
+        return self._policy
+
+    def set_precision(self, precision: str | None) -> InfinityStarPipeline:
+        """``"fp32"``: everything in float32. ``"bf16"``: the reference's policy (transformer blocks in bf16 under
+        bf16 autocast, Flan-T5 in fp16 under bf16 autocast; the interactive model keeps float32 block weights under
+        the autocast and runs Flan-T5 in plain fp16). Embeddings, heads, the VAE and the codes stay float32 either
+        way. ``None``: follow the device, bf16 on CUDA (also when offloading to CUDA), fp32 elsewhere; an explicit
+        choice sticks across later :meth:`to` calls.
+        """
+        if precision is not None:
+            check_precision(precision)
+        self._precision_request = precision
+        self._apply_precision(self.device)
+        return self
+
+    def _apply_precision(self, device: torch.device) -> None:
+        """Cast the components to the precision asked for, or to ``device``'s default when none was."""
+        name = self._precision_request or default_precision(device.type)
+        policy = precision_policy(name, interactive=self.config.interactive)
+        if policy == self._policy and self._blocks_dtype() == policy.block_dtype:
+            return
+        if self._blocks_dtype() == torch.bfloat16 and policy.block_dtype == torch.float32:
+            warnings.warn("transformer blocks go back from bf16 to float32 but keep their bf16-rounded values; "
+                          "reload the model for the exact float32 weights", stacklevel=3)
+        self.transformer.set_precision(policy)
+        set_text = getattr(self.text_encoder, "set_precision", None)
+        if set_text is not None:  # the built-in byte/word encoders are tiny and always float32
+            set_text(policy)
+        self._policy = policy
+
+    def _blocks_dtype(self) -> torch.dtype | None:
+        params = list(self.transformer.blocks.parameters())
+        return params[0].dtype if params else None
 
     def enable_vae_tiling(self, tile_size: int = 32) -> None:
         """Decode frames in overlapping spatial tiles of ``tile_size`` latent cells (bounded memory)."""
         self.vae_tile_size = tile_size
 
     @contextlib.contextmanager
-    def _working(self, module: nn.Module) -> Iterator[nn.Module]:
-        if self._offload_device is None:
+    def _working(self, module: Any) -> Iterator[Any]:
+        """``module`` on the working device for the duration (with CPU offload; else it already is there)."""
+        if self._offload_device is None or not _movable(module):
             yield module
             return
         module.to(self._offload_device)
@@ -265,43 +470,11 @@ class InfinityStarPipeline:
     # ------------------------------------------------------------------------------------------
 
     def resolve_size(self, *, resolution: str | None = None, aspect: str | None = None, height: int | None = None,
-                     width: int | None = None) -> tuple[float, list[schedules.Scale], tuple[int, int]]:
-        """(template, image pyramid, pixel (H, W)) for the requested size; errors name what the preset can do."""
-        cfg = self.config
-        if resolution is not None:
-            want = RESOLUTIONS.get(resolution)
-            if want is None:
-                raise ValueError(f"unknown resolution {resolution!r}; valid: {sorted(RESOLUTIONS)}")
-            if want != cfg.pn:
-                have = [r for r, pn in RESOLUTIONS.items() if pn == cfg.pn]
-                raise ValueError(f"resolution {resolution!r} is not available with preset {cfg.name!r}, which "
-                                 f"generates {have[0] if have else cfg.pn}")
-        if (height is None) != (width is None):
-            raise ValueError("give both height and width, or neither")
-        if height is not None and aspect is not None:
-            raise ValueError("give either aspect or height/width, not both")
-        if height is not None:
-            if height <= 0 or width <= 0:  # type: ignore[operator]
-                raise ValueError(f"height and width must be positive, got {height}x{width}")
-            template = schedules.nearest_h_div_w_template(height / width)  # type: ignore[operator]
-        else:
-            template = schedules.nearest_h_div_w_template(schedules.parse_aspect_ratio(aspect or cfg.default_aspect))
-        ladder = schedules.spatial_ladder(template)[: cfg.scales_per_clip]
-        pyramid = [(1, h, w) for h, w in ladder]
-        try:  # the head rule and the quantizer rule must agree on every scale of this template's pyramid
-            schedules.detail_scale_flags(pyramid, cfg.transformer.semantic_scales,
-                                         cfg.transformer.detail_scale_min_tokens)
-        except ValueError:
-            asked = f"{height}x{width}" if height is not None else (aspect or cfg.default_aspect)
-            raise ValueError(f"aspect {asked} (template h/w {template}) is not supported by preset {cfg.name!r}: its "
-                             f"semantic/detail scale split does not fit that pyramid; supported aspects: "
-                             f"{list(cfg.aspects)}") from None
-        stride = cfg.vae.space_stride
-        size = (pyramid[-1][1] * stride, pyramid[-1][2] * stride)
-        if height is not None and (height, width) != size:
-            raise ValueError(f"size {height}x{width} is not one the preset {cfg.name!r} generates; the nearest "
-                             f"bucket is {size[0]}x{size[1]} (aspect template {template})")
-        return template, pyramid, size
+                     width: int | None = None, h_div_w: float | None = None,
+                     ) -> tuple[float, list[schedules.Scale], tuple[int, int]]:
+        """(template, image pyramid, pixel (H, W)) for the requested size: see :func:`resolve_size`."""
+        return resolve_size(self.config, resolution=resolution, aspect=aspect, height=height, width=width,
+                            h_div_w=h_div_w)
 
     def num_frames_for(self, num_frames: int | None, seconds: float | None) -> int:
         cfg = self.config
@@ -327,15 +500,21 @@ class InfinityStarPipeline:
     def encode_prompt(self, prompt: str, negative_prompt: str | None = None) -> tuple[Tensor, Tensor | None]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-        with self._working(self.text_encoder) if isinstance(self.text_encoder, nn.Module) else contextlib.nullcontext():
+        with self._working(self.text_encoder):
             text = self.text_encoder([prompt]).kv_compact
             negative = None
             if negative_prompt:
                 negative = self.text_encoder([negative_prompt]).kv_compact
         return text, negative
 
-    def _load_condition(self, image: Any, video: Any, size: tuple[int, int]) -> Tensor | None:
-        """The conditioning image or video as [1, 3, T, H, W] in [-1, 1] at the bucket size, or None."""
+    def _load_condition(self, image: Any, video: Any, size: tuple[int, int], *,
+                        total_latents: int | None = None) -> Tensor | None:
+        """The conditioning image or video as [1, 3, T, H, W] in [-1, 1] at the bucket size, or None.
+
+        A video tensor is used as given. A video file gives, with ``total_latents`` (video extension), the
+        reference's conditioning clip (:func:`extension_frames`); without it (``reconstruct``), every frame
+        at the preset's fps.
+        """
         if image is not None and video is not None:
             raise ValueError("give either image= (image-to-video) or video= (video extension), not both")
         h, w = size
@@ -357,16 +536,27 @@ class InfinityStarPipeline:
                 return _check_condition_tensor(x, "video", (1, 3, t, h, w), video.shape)
             from . import media
 
-            # A 5.0 s file holds 80 frames at 16 fps (t = 0 .. 4.9375 s); the reference's reader accepts windows a
-            # little past the end, so that 81 frames (1 + 4*20) come from a 5 s video. Only that case is padded
-            # (last frame once): reading every file with 0.2 s of end slack appended up to 4 copies of the last
-            # frame to any video, which extension then kept as given frames and interactive used as context.
-            frames, _ = media.read_video(video, fps=self.config.fps)
-            if len(frames) % self.config.vae.time_stride == 0:
-                frames = np.concatenate([frames, frames[-1:]])
+            if total_latents is None:
+                frames, _ = media.read_video(video, fps=self.config.fps)
+            else:
+                frames = extension_frames(self.config, video, total_latents)
             frames = media.resize_and_center_crop(frames, h, w)
             return media.frames_to_tensor(frames)[None]
         return None
+
+    def _reference_condition(self, reference: Tensor | np.ndarray, size: tuple[int, int]) -> Tensor:
+        """The interactive reference as [1, 3, 1 + frames_per_clip, H, W] in [-1, 1] at the bucket size."""
+        from . import media
+
+        if isinstance(reference, Tensor):
+            x = self._load_condition(None, reference, size)
+            assert x is not None
+            need = 1 + self.config.frames_per_clip
+            if x.shape[2] < need:
+                raise ValueError(f"the reference video needs at least {need} frames at {self.config.fps} fps, "
+                                 f"got {x.shape[2]}")
+            return x[:, :, -need:]
+        return media.frames_to_tensor(media.resize_and_center_crop(reference, *size))[None]
 
     # ------------------------------------------------------------------------------------------
     # Generation
@@ -391,24 +581,16 @@ class InfinityStarPipeline:
         """
         cfg = self.config
         frames = condition.shape[2]
-        if (frames - 1) % cfg.vae.time_stride:
-            keep = 1 + (frames - 1) // cfg.vae.time_stride * cfg.vae.time_stride
-            warnings.warn(f"the conditioning video has {frames} frames; using the first {keep} (1 + 4k)", stacklevel=3)
-            condition = condition[:, :, :keep]
-            frames = keep
-        latents = 1 + (frames - 1) // cfg.vae.time_stride
+        whole_clips = (frames - 1) // cfg.frames_per_clip
+        kept_clips = _condition_clips(cfg, whole_clips, total_latents)
+        forced_latents = 1 + kept_clips * cfg.frames_inner_clip
+        kept_frames = 1 + kept_clips * cfg.frames_per_clip
+        if kept_clips == whole_clips and kept_frames < frames:  # a partial clip dropped (not a longer video cut)
+            warnings.warn(f"the conditioning video has {frames} frames; only whole clips are kept ({forced_latents} "
+                          f"latent frames = {kept_frames} frames)", stacklevel=3)
         k = cfg.scales_per_clip
-        whole_clips = (latents - 1) // cfg.frames_inner_clip
-        forced_latents = 1 + whole_clips * cfg.frames_inner_clip
-        if forced_latents < latents:
-            warnings.warn(f"the conditioning video covers {latents} latent frames; only whole clips are kept "
-                          f"({forced_latents} latent frames = {1 + (forced_latents - 1) * cfg.vae.time_stride} "
-                          f"frames)", stacklevel=3)
-        if forced_latents >= total_latents and total_latents > 1:
-            raise ValueError(f"the requested length ({total_latents} latent frames) leaves nothing to generate after "
-                             f"the given video ({forced_latents} latent frames): ask for more frames")
-        condition = condition[:, :, : 1 + (forced_latents - 1) * cfg.vae.time_stride]
-        n_scales = k * (1 + whole_clips)
+        condition = condition[:, :, :kept_frames]
+        n_scales = k * (1 + kept_clips)
         return self._tokenize(condition, schedule[:n_scales]).bits, n_scales, forced_latents
 
     def _tokenize(self, video: Tensor, schedule: Sequence[schedules.Scale]) -> MultiScaleEncoding:
@@ -445,7 +627,10 @@ class InfinityStarPipeline:
             video = vae.decode(latent.to(self.device).float(), tile_size=self.vae_tile_size)
         return video.clamp(-1, 1)
 
-    def _format(self, video_13THW: Tensor, output_type: str) -> Any:
+    @staticmethod
+    def _format(video_13THW: Tensor, output_type: str) -> Any:
+        """Decoded video [1, 3, T, H, W] -> ``output_type``; np/pil frames are uint8 RGB, truncated like the
+        reference's ``.to(uint8)`` (no BGR flip, no frame-0 copy: see the README)."""
         if output_type == "pt":
             return video_13THW[0].cpu()
         from . import media
@@ -484,8 +669,10 @@ class InfinityStarPipeline:
         """Generate an image (``num_frames=1``) or a video.
 
         ``image`` makes it image-to-video (the image is the first frame); ``video`` makes it a video
-        extension (its whole clips are kept, the rest generated). ``callback_on_clip_end(index, frames)``
-        receives each finished clip's frames (``output_type`` format) as soon as it is decoded.
+        extension: its first whole clips, at most all but the output's last, are kept (a file's frames picked as
+        the reference picks them, :func:`extension_frames`; a tensor's frame for frame), the rest generated.
+        ``callback_on_clip_end(index, frames)`` receives each finished clip's frames (``output_type`` format) as
+        soon as it is decoded.
         """
         cfg = self.config
         # Checked before the template adds the duration tag and quality suffix (which would make "" non-empty).
@@ -504,7 +691,7 @@ class InfinityStarPipeline:
         template, pyramid, size = self.resolve_size(resolution=resolution, aspect=aspect, height=height, width=width)
         total_latents = 1 + (num_frames - 1) // cfg.vae.time_stride
         schedule = schedules.video_scale_schedule(pyramid, total_latents, cfg.frames_inner_clip)
-        condition = self._load_condition(image, video, size)
+        condition = self._load_condition(image, video, size, total_latents=total_latents)
         forced: list[Tensor] = []
         n_forced_scales = 0
         if condition is not None:
@@ -559,7 +746,9 @@ class InfinityStarPipeline:
     ) -> InfinityStarPipelineOutput:
         """Interactive long video: one prompt per segment, each segment continuing the previous one.
 
-        Segment 0 is the given ``video`` (its last whole clip, VAE-encoded) or, without one, generated from
+        Segment 0 is the given ``video`` (a file's last ``frames_per_clip / fps`` seconds, sampled as the reference
+        does, or a tensor's last 1 + frames_per_clip frames; VAE-encoded at the template nearest the video's own
+        aspect unless ``aspect`` is given) or, without one, generated from
         ``prompts[0]`` as a text-to-video clip. Every later prompt generates one clip (``frames_inner_clip``
         latent frames) with the interactive schedule: it attends to its text, a low-resolution semantic
         condition of the previous segment and a full-resolution detail condition (the story's first frame and
@@ -573,19 +762,15 @@ class InfinityStarPipeline:
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"prompt {i} is empty")
         sampling = self._sampling(guidance_scale)
-        template, pyramid, size = self.resolve_size(aspect=aspect)
+        # A file: its last clip at its own size (whose aspect picks the template); a tensor: as given.
+        reference = video if video is None or isinstance(video, Tensor) else interactive_reference_frames(cfg, video)
+        template, pyramid, size = interactive_size(cfg, None if reference is None else _frame_hw(reference), aspect)
         seed = cfg.seed if seed is None else seed
         fic = cfg.frames_inner_clip
         clip_frames = fic * cfg.vae.time_stride
         # Segment 0: a whole first clip (first frame + one video clip), as latent.
         if video is not None:
-            condition = self._load_condition(None, video, size)
-            assert condition is not None
-            need = 1 + clip_frames
-            if condition.shape[2] < need:
-                raise ValueError(f"the reference video needs at least {need} frames at {cfg.fps} fps, "
-                                 f"got {condition.shape[2]}")
-            condition = condition[:, :, -need:]
+            condition = self._reference_condition(reference, size)
             with self._working(self.vae) as vae:
                 former = vae.encode(condition.to(self.device))
             first_video = self.decode_latent(former)
@@ -606,25 +791,15 @@ class InfinityStarPipeline:
                            semantic_scales=cfg.transformer.semantic_scales,
                            detail_scale_min_tokens=cfg.transformer.detail_scale_min_tokens,
                            sampling=sampling, frames_inner_clip=fic)
-        from .generation import DETAIL_CONDITION, SEMANTIC_CONDITION
-
         for i, prompt in enumerate(prompts[1:], start=1):
             text, _ = self.encode_prompt(duration_prefix(fic * cfg.vae.time_stride // cfg.fps) + prompt)
-            generator = torch.Generator().manual_seed(seed)  # the reference re-seeds every turn
             with self._working(self.transformer) as transformer:
-                cache = transformer.new_cache()
-                batch = 2 if sampling.uses_guidance else 1
-                transformer.prefill_text(text.to(self.device), cache, guidance=batch == 2)
-                prefill_interactive_conditions(transformer, cache, former.to(self.device), first_frame.to(self.device),
-                                               layout, batch=batch)
-                result = generate_codes(transformer, cfg.quantizer, text, seg_schedule, steps, reps, sampling,
-                                        generator=generator, frames_inner_clip=fic, cache=cache,
-                                        extra_context=(SEMANTIC_CONDITION, DETAIL_CONDITION), progress=progress)
-            joined = torch.cat([former[:, :, 1:], result.summed_codes.to(former)], dim=2)
-            decoded = self.decode_latent(joined)
+                turn = run_interactive_turn(transformer, cfg.quantizer, text, former, first_frame, layout, steps, reps,
+                                            sampling, seed=seed, progress=progress)
+            decoded = self.decode_latent(turn.decode_latent)
             new_frames = decoded[:, :, -clip_frames:]
             segments.append(new_frames)
-            former = joined[:, :, -(fic + 1):]
+            former = turn.next_context
             if callback_on_segment_end is not None:
                 callback_on_segment_end(i, self._format(new_frames, output_type))
         full = torch.cat(segments, dim=2)
@@ -645,4 +820,5 @@ def export_to_video(frames: Any, path: str | os.PathLike, fps: int = 16) -> Path
     return path
 
 
-__all__ = ["InfinityStarPipeline", "InfinityStarPipelineOutput", "export_to_video"]
+__all__ = ["InfinityStarPipeline", "InfinityStarPipelineOutput", "export_to_video", "extension_frames",
+           "interactive_reference_frames", "interactive_size", "resolve_size"]

@@ -206,6 +206,25 @@ def sample_bits(
     return idx.view(logits.shape[:-1])
 
 
+def advance_like_sample_bits(
+    bits_shape: Sequence[int],
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> None:
+    """Advance ``generator`` exactly as :func:`sample_bits` does on logits of shape ``[*bits_shape, 2]`` on ``device``.
+
+    For a step whose sample is thrown away (a teacher-forced step the loop does not run): the reference
+    still draws there, and every later draw depends on it. ``torch.multinomial(p, 1)`` takes
+    ``argmax(p / q)`` with ``q = empty_like(p).exponential_(1, generator)`` (ATen ``multinomial_out``,
+    shared by CPU and CUDA), so what it consumes depends on the shape, dtype and device of ``p``, never on
+    its values: the same call on uniform logits leaves the generator where the real draw would.
+    """
+    shape = tuple(int(v) for v in bits_shape)
+    if not shape or any(v <= 0 for v in shape):
+        raise ValueError(f"bits shape must be non-empty with positive sizes, got {tuple(bits_shape)}")
+    sample_bits(torch.zeros((*shape, 2), device=device), generator)
+
+
 def greedy_bits(logits_Bnd2: torch.Tensor) -> torch.Tensor:
     """The most likely value of every bit (int64 ``[..., n, d]``); ties go to 0."""
     return _as_bit_pairs(logits_Bnd2).argmax(dim=-1)

@@ -663,8 +663,10 @@ class InteractiveSegmentLayout:
       scale references; every step attends text + both conditions + itself.
     * Semantic condition: ``former[semantic_source]`` (the previous segment) area-downsampled to
       ``semantic_condition_scale``, RoPE scale id 800, RoPE frames 1..20.
-    * Detail condition: the story's first latent frame + ``former[detail_source_from_former]`` (the
-      previous segment's last two frames) at full resolution, RoPE scale id 801, RoPE frames 0, 19, 20.
+    * Detail condition: the story's first latent frame + ``former[:, :, detail_former_frames]`` (by default
+      the previous segment's last two frames, former frames 19, 20) at full resolution, RoPE scale id 801,
+      RoPE frames 0 and the same former indices (0, 19, 20).
+    * Both conditions attend only their own tokens (not the text, not each other); the steps attend both.
     * Decode ``cat(former[1:], new)`` (40 latent frames) and keep the last ``output_video_frames``
       pixel frames; the next ``former`` is the last 21 latent frames of that concatenation.
     """
@@ -678,7 +680,7 @@ class InteractiveSegmentLayout:
     detail_condition_scale: Scale
     detail_rope_scale_id: int
     detail_rope_frames: tuple[int, ...]
-    detail_source_from_former: tuple[int, int]
+    detail_former_frames: tuple[int, ...]  # indices into ``former`` (previous segment = former frames 1..clip)
     context_latent_frames: int
     decode_latent_frames: int
     output_video_frames: int
@@ -691,15 +693,29 @@ class InteractiveSegmentLayout:
 
 
 def interactive_layout_for(pyramid: Sequence[Scale], frames_inner_clip: int = FRAMES_INNER_CLIP,
-                           time_stride: int = TEMPORAL_STRIDE) -> InteractiveSegmentLayout:
+                           time_stride: int = TEMPORAL_STRIDE, *,
+                           semantic_scale_index: int = INTERACT_SEMANTIC_SCALE_INDEX,
+                           detail_frame_inds: Sequence[int] | None = None) -> InteractiveSegmentLayout:
     """The interactive turn layout over any image pyramid: its grids at t = ``frames_inner_clip``.
 
-    The semantic condition uses clip scale 7's grid (the released model), or the last grid of a shorter pyramid.
+    The semantic condition uses the grid of clip scale ``semantic_scale_index`` (7, the released model), or the
+    last grid of a shorter pyramid. ``detail_frame_inds`` (upstream's name) picks the detail condition's frames of
+    the previous segment, 0-based within it; default its last two (upstream's [18, 19]).
     """
     clip = frames_inner_clip
     schedule = tuple((clip, h, w) for _, h, w in pyramid)
-    _, h7, w7 = schedule[min(INTERACT_SEMANTIC_SCALE_INDEX, len(schedule) - 1)]
+    if semantic_scale_index < 0:
+        raise ValueError(f"semantic_scale_index must be >= 0, got {semantic_scale_index}")
+    _, h7, w7 = schedule[min(semantic_scale_index, len(schedule) - 1)]
     _, full_h, full_w = schedule[-1]
+    # Default: the previous segment's last two frames (its only one when a clip is one latent frame).
+    inds = tuple(range(max(clip - 2, 0), clip)) if detail_frame_inds is None else tuple(map(int, detail_frame_inds))
+    if not inds or any(not 0 <= i < clip for i in inds):
+        raise ValueError(f"detail_frame_inds must be non-empty frame indices in 0..{clip - 1} of the previous "
+                         f"segment, got {list(inds)}")
+    # Previous-segment frame i is former frame i + 1 (former frame 0 is the frame before the segment), and the
+    # reference's RoPE frame of each detail frame is that former index; the story's first frame sits at 0.
+    former_frames = tuple(i + 1 for i in inds)
     return InteractiveSegmentLayout(
         schedule=schedule,
         frames=(0, clip),
@@ -707,10 +723,10 @@ def interactive_layout_for(pyramid: Sequence[Scale], frames_inner_clip: int = FR
         semantic_rope_scale_id=INTERACT_SEMANTIC_ROPE_SCALE_ID,
         semantic_rope_frames=tuple(range(1, clip + 1)),
         semantic_source=(1, clip + 1),
-        detail_condition_scale=(3, full_h, full_w),
+        detail_condition_scale=(1 + len(former_frames), full_h, full_w),
         detail_rope_scale_id=INTERACT_DETAIL_ROPE_SCALE_ID,
-        detail_rope_frames=(0, clip - 1, clip),
-        detail_source_from_former=(clip - 1, clip + 1),
+        detail_rope_frames=(0, *former_frames),
+        detail_former_frames=former_frames,
         context_latent_frames=clip + 1,
         decode_latent_frames=2 * clip,
         output_video_frames=clip * time_stride,

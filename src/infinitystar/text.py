@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .config import PrecisionPolicy
+
 __all__ = [
     "DEFAULT_MAX_LENGTH",
     "QUALITY_SUFFIX",
@@ -349,6 +351,16 @@ class FlanT5Encoder(TextEncoder):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> FlanT5Encoder:
+        """Move the encoder's weights to ``device`` (the pipeline's ``to`` and CPU offload use this)."""
+        self.model.to(device)
+        return self
+
+    def set_precision(self, policy: PrecisionPolicy) -> None:
+        """Cast the weights to ``policy.text_weights`` and encode under ``policy.text_autocast``."""
+        self.model.to(policy.text_dtype)
+        self.autocast_dtype = policy.text_autocast_dtype
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids_BL, attention_mask_BL)`` exactly as the reference tokenizes (on the model's device)."""

@@ -54,6 +54,14 @@ Scale = tuple[int, int, int]
 # --video_var_len_prob of the release scripts.
 VAR_LEN_PROB_480P: tuple[float, ...] = (40, 30, 20, 6, 3, 1, 60, 40, 12, 6, 2)
 VAR_LEN_PROB_720P: tuple[float, ...] = (60, 20, 10, 6, 2, 1, 1)
+# Which script's table a pixel budget gets: train_720p.sh runs pn 0.90M, train_480p.sh 0.40M. Other budgets (no
+# released script) get the 480p table, the only one with outcomes for 10 s (three-clip) schedules.
+_VAR_LEN_PROB_BY_PN: dict[str, tuple[float, ...]] = {"0.90M": VAR_LEN_PROB_720P, "0.40M": VAR_LEN_PROB_480P}
+
+
+def var_len_prob_for(pn: str) -> tuple[float, ...]:
+    """The reference's ``video_var_len_prob`` for a model of pixel budget ``pn`` (training.md 3.3 and 9)."""
+    return _VAR_LEN_PROB_BY_PN.get(pn, VAR_LEN_PROB_480P)
 
 
 @dataclass(frozen=True)

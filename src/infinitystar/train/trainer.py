@@ -70,7 +70,7 @@ from infinitystar.train.distributed import (
 )
 from infinitystar.train.ema import EMA
 from infinitystar.train.loss import LossWeighting, raw_scale_weights
-from infinitystar.train.scale_subsets import ScaleSubsetConfig
+from infinitystar.train.scale_subsets import ScaleSubsetConfig, outcome_table, var_len_prob_for
 from infinitystar.train.step import TrainSample, make_optimizer, prepare_packed_batch, train_step
 
 CONFIG_FILE = "train_config.json"
@@ -167,6 +167,31 @@ def check_data_matches_pipeline(cfg: TrainConfig, pipe_cfg: Any) -> None:
         raise ConfigError(f"the data does not match pipeline {cfg.pipeline!r}: " + "; ".join(bad))
 
 
+def scale_subset_config(cfg: TrainConfig, pipe_cfg: Any) -> ScaleSubsetConfig:
+    """The run's scale-subset settings; without an explicit ``var_len_prob``, the release script's table for the
+    pipeline's pixel budget (a 720p fine-tune gets train_720p.sh's, not the 480p one)."""
+    prob = cfg.var_len_prob if cfg.var_len_prob is not None else var_len_prob_for(pipe_cfg.pn)
+    subsets = ScaleSubsetConfig(prob, cfg.drop_720p_last_scale, cfg.var_len)
+    if cfg.var_len:
+        _check_table_covers_longest_clip(cfg, pipe_cfg.scales_per_clip, subsets)
+    return subsets
+
+
+def _check_table_covers_longest_clip(cfg: TrainConfig, scales_per_clip: int, subsets: ScaleSubsetConfig) -> None:
+    """Fail at the start, not at the first long sample: the table needs one probability per outcome of the longest
+    schedule the data makes (a 10 s clip has 11 outcomes; the 720p table, like the reference's, has 7)."""
+    d = cfg.data
+    latents = 1 + d.max_seconds * d.latent_frames_per_second
+    pyramids = 1 + -(-(latents - 1) // d.frames_inner_clip)  # the first frame, then whole or partial clips
+    if pyramids < 2:
+        return
+    need = len(outcome_table(pyramids * scales_per_clip, scales_per_clip, subsets.drop_720p_last_scale))
+    if len(subsets.var_len_prob) < need:
+        raise ConfigError(f"var_len_prob has {len(subsets.var_len_prob)} entries but {d.max_seconds} s clips "
+                          f"(data.max_seconds) have {need} scale-subset outcomes: lower max_seconds or give a "
+                          f"var_len_prob with {need} entries")
+
+
 def _text_encoder_to(encoder: Any, device: torch.device) -> None:
     if isinstance(encoder, nn.Module):
         encoder.to(device).eval().requires_grad_(False)
@@ -237,7 +262,7 @@ class Trainer:
                                         eps=cfg.eps)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.weighting = LossWeighting(cfg.reweight_loss_by_scale, cfg.max_reweight_value)
-        self.subsets = ScaleSubsetConfig(cfg.var_len_prob, cfg.drop_720p_last_scale, cfg.var_len)
+        self.subsets = scale_subset_config(cfg, self.pipe_cfg)
         cuda = self.device.type == "cuda"
         self.autocast_dtype = torch.bfloat16 if cfg.bf16 and cuda else None
         self.backend = cfg.attention if cfg.attention != "auto" else ("flex" if cuda else "sdpa")

@@ -9,18 +9,20 @@ entry points, :meth:`~InfinityStarTransformer.forward_packed` for training and
 KV-cached inference). Official checkpoint key names live in ``infinitystar.checkpoints`` only.
 
 Dtypes: the embeddings and the heads always run in float32 with autocast off (as the reference);
-the blocks follow the caller's autocast or parameter dtype.
+the blocks follow :meth:`~InfinityStarTransformer.set_precision` (weights and autocast), else the caller's
+autocast and their parameter dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..config import TransformerConfig
+from ..config import PrecisionPolicy, TransformerConfig
 from .attention import Backend, CacheStep, KVCache, RMSNorm, SegmentMask, SelfAttention
 from .rope import rope_table, text_positions, visual_positions
 from .sequence import PackedLayout
@@ -80,6 +82,8 @@ class InfinityStarTransformer(nn.Module):
         self.final_norm = RMSNorm(C, cfg.norm_eps)
         self.detail_head = nn.Linear(C, 2 * cfg.detail_bits)
         self.semantic_head = nn.Linear(C, 2 * cfg.semantic_bits)
+        # Autocast dtype of the block stack (None = the caller's autocast, if any); see set_precision.
+        self.block_autocast: torch.dtype | None = None
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -100,6 +104,30 @@ class InfinityStarTransformer(nn.Module):
         uncond = torch.empty(self.uncond_text.shape)
         nn.init.trunc_normal_(uncond, std=1.2, a=-2.0, b=2.0, generator=gen)
         self.uncond_text.copy_(uncond / self.cfg.text_channels ** 0.5)
+
+    # ------------------------------------------------------------------ precision
+
+    def set_precision(self, policy: PrecisionPolicy) -> None:
+        """Cast the blocks to ``policy.block_dtype`` and run them under ``policy.block_autocast``.
+
+        Everything outside the blocks (uncond text, text_proj, code_embed, final norm, heads) stays float32.
+        A float32 -> bf16 -> float32 round trip keeps the bf16-rounded weights (reload for exact float32).
+        """
+        self.blocks.to(policy.block_dtype)
+        self.block_autocast = policy.block_autocast_dtype
+
+    def _stream_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """dtype of the inference residual stream: the autocast dtype when set (the reference's projected
+        prefix tokens come out of autocast in bf16 even over float32 block weights), else the blocks' dtype."""
+        if self.block_autocast is not None:
+            return self.block_autocast
+        return next(self.blocks.parameters()).dtype if len(self.blocks) else x.dtype
+
+    def _blocks_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        # No context at all when unset: autocast(enabled=False) would switch off a caller's (training) autocast.
+        if self.block_autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.block_autocast)
 
     # ------------------------------------------------------------------ pieces
 
@@ -174,10 +202,11 @@ class InfinityStarTransformer(nn.Module):
         mask = SegmentMask(layout.segment_ids().to(x.device), layout.segment_mask.to(x.device))
         rope = layout.rope.to(x.device)
         block_outs = [] if return_block_outputs else None
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, rope, mask, backend, None, i)
-            if block_outs is not None:
-                block_outs.append(x)
+        with self._blocks_autocast(x.device):
+            for i, blk in enumerate(self.blocks):
+                x = blk(x, rope, mask, backend, None, i)
+                if block_outs is not None:
+                    block_outs.append(x)
         logits = []
         start = 0
         for scale, sem in zip(layout.scales, layout.semantic):
@@ -220,10 +249,10 @@ class InfinityStarTransformer(nn.Module):
         x = self.embed_text(torch.cat(rows)).view(len(rows), L, -1)
         rope = rope_table(text_positions(L), self.cfg.head_dim, self.cfg.rope_theta).to(x.device)
         step = CacheStep(cache, (), KVCache.TEXT, key_mask=key_mask)
-        dtype = next(self.blocks.parameters()).dtype if len(self.blocks) else x.dtype
-        x = x.to(dtype)
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, rope, None, "sdpa", step, i)
+        x = x.to(self._stream_dtype(x))
+        with self._blocks_autocast(x.device):
+            for i, blk in enumerate(self.blocks):
+                x = blk(x, rope, None, "sdpa", step, i)
 
     def step_rope(self, scale: Sequence[int], real_si: int, frame_ss: int, full_hw: Sequence[int]) -> torch.Tensor:
         """RoPE table of one visual step (see :func:`~infinitystar.transformer.rope.visual_positions`)."""
@@ -239,23 +268,26 @@ class InfinityStarTransformer(nn.Module):
         store_as: Hashable | None = None,
         semantic: bool = False,
         batch: int = 2,
+        attend_text: bool = True,
     ) -> torch.Tensor:
         """One visual step: embed ``codes_1LC [1, n, d_vae]`` once, repeat it to ``batch`` rows (cond/uncond),
         attend to ``[cache[r] for r in refs] + [cached text] + own`` and return the logits ``[batch, n, d, 2]``.
 
         ``store_as`` caches this step's K/V under that id (the reference stores a scale at its last repetition).
+        ``attend_text=False`` leaves the text out of the keys (with no ``refs`` the step sees only itself: the
+        interactive condition passes).
         """
         if codes_1LC.dim() != 3 or codes_1LC.shape[0] != 1:
             raise ValueError(f"step input must be [1, tokens, {self.cfg.d_vae}], got {tuple(codes_1LC.shape)}")
         if rope_2LD.shape[1] != codes_1LC.shape[1]:
             raise ValueError(f"RoPE table has {rope_2LD.shape[1]} rows for {codes_1LC.shape[1]} tokens")
         x = self.embed_codes(codes_1LC).expand(batch, -1, -1)
-        dtype = next(self.blocks.parameters()).dtype if len(self.blocks) else x.dtype
-        x = x.to(dtype)
+        x = x.to(self._stream_dtype(x))
         rope = rope_2LD.to(x.device)
-        cstep = CacheStep(cache, (*refs, KVCache.TEXT), store_as)
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, rope, None, "sdpa", cstep, i)
+        cstep = CacheStep(cache, (*refs, KVCache.TEXT) if attend_text else tuple(refs), store_as)
+        with self._blocks_autocast(x.device):
+            for i, blk in enumerate(self.blocks):
+                x = blk(x, rope, None, "sdpa", cstep, i)
         return self.bit_logits(x, semantic)
 
     def num_parameters(self) -> int:
