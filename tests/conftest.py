@@ -34,6 +34,16 @@ def _deterministic_threads():
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread (request it with ``pytestmark = pytest.mark.usefixtures("one_thread")``): for tiny models,
+    where extra threads on a shared 2-core machine only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def golden_dir() -> Path:
     if not GOLDEN_DIR.is_dir():
         pytest.fail(f"golden directory {GOLDEN_DIR} is missing (set INFINITYSTAR_GOLDEN)")

@@ -22,13 +22,7 @@ from infinitystar.vae.model import VideoVAE
 SMALL = dict(pn="0.06M", num_scales=3)  # 48x48 pixel buckets: 3x3 latent grids
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # A tiny VAE on one-frame images: on a shared 2-core machine extra intra-op threads only wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,7 @@ PROMPT = "a red ball bounces"
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: on a shared 2-core machine extra intra-op threads only wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 def _randomize_unit_gain(model: torch.nn.Module, seed: int) -> None:
