@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from infinitystar.cli import load_pipeline
+    from infinitystar.demo import load_pipeline
     from infinitystar.demo.synthetic import render_clip, sample_clips
 
     pipe = load_pipeline(None, None)

@@ -28,11 +28,10 @@ import time
 import torch
 
 from infinitystar.config import TransformerConfig, get_preset, replace
-from infinitystar.schedules import build_scale_schedule
+from infinitystar.generation.schedules import build_scale_schedule, uses_detail_lfq
 from infinitystar.train.loss import LossWeighting
 from infinitystar.train.step import TrainSample, train_step
 from infinitystar.transformer.model import InfinityStarTransformer
-from infinitystar.transformer.sequence import is_semantic_by_tokens
 
 # ~104M parameters: 12 blocks of width 768 (12 heads of 64, GQA 3:1, SwiGLU 3072), flan-T5-XL text width.
 PRESET_100M = TransformerConfig(depth=12, embed_dim=768, num_heads=12, num_kv_heads=4, head_dim=64,
@@ -57,7 +56,7 @@ def synthetic_sample(cfg: TransformerConfig, workload: str, text_len: int, seed:
     inputs, labels = [], []
     for scale in schedule:
         n = math.prod(scale)
-        bits = cfg.semantic_bits if is_semantic_by_tokens(scale, cfg.detail_scale_min_tokens) else cfg.detail_bits
+        bits = cfg.detail_bits if uses_detail_lfq(scale, cfg.detail_scale_min_tokens) else cfg.semantic_bits
         inputs.append(torch.randn(1, n, cfg.d_vae, generator=g) * 0.1)
         labels.append(torch.randint(0, 2, (1, n, bits), generator=g))
     text = torch.randn(text_len, cfg.text_channels, generator=g)

@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def prepare_data(work: Path, clips: int, seconds: int) -> dict:
-    from infinitystar.config import DataConfig
     from infinitystar.demo.synthetic import make_dataset
     from infinitystar.pipeline import InfinityStarPipeline
+    from infinitystar.train.config import DataConfig
     from infinitystar.train.features import extract_features
 
     root = work / f"data_{clips}clips_{seconds}s"
@@ -47,9 +47,10 @@ def prepare_data(work: Path, clips: int, seconds: int) -> dict:
 
 
 def write_config(path: Path, data: dict, out: Path, steps: int, batch: int, checkpointing: bool) -> Path:
-    cfg = {"pipeline": "tiny-test", "output_dir": str(out), "steps": steps, "batch_size": batch, "lr": 1e-3,
-           "ckpt_every": 10**6, "keep_last_k": 1, "var_len": False, "activation_checkpointing": checkpointing,
-           "device": "cpu", "data": data}
+    cfg = {"out_dir": str(out), "model": {"pipeline": "tiny-test"}, "training": {"steps": steps, "batch_size": batch},
+           "optimizer": {"lr": 1e-3}, "checkpoint": {"every": 10**6, "keep_last_k": 1},
+           "scale_subsets": {"var_len": False},
+           "parallelism": {"activation_checkpointing": checkpointing, "device": "cpu"}, "data": data}
     path.write_text(json.dumps(cfg))
     return path
 
@@ -73,8 +74,8 @@ def run(config: Path, nproc: int, threads: int) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
-    out_dir = Path(json.loads(config.read_text())["output_dir"])
-    from infinitystar.train.trainer import read_log
+    out_dir = Path(json.loads(config.read_text())["out_dir"])
+    from infinitystar.train.runlog import read_log
 
     log = read_log(out_dir / "train_log.jsonl")
     end = [r for r in log if r.get("event") == "end"][-1]

@@ -164,7 +164,7 @@ def test_jsonl_rows_are_in_the_reference_format(dataset):
 
 
 def test_jsonl_is_read_by_the_training_data_pipeline(dataset):
-    from infinitystar.config import DataConfig
+    from infinitystar.train.config import DataConfig
     from infinitystar.train.data import ParseStats, read_jsonl
 
     path = dataset / "train.jsonl"

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from infinitystar import media
-from infinitystar.cli import DEMO_WEIGHTS, load_pipeline, main
+from infinitystar.cli import main
 from infinitystar.config import ConfigError, get_preset
+from infinitystar.demo import DEMO_WEIGHTS, load_pipeline
 from infinitystar.demo.evaluate import SEEN_EVAL_TRIPLES, judge_clip, reconstruction_psnr
 from infinitystar.demo.recipe import RecipeOptions, build_base
 from infinitystar.demo.synthetic import HELD_OUT, caption, make_dataset, render_clip, sample_clips

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from infinitystar.config import DataConfig, get_preset, replace
+from infinitystar.config import get_preset, replace
 from infinitystar.media import write_image
+from infinitystar.train.config import DataConfig
 from infinitystar.train.data import load_records
 from infinitystar.train.features import FeatureIndex, encode_record, extract_features, load_record_pixels
 from infinitystar.vae.model import VideoVAE

@@ -1,8 +1,8 @@
 """Teacher-forced inference parity (golden README section 12: image-to-video and video extension).
 
 For every transformer case holding ``infer_forced.safetensors`` and every sub-case its config lists, the
-production loop (:func:`infinitystar.generation.generate_codes` over the plan of
-:func:`infinitystar.generation.plan_steps`) is run with the stored bits of the forced steps and a CPU generator
+production loop (:func:`infinitystar.generation.loop.generate_codes` over the plan of
+:func:`infinitystar.generation.plan.plan_steps`) is run with the stored bits of the forced steps and a CPU generator
 seeded ``g_seed``. The reference draws from that generator on every step, forced or not, so the free steps'
 bits match only when the loop consumes the generator exactly as the reference does: every stored bit must match,
 the stored logits within the README's tolerances, and the summed codes. Both loop modes are checked: skipping
@@ -23,10 +23,11 @@ from safetensors.torch import load_file
 import infinitystar.pipeline as pipeline_module
 from conftest import golden_cases
 from infinitystar.config import QuantizerConfig, SamplingConfig
-from infinitystar.generation import StepEvent, generate_codes, plan_steps
+from infinitystar.generation.loop import StepEvent, generate_codes
+from infinitystar.generation.plan import plan_steps
+from infinitystar.generation.sampling import advance_like_sample_bits, sample_bits
+from infinitystar.generation.schedules import parse_repetition, scales_per_clip
 from infinitystar.pipeline import InfinityStarPipeline
-from infinitystar.sampling import advance_like_sample_bits, sample_bits, tau_per_scale
-from infinitystar.schedules import parse_repetition, scales_per_clip
 from infinitystar.vae.multiscale import schedule_repetitions
 from test_transformer_golden import _build
 
@@ -63,8 +64,9 @@ def _sampling(sub: dict, other_args: dict, spc: int, num_scales: int) -> Samplin
     assert len(cfgs) == 1, f"the loop applies one guidance scale, the case has {sorted(cfgs)}"
     taus = [float(v) for v in sub["tau_list"]]
     tau_video = taus[spc] if len(taus) > spc else taus[0]
-    assert tau_per_scale(num_scales, spc, taus[0], tau_video) == taus, "tau_list is not tau_image/tau_video per clip"
-    return SamplingConfig(guidance="apg" if other_args["use_apg"] else "cfg", guidance_scale=cfgs.pop(),
+    # The loop's rule (one tau for the first frame's scales, one for every video clip's): the case must follow it.
+    assert taus == [taus[0]] * spc + [tau_video] * (num_scales - spc), "tau_list is not tau_image/tau_video per clip"
+    return SamplingConfig(guidance_method="apg" if other_args["use_apg"] else "cfg", guidance_scale=cfgs.pop(),
                           apg_norm_threshold=float(other_args["apg_norm_threshold"]), tau_image=taus[0],
                           tau_video=tau_video)
 
@@ -98,7 +100,7 @@ def _run(case: Path, sub_name: str, *, run_forced_steps: bool):
     result = generate_codes(model, quant, text, schedule, plan, reps, sampling,
                             generator=torch.Generator().manual_seed(int(sub["g_seed"])), forced_bits=forced,
                             run_forced_steps=run_forced_steps, frames_inner_clip=oa["frames_inner_clip"],
-                            on_step=events.append, progress=False)
+                            on_step=events.append)
     return events, result, sub, g, prefix
 
 

@@ -24,9 +24,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import golden_cases
-from infinitystar import media, schedules
+from infinitystar import media
 from infinitystar.config import get_preset
-from infinitystar.pipeline import extension_frames, interactive_reference_frames, interactive_size, resolve_size
+from infinitystar.generation import schedules
+from infinitystar.generation.plan import interactive_size, resolve_size
+from infinitystar.pipeline import extension_frames, interactive_reference_frames
 
 # golden README 14: "transform output atol 1e-6" (computed from uint8 with PIL's LANCZOS; ours uses the same).
 TRANSFORM_ATOL = 1e-6

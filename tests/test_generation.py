@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from infinitystar.config import SamplingConfig, get_preset
-from infinitystar.generation import _position_shift, plan_steps
-from infinitystar.schedules import spatial_ladder, video_scale_schedule
+from infinitystar.generation.loop import _position_shift, generate_codes
+from infinitystar.generation.plan import plan_steps
+from infinitystar.generation.schedules import scale_repetitions, spatial_ladder, video_scale_schedule
 from infinitystar.transformer.attention import KVCache
 from infinitystar.transformer.model import InfinityStarTransformer
 from infinitystar.transformer.rope import rope_table, visual_positions
@@ -79,15 +80,11 @@ def test_shifting_cached_keys_equals_computing_them_at_the_shifted_positions():
 
 @pytest.mark.parametrize("n_clips", [3, 4])
 def test_long_generation_runs_past_the_rope_range(n_clips):
-    from infinitystar.generation import generate_codes
-    from infinitystar.schedules import scale_repetitions
-
     cfg, schedule, plan = _plan(n_clips, rope_max_frames=1 + 2 * FIC)
     torch.manual_seed(0)
     model = InfinityStarTransformer(cfg.transformer).eval()
     reps = scale_repetitions(schedule, cfg.image_repetition, cfg.video_repetition)
     out = generate_codes(model, cfg.quantizer, torch.randn(4, model.cfg.text_channels), schedule, plan, reps,
-                         cfg.sampling, generator=torch.Generator().manual_seed(0), frames_inner_clip=FIC,
-                         progress=False)
+                         cfg.sampling, generator=torch.Generator().manual_seed(0), frames_inner_clip=FIC)
     assert out.summed_codes.shape[2] == 1 + FIC * n_clips
     assert len(out.clip_codes) == 1 + n_clips

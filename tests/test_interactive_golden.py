@@ -17,15 +17,15 @@ from safetensors.torch import load_file
 
 from conftest import golden_cases
 from infinitystar.config import QuantizerConfig, SamplingConfig, get_preset
-from infinitystar.generation import (
+from infinitystar.generation.loop import (
     DETAIL_CONDITION,
     SEMANTIC_CONDITION,
     StepEvent,
-    plan_steps,
     prefill_interactive_conditions,
     run_interactive_turn,
 )
-from infinitystar.schedules import InteractiveSegmentLayout, interactive_layout_for
+from infinitystar.generation.plan import plan_steps
+from infinitystar.generation.schedules import InteractiveSegmentLayout, interactive_layout_for
 from infinitystar.transformer.model import InfinityStarTransformer
 from infinitystar.vae.multiscale import parse_repetitions, schedule_repetitions
 from test_transformer_golden import _build, _maxdiff
@@ -55,7 +55,7 @@ def _sampling(ci: dict) -> SamplingConfig:
     assert len(set(ci["cfg_list"])) == 1 and len(set(ci["tau_list"])) == 1, "per-scale cfg/tau are not supported"
     assert ci["use_cfg"] and not ci["use_apg"]
     tau = ci["tau_list"][0]
-    return SamplingConfig(guidance="cfg", guidance_scale=ci["cfg_list"][0], tau_image=tau, tau_video=tau)
+    return SamplingConfig(guidance_method="cfg", guidance_scale=ci["cfg_list"][0], tau_image=tau, tau_video=tau)
 
 
 def _text(g: dict, ci: dict) -> torch.Tensor:
@@ -121,8 +121,7 @@ def test_turn(case: Path) -> None:
     turn = run_interactive_turn(model, QuantizerConfig(
         embed_dim=model.cfg.d_vae, semantic_dim=oa["semantic_scale_dim"], detail_dim=oa["detail_scale_dim"],
         detail_scale_min_tokens=oa["detail_scale_min_tokens"]), _text(g, ci), g[P + "former_clip_features"],
-        g[P + "first_frame_features"], layout, plan, reps, sampling, seed=ci["g_seed"], on_step=events.append,
-        progress=False)
+        g[P + "first_frame_features"], layout, plan, reps, sampling, seed=ci["g_seed"], on_step=events.append)
 
     assert len(events) == len(steps)
     for ev in events:

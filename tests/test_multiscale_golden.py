@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import golden_cases
 from infinitystar.config import QuantizerConfig
-from infinitystar.schedules import clip_layout
+from infinitystar.generation.schedules import clip_layout
 from infinitystar.vae.multiscale import (
     CodeAccumulator,
     bits_to_summed_codes,

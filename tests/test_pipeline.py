@@ -21,10 +21,11 @@ from PIL import Image
 import infinitystar.pipeline as pipeline_module
 from conftest import float32_rounding_tolerance, transformer_rounding_path
 from fixtures_text import D_MODEL, tiny_flan_t5_dir  # noqa: F401
-from infinitystar import checkpoints, schedules
+from infinitystar import checkpoints
 from infinitystar.config import get_preset
+from infinitystar.generation import schedules
+from infinitystar.generation.sampling import apply_temperature, guide_logits
 from infinitystar.pipeline import InfinityStarPipeline, export_to_video
-from infinitystar.sampling import apply_temperature, guide_logits
 from infinitystar.transformer.model import InfinityStarTransformer
 from infinitystar.transformer.rope import rope_table, visual_positions
 from infinitystar.transformer.sequence import PackedSample, build_packed_layout
@@ -416,7 +417,7 @@ def test_cached_steps_equal_a_full_recompute(pipe2):
                 scale = max(scale, float(hidden.abs().max()), float(raw[-1].abs().max()))
             logits = apply_temperature(torch.cat(raw), step.tau)
             s = cfg.sampling
-            expected = guide_logits(logits.flatten(-2), s.guidance_scale, s.guidance, s.apg_norm_threshold)
+            expected = guide_logits(logits.flatten(-2), s.guidance_scale, s.guidance_method, s.apg_norm_threshold)
             got = ev.logits_Bnd2
             assert got.shape == expected.unflatten(-1, (-1, 2)).shape
             # Cached steps and packed forwards round differently (float32_rounding_tolerance on the raw logits, at
@@ -520,7 +521,7 @@ def test_negative_prompt_branch_equals_the_negative_prompt_alone(pipe_neg, which
     s = NO_SUFFIX.sampling
     tau = events[0].step.tau
     expected = guide_logits(apply_temperature(torch.cat([cond_alone, neg_alone]), tau).flatten(-2),
-                            s.guidance_scale, s.guidance, s.apg_norm_threshold).unflatten(-1, (-1, 2))
+                            s.guidance_scale, s.guidance_method, s.apg_norm_threshold).unflatten(-1, (-1, 2))
     assert float((events[0].logits_Bnd2 - expected).abs().max()) <= ATOL
     plain = pipe_neg(prompt, num_frames=5, output_type="np", seed=0, progress=False).frames
     assert not np.array_equal(out.frames, plain)
@@ -586,7 +587,7 @@ def test_extension_from_a_longer_video_keeps_the_clips_the_output_leaves_room_fo
 def test_interactive_bad_input(pipe2):
     with pytest.raises(ValueError, match="at least one prompt"):
         pipe2.interactive([])
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
+    with pytest.raises(ValueError, match="prompt 1 must be a non-empty string"):
         pipe2.interactive(["a red ball", " "])
     with pytest.raises(ValueError, match="needs at least 9 frames.*got 5"):
         pipe2.interactive(["a", "b"], video=torch.zeros(3, 5, SIZE, SIZE))

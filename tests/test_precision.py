@@ -16,8 +16,9 @@ import torch
 
 from fixtures_text import D_MODEL, tiny_flan_t5_dir  # noqa: F401
 from infinitystar import checkpoints
-from infinitystar.cli import build_parser, load_pipeline
+from infinitystar.cli import build_parser
 from infinitystar.config import ConfigError, PrecisionPolicy, default_precision, get_preset, precision_policy
+from infinitystar.demo import load_pipeline
 from infinitystar.pipeline import InfinityStarPipeline
 from infinitystar.text import FlanT5Encoder
 from infinitystar.transformer.attention import KVCache

@@ -19,17 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import golden_cases
-from infinitystar.sampling import (
+from infinitystar.generation.sampling import (
     apg_guidance,
     apply_temperature,
     bit_logits_from_flat,
     bits_to_scale_grid,
     cfg_guidance,
-    filter_top_k_top_p,
-    greedy_bits,
     guide_logits,
     sample_bits,
-    tau_per_scale,
 )
 
 APG_ATOL = 1e-3  # golden README section 9: guided (APG) logits
@@ -184,27 +181,8 @@ def test_temperature():
     x = _random_logits(9)
     assert torch.equal(apply_temperature(x, 0.4), x * (1 / 0.4))
     assert torch.equal(apply_temperature(x, 1.0), x)
-    assert tau_per_scale(5, 2, 1.0, 0.4) == [1.0, 1.0, 0.4, 0.4, 0.4]
     with pytest.raises(ValueError, match="tau"):
         apply_temperature(x, 0.0)
-
-
-def test_greedy_and_filters():
-    logits = _random_logits(10)
-    expected = (logits[..., 1] > logits[..., 0]).long()
-    assert torch.equal(greedy_bits(logits), expected)
-    # top_k=1 and a tiny nucleus leave only the most likely value: sampling becomes greedy.
-    assert torch.equal(sample_bits(logits, torch.Generator().manual_seed(0), top_k=1), expected)
-    assert torch.equal(sample_bits(logits, torch.Generator().manual_seed(0), top_p=1e-6), expected)
-    # Over a larger vocabulary: top-k keeps exactly k entries, top-p the smallest set reaching p.
-    vocab = torch.tensor([[2.0, 1.0, 0.0, -1.0, -5.0]])
-    assert torch.isfinite(filter_top_k_top_p(vocab, top_k=2)).sum() == 2
-    probs = vocab.softmax(-1)[0]
-    kept = torch.isfinite(filter_top_k_top_p(vocab, top_p=0.8))[0]
-    assert kept.tolist() == [True, True, False, False, False]
-    assert probs[:2].sum() >= 0.8 > probs[:1].sum()
-    # Disabled filters change nothing.
-    assert torch.equal(filter_top_k_top_p(vocab), vocab)
 
 
 def test_bad_inputs_raise():

@@ -14,21 +14,16 @@ from fixtures_text import D_MODEL, tiny_flan_t5_dir, tiny_spiece_model  # noqa: 
 from infinitystar.text import (
     QUALITY_SUFFIX,
     FlanT5Encoder,
-    PrecomputedTextEncoder,
     TextEmbeddings,
     TextEncoderFilesError,
-    apply_guidance_dropout,
     build_prompt,
-    drop_captions,
     duration_prefix,
     duration_seconds_for_frames,
     guidance_dropout_mask,
-    guidance_text_batch,
     interactive_prompt,
     maybe_truncate_sentences,
     training_caption,
     truncate_sentences,
-    unconditional_text,
 )
 
 PROMPTS = [

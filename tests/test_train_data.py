@@ -17,11 +17,10 @@ import torch
 
 from infinitystar.checkpoints import save_vae
 from infinitystar.cli import main as cli_main
-from infinitystar.config import ConfigError, DataConfig, get_preset, replace
+from infinitystar.config import ConfigError, get_preset, replace
 from infinitystar.media import write_image, write_video
+from infinitystar.train.config import DataConfig
 from infinitystar.train.data import (
-    DataPosition,
-    LatentDataset,
     bucket_for_size,
     draw_caption,
     load_records,
@@ -30,6 +29,7 @@ from infinitystar.train.data import (
     sample_frame_count,
     sample_schedule,
 )
+from infinitystar.train.dataset import DataPosition, LatentDataset
 from infinitystar.train.features import (
     CacheError,
     extract_features,
@@ -448,7 +448,7 @@ def test_dataset_skips_missing_and_corrupt_caches(extracted, tmp_path, caplog):
     files[1].write_bytes(b"garbage")
     ds = LatentDataset(config)
     assert len(ds) == 3 and ds.missing_cache == 1
-    with caplog.at_level(logging.WARNING, logger="infinitystar.train.data"):
+    with caplog.at_level(logging.WARNING, logger="infinitystar.train.dataset"):
         got = _stream(ds, epochs=1)
     assert len(got) == 2 and ds.skipped == 1
     assert [x[0].index for x in got] == sorted(x[0].index for x in got)

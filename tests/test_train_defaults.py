@@ -12,8 +12,9 @@ import json
 import pytest
 
 from conftest import GOLDEN_DIR
-from infinitystar.config import ConfigError, TrainConfig, get_preset, load_train_config
-from infinitystar.train.scale_subsets import valid_outcomes
+from infinitystar.config import ConfigError, get_preset
+from infinitystar.train.config import DataConfig, ModelConfig, TrainConfig, load_config, with_overrides
+from infinitystar.train.scale_subsets import ScaleSubsetConfig, valid_outcomes
 from infinitystar.train.trainer import scale_subset_config
 
 SCRIPT_720P = (60, 20, 10, 6, 2, 1, 1)
@@ -31,31 +32,31 @@ SPEC_P_480P = (0.40, 0.30, 0.20, 0.06, 0.03, 0.01)
 ])
 def test_default_table_follows_the_pipeline_pn(preset, table):
     cfg = TrainConfig()
-    assert cfg.var_len_prob is None  # "the pipeline's", resolved when the pipeline is known
+    assert cfg.scale_subsets.var_len_prob is None  # "the pipeline's", resolved when the pipeline is known
     subsets = scale_subset_config(cfg, get_preset("pipeline", preset))
     assert subsets.var_len_prob == tuple(float(p) for p in table)
     assert subsets.drop_720p_last_scale and subsets.var_len
 
 
 def test_an_explicit_table_wins_and_bad_tables_fail():
-    cfg = TrainConfig(var_len_prob=(1, 2, 3, 4, 5, 6))
+    cfg = TrainConfig(scale_subsets=ScaleSubsetConfig(var_len_prob=(1, 2, 3, 4, 5, 6)))
     assert scale_subset_config(cfg, get_preset("pipeline", "official-720p")).var_len_prob == (1, 2, 3, 4, 5, 6)
     with pytest.raises(ConfigError, match="var_len_prob"):
-        TrainConfig(var_len_prob=(0, 0))
+        ScaleSubsetConfig(var_len_prob=(0, 0))
     with pytest.raises(ConfigError, match="var_len_prob"):
-        TrainConfig(var_len_prob=(-1, 2))
+        ScaleSubsetConfig(var_len_prob=(-1, 2))
 
 
 def test_config_files_without_a_table_follow_the_pipeline(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('pipeline = "official-720p"\n[data]\npn = "0.90M"\n', encoding="utf-8")
-    cfg = load_train_config(str(path))
-    assert cfg.var_len_prob is None
-    assert scale_subset_config(cfg, get_preset("pipeline", cfg.pipeline)).var_len_prob == SCRIPT_720P
+    path.write_text('[model]\npipeline = "official-720p"\n[data]\npn = "0.90M"\n', encoding="utf-8")
+    cfg = load_config(TrainConfig, str(path))
+    assert cfg.scale_subsets.var_len_prob is None
+    assert scale_subset_config(cfg, get_preset("pipeline", cfg.model.pipeline)).var_len_prob == SCRIPT_720P
     # A saved run config (JSON, None as null) reads back the same.
     saved = tmp_path / "run.json"
     saved.write_text(json.dumps(dataclasses.asdict(cfg)), encoding="utf-8")
-    assert load_train_config(str(saved)).var_len_prob is None
+    assert load_config(TrainConfig, str(saved)) == cfg
 
 
 @pytest.mark.parametrize(("preset", "spec_p"), [("official-720p", SPEC_P_720P), ("official-480p", SPEC_P_480P)])
@@ -71,14 +72,12 @@ def test_outcome_probabilities_of_the_default_match_the_spec(preset, spec_p):
 
 
 def test_a_table_too_short_for_the_longest_clip_fails_at_the_start():
-    from infinitystar.config import DataConfig
-
-    ten_720 = TrainConfig(pipeline="official-720p", data=DataConfig(pn="0.90M", max_seconds=10))
+    ten_720 = TrainConfig(model=ModelConfig(pipeline="official-720p"), data=DataConfig(pn="0.90M", max_seconds=10))
     # 10 s = 41 latent frames = first frame + 2 clips: 11 outcomes (training.md 3.3), the 720p table has 7.
     with pytest.raises(ConfigError, match="var_len_prob has 7 entries but 10 s clips .* have 11"):
         scale_subset_config(ten_720, get_preset("pipeline", "official-720p"))
     # The same clips train with the 480p table, or with var_len off.
-    ten_480 = TrainConfig(pipeline="official-480p", data=DataConfig(pn="0.40M", max_seconds=10))
+    ten_480 = TrainConfig(model=ModelConfig(pipeline="official-480p"), data=DataConfig(pn="0.40M", max_seconds=10))
     assert len(scale_subset_config(ten_480, get_preset("pipeline", "official-480p")).var_len_prob) == 11
-    off = dataclasses.replace(ten_720, var_len=False)
+    off = with_overrides(ten_720, {"scale_subsets.var_len": False})
     assert not scale_subset_config(off, get_preset("pipeline", "official-720p")).var_len

@@ -9,6 +9,7 @@ killed or use two processes are subprocesses of the real CLI (``python -m infini
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,10 +24,19 @@ import pytest
 import torch
 
 from conftest import adam_step_bound
-from infinitystar.config import ConfigError, DataConfig, TrainConfig, load_train_config
+from infinitystar.config import ConfigError
 from infinitystar.train import checkpointing
+from infinitystar.train.config import (
+    DataConfig,
+    OptimizerConfig,
+    TrainConfig,
+    config_from_dict,
+    load_config,
+    with_overrides,
+)
 from infinitystar.train.ema import EMA
-from infinitystar.train.trainer import Trainer, export_run, lr_at, read_log, step_losses
+from infinitystar.train.runlog import read_log, step_losses
+from infinitystar.train.trainer import Trainer, export_run
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -49,13 +59,24 @@ def tiny_data(tmp_path_factory) -> DataConfig:
     return data
 
 
-def _config(data: DataConfig, out: Path, **kw) -> dict:
-    cfg = dict(pipeline="tiny-test", output_dir=str(out), steps=8, batch_size=2, lr=2e-3, ckpt_every=4,
-               keep_last_k=2, var_len=False, activation_checkpointing=False, device="cpu",
-               data={"jsonl": list(data.jsonl), "cache_dir": data.cache_dir, "pn": data.pn,
-                     "num_scales": data.num_scales, "max_seconds": data.max_seconds})
-    cfg.update(kw)
+def _config(data: DataConfig, out: Path, changes: dict | None = None) -> dict:
+    """A run's config as plain data (one dict per section); ``changes`` replace fields by dotted name."""
+    cfg = {"out_dir": str(out), "model": {"pipeline": "tiny-test"}, "training": {"steps": 8, "batch_size": 2},
+           "optimizer": {"lr": 2e-3}, "checkpoint": {"every": 4, "keep_last_k": 2},
+           "scale_subsets": {"var_len": False}, "parallelism": {"activation_checkpointing": False, "device": "cpu"},
+           "data": {"jsonl": list(data.jsonl), "cache_dir": data.cache_dir, "pn": data.pn,
+                    "num_scales": data.num_scales, "max_seconds": data.max_seconds}}
+    for dotted, value in (changes or {}).items():
+        *sections, key = dotted.split(".")
+        table = cfg
+        for name in sections:
+            table = table.setdefault(name, {})
+        table[key] = value
     return cfg
+
+
+def _train_config(data: DataConfig, out: Path, changes: dict | None = None) -> TrainConfig:
+    return dataclasses.replace(config_from_dict(TrainConfig, _config(data, out, changes)), data=data)
 
 
 def _write_config(path: Path, cfg: dict) -> Path:
@@ -94,44 +115,49 @@ def _free_port() -> int:
 
 def test_config_from_toml_and_unknown_keys(tmp_path):
     good = tmp_path / "run.toml"
-    good.write_text('steps = 12\nlr = 1e-4\nbetas = [0.9, 0.95]\n[data]\njsonl = ["a.jsonl"]\ncache_dir = "c"\n')
-    cfg = load_train_config(str(good))
-    assert (cfg.steps, cfg.lr, cfg.betas, cfg.data.jsonl, cfg.data.cache_dir) == (12, 1e-4, (0.9, 0.95),
-                                                                                 ("a.jsonl",), "c")
+    good.write_text('[training]\nsteps = 12\n[optimizer]\nlr = 1e-4\nbetas = [0.9, 0.95]\n'
+                    '[data]\njsonl = ["a.jsonl"]\ncache_dir = "c"\n')
+    cfg = load_config(TrainConfig, str(good))
+    assert (cfg.training.steps, cfg.optimizer.lr, cfg.optimizer.betas, cfg.data.jsonl, cfg.data.cache_dir) == (
+        12, 1e-4, (0.9, 0.95), ("a.jsonl",), "c")
     # The reference's optimiser and schedule by default.
     d = TrainConfig()
-    assert (d.betas, d.eps, d.weight_decay, d.lr_schedule, d.warmup_steps, d.ema_decay, d.grad_clip) == (
+    o = d.optimizer
+    assert (o.betas, o.eps, o.weight_decay, o.schedule, o.warmup_steps, d.training.ema_decay, o.grad_clip) == (
         (0.9, 0.97), 1e-8, 0.0, "constant", 0, 0.0, 5.0)
     bad = tmp_path / "bad.toml"
     bad.write_text("stepz = 3\n")
     with pytest.raises(ConfigError, match="stepz"):
-        load_train_config(str(bad))
+        load_config(TrainConfig, str(bad))
     bad.write_text('[data]\ncache_dri = "x"\n')
-    with pytest.raises(ConfigError, match="cache_dri"):
-        load_train_config(str(bad))
-    with pytest.raises(ConfigError, match="lr_schedule"):
-        TrainConfig(lr_schedule="step")
+    with pytest.raises(ConfigError, match="data.cache_dri"):
+        load_config(TrainConfig, str(bad))
+    bad.write_text('[training]\nsteps = 3\nlr = 1e-4\n')  # a field in the wrong section is named with its path
+    with pytest.raises(ConfigError, match="training.lr"):
+        load_config(TrainConfig, str(bad))
+    with pytest.raises(ConfigError, match="optimizer.schedule"):
+        OptimizerConfig(schedule="step")
 
 
 def test_example_config_matches_its_pipeline():
     from infinitystar.config import get_preset
     from infinitystar.train.trainer import check_data_matches_pipeline
 
-    cfg = load_train_config(str(REPO / "configs" / "train_tiny.toml"))
-    assert cfg.pipeline == "models/tiny-base" and cfg.var_len is False
+    cfg = load_config(TrainConfig, str(REPO / "configs" / "train_tiny.toml"))
+    assert cfg.model.pipeline == "models/tiny-base" and cfg.scale_subsets.var_len is False
     check_data_matches_pipeline(cfg, get_preset("pipeline", "tiny-test"))  # the README saves tiny-test there
     with pytest.raises(ConfigError, match="num_scales"):
         check_data_matches_pipeline(TrainConfig(data=DataConfig(pn="0.06M")), get_preset("pipeline", "tiny-test"))
 
 
 def test_lr_schedule():
-    assert [lr_at(s, TrainConfig(lr=1.0, steps=10)) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
-    warm = TrainConfig(lr=1.0, steps=10, warmup_steps=4, lr_schedule="linear", min_lr_ratio=0.5)
+    assert [OptimizerConfig(lr=1.0).lr_at(s, 10) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    warm = OptimizerConfig(lr=1.0, warmup_steps=4, schedule="linear", min_lr_ratio=0.5)
     # Warmup 1/4 .. 4/4, then linear from 1 to 0.5 over the remaining 6 steps.
-    assert [lr_at(s, warm) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert lr_at(7, warm) == pytest.approx(1.0 - 0.5 * 3 / 6)
-    cos = TrainConfig(lr=2.0, steps=10, lr_schedule="cosine")
-    assert lr_at(5, cos) == pytest.approx(1.0) and lr_at(10, cos) == pytest.approx(0.0)
+    assert [warm.lr_at(s, 10) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warm.lr_at(7, 10) == pytest.approx(1.0 - 0.5 * 3 / 6)
+    cos = OptimizerConfig(lr=2.0, schedule="cosine")
+    assert cos.lr_at(5, 10) == pytest.approx(1.0) and cos.lr_at(10, 10) == pytest.approx(0.0)
 
 
 def test_ema_update_formula():
@@ -156,8 +182,7 @@ def test_loss_falls_and_checkpoints_are_kept_and_resumed(tiny_data, tmp_path):
     # One thread: on a shared 2-core machine two OpenMP threads are several times slower for this tiny model.
     torch.set_num_threads(1)
     run = tmp_path / "run"
-    cfg = TrainConfig(**{**_config(tiny_data, run, steps=30, ckpt_every=10, keep_last_k=2),
-                         "data": tiny_data})
+    cfg = _train_config(tiny_data, run, {"training.steps": 30, "checkpoint.every": 10, "checkpoint.keep_last_k": 2})
     result = Trainer(cfg, progress=False).run()
     losses = [result.losses[s] for s in range(1, 31)]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -181,7 +206,7 @@ def test_loss_falls_and_checkpoints_are_kept_and_resumed(tiny_data, tmp_path):
             (junk / f.name).write_bytes(f.read_bytes())
     (run / "checkpoints" / "step_00000050").mkdir()
     assert checkpointing.latest_checkpoint(run / "checkpoints") == ckpt30
-    resumed = Trainer(TrainConfig(**{**cfg.__dict__, "steps": 32}), progress=False)
+    resumed = Trainer(with_overrides(cfg, {"training.steps": 32}), progress=False)
     assert resumed.step == 30 and resumed.resumed_from == 30
     # The resumed model holds the weights of step 30 (exported from the checkpoint by DCP).
     from infinitystar.pipeline import InfinityStarPipeline
@@ -199,8 +224,8 @@ def test_loss_falls_and_checkpoints_are_kept_and_resumed(tiny_data, tmp_path):
 
 def test_sigkill_then_resume_gives_identical_losses(tiny_data, tmp_path):
     steps = 16
-    full_cfg = _write_config(tmp_path / "full.json", _config(tiny_data, tmp_path / "full", steps=steps))
-    kill_cfg = _write_config(tmp_path / "kill.json", _config(tiny_data, tmp_path / "kill", steps=steps))
+    full_cfg = _write_config(tmp_path / "full.json", _config(tiny_data, tmp_path / "full", {"training.steps": steps}))
+    kill_cfg = _write_config(tmp_path / "kill.json", _config(tiny_data, tmp_path / "kill", {"training.steps": steps}))
     reference = _cli_train(full_cfg)
     victim = _cli_train(kill_cfg)
     first_ckpt = tmp_path / "kill" / "checkpoints" / "step_00000004"
@@ -236,11 +261,12 @@ def test_sigkill_then_resume_gives_identical_losses(tiny_data, tmp_path):
 
 def test_fsdp_two_processes_match_one_then_export_and_generate(tiny_data, tmp_path):
     steps = 5
-    one = _write_config(tmp_path / "one.json", _config(tiny_data, tmp_path / "one", steps=steps, batch_size=2,
-                                                       ckpt_every=5, ema_decay=0.5))
+    one = _write_config(tmp_path / "one.json", _config(tiny_data, tmp_path / "one", {
+        "training.steps": steps, "training.batch_size": 2, "checkpoint.every": 5, "training.ema_decay": 0.5}))
     # Two ranks of one sample each, with activation checkpointing: the same global batch of 2.
-    two = _write_config(tmp_path / "two.json", _config(tiny_data, tmp_path / "two", steps=steps, batch_size=1,
-                                                       ckpt_every=3, ema_decay=0.5, activation_checkpointing=True))
+    two = _write_config(tmp_path / "two.json", _config(tiny_data, tmp_path / "two", {
+        "training.steps": steps, "training.batch_size": 1, "checkpoint.every": 3, "training.ema_decay": 0.5,
+        "parallelism.activation_checkpointing": True}))
 
     def torchrun() -> subprocess.Popen:
         return subprocess.Popen(
@@ -289,8 +315,8 @@ def test_fsdp_two_processes_match_one_then_export_and_generate(tiny_data, tmp_pa
     # (conftest.adam_step_bound), so no coordinate differs by more than `worst`, which only such coordinates
     # approach; even if 0.1% of the coordinates did, the mean difference would be 1e-3 of it. A wrong batch slice
     # or unsynchronised gradients change the steps of most coordinates: a mean difference of the order of `worst`.
-    cfg = load_train_config(str(one))
-    worst = 2 * sum(lr_at(t - 1, cfg) * adam_step_bound(cfg.betas, t) for t in range(1, steps + 1))
+    opt = load_config(TrainConfig, str(one)).optimizer
+    worst = 2 * sum(opt.lr_at(t - 1, steps) * adam_step_bound(opt.betas, t) for t in range(1, steps + 1))
     update = max((w1[k] - base[k]).abs().max().item() for k in w1)
     assert update > 1e-3  # training changed the weights
     diffs = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
@@ -310,8 +336,8 @@ def test_fsdp_two_processes_match_one_then_export_and_generate(tiny_data, tmp_pa
 def test_token_budget_limits_the_packed_sequence(tiny_data, tmp_path):
     torch.set_num_threads(1)
     budget = 120  # one caption (~60 bytes) + a prefix of the 91-token pyramid; no room for a second sample
-    cfg = TrainConfig(**{**_config(tiny_data, tmp_path / "run", steps=3, ckpt_every=100, max_tokens=budget),
-                         "data": tiny_data})
+    cfg = _train_config(tiny_data, tmp_path / "run", {"training.steps": 3, "checkpoint.every": 100,
+                                                      "training.max_tokens": budget})
     Trainer(cfg, progress=False).run()
     steps = [r for r in read_log(tmp_path / "run" / "train_log.jsonl") if r.get("event") == "step"]
     assert len(steps) == 3
@@ -319,6 +345,6 @@ def test_token_budget_limits_the_packed_sequence(tiny_data, tmp_path):
         assert r["visual_tokens"] + r["text_tokens"] <= budget
         assert r["samples"] + r["left_out_for_budget"] == 2 and r["left_out_for_budget"] >= 1
         assert r["visual_tokens"] < 91  # the full pyramid does not fit next to the caption: a prefix is trained
-    too_small = TrainConfig(**{**cfg.__dict__, "max_tokens": 10, "output_dir": str(tmp_path / "run2")})
+    too_small = with_overrides(cfg, {"training.max_tokens": 10, "out_dir": str(tmp_path / "run2")})
     with pytest.raises(ValueError, match="no sample"):
         Trainer(too_small, progress=False).run()

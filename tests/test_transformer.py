@@ -24,7 +24,7 @@ from infinitystar.checkpoints import (
     transformer_state_dict_to_official,
 )
 from infinitystar.config import ConfigError, TransformerConfig, get_preset, mlp_intermediate_size, replace
-from infinitystar.schedules import clip_layout
+from infinitystar.generation.schedules import clip_layout
 from infinitystar.transformer.attention import SegmentMask, attend
 from infinitystar.transformer.model import InfinityStarTransformer
 from infinitystar.transformer.sequence import PackedSample, build_packed_layout

@@ -21,8 +21,8 @@ from infinitystar.checkpoints import (
     transformer_state_dict_from_official,
 )
 from infinitystar.config import QuantizerConfig, TransformerConfig
-from infinitystar.sampling import apply_temperature, guide_logits
-from infinitystar.schedules import clip_layout, scales_per_clip
+from infinitystar.generation.sampling import apply_temperature, guide_logits
+from infinitystar.generation.schedules import clip_layout, scales_per_clip, uses_semantic_head
 from infinitystar.train.loss import LossWeighting, bit_loss_per_token, reduce_loss
 from infinitystar.transformer.model import InfinityStarTransformer
 from infinitystar.transformer.sequence import PackedSample, build_packed_layout
@@ -167,7 +167,7 @@ def test_cached_inference(case: Path) -> None:
             meta = inf["steps"][step.index]
             assert (meta["scale_index"], meta["repeat_index"]) == (si, step.repeat_index)
             rope = model.step_rope(step.scale, step.index, layout[si].frame_ss, full_hw)
-            semantic = model.semantic_at_step(si, spc)
+            semantic = uses_semantic_head(si, spc, cfg.semantic_scales)
             assert semantic == (meta["head"] == "semantic_head2")
             logits = model.step(x.flatten(2).transpose(1, 2), rope, cache, refs=layout[si].ref_sids,
                                 store_as=si if step.is_last_repeat else None, semantic=semantic)

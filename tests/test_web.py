@@ -101,7 +101,7 @@ def test_image_to_video_and_video_extension(app, tmp_path):
         (WebRequest(prompt="x", seconds=1000), "more than this page allows"),
         (WebRequest(prompt="x", seed=-3), "seed must be between"),
         (WebRequest(prompt="x", seed=1.5), "whole number"),
-        (WebRequest(prompt="x", guidance=0.5), "guidance must be >= 1"),
+        (WebRequest(prompt="x", guidance=0.5), "guidance_scale must be >= 1"),
         (WebRequest(prompt="x", mode=IMAGE_TO_VIDEO), "needs an image"),
         (WebRequest(prompt="x", mode=VIDEO_EXTENSION), "needs a video"),
         (WebRequest(prompt="x", mode="Sketch to video"), "unknown mode"),

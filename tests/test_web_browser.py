@@ -45,7 +45,7 @@ def _have(module: str) -> bool:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     _require("gradio", _have("gradio"))
-    from infinitystar.cli import load_pipeline
+    from infinitystar.demo import load_pipeline
     from infinitystar.web import WebApp, launch, weights_note
 
     app = WebApp(load_pipeline(None, None), tmp_path_factory.mktemp("web-out"), note=weights_note(None, None))

@@ -1,3 +1,26 @@
-"""infinitystar: a clean PyTorch implementation of InfinityStar (arXiv 2511.04675)."""
+"""infinitystar: a clean PyTorch implementation of InfinityStar (arXiv 2511.04675).
+
+What lives where, lowest layer first; each layer imports only from the layers above it in this list
+(``tests/test_layering.py`` checks it, and that no two modules import each other, even through others):
+
+* ``fileio`` -- atomic file writes (stdlib only);
+* ``config`` -- model and pipeline configs, precision policies, the registry of named presets;
+* ``vae/`` (the video VAE and the multi-scale bitwise quantizer), ``transformer/`` (the spacetime transformer,
+  attention, RoPE, packed training sequences), ``text`` (text encoders, prompt template), ``media`` (image and
+  video read/write) -- each on ``config`` (and ``fileio``) only, never on each other;
+* ``checkpoints`` (safetensors I/O, strict loading, official key layouts) and ``generation/`` (schedules, the
+  plan of a request, sampling, the autoregressive loop) -- on the models;
+* ``pipeline`` -- :class:`~infinitystar.pipeline.InfinityStarPipeline`: loading, ``check_inputs``, encode, call,
+  decode, output formats; owns no math;
+* ``train/`` -- both trainers, their configs, data and checkpointing (they export pipelines);
+* ``demo/`` -- the shipped demo model, the loader every front door uses, the demo domain and its judge;
+* ``web``, then ``cli`` -- the front doors (``cli serve`` starts ``web``); nothing imports them.
+
+A module that imports nothing from the package (``fileio``, ``generation.schedules``, ``generation.sampling``,
+``vae.bsq``, ...) is a leaf and may be imported from any layer: that is how ``config``, ``vae`` and ``transformer``
+read the pure schedule tables. Imports sit at module top; only optional heavy extras (``gradio``, the Flan-T5 of
+``transformers``) are imported where they are used. This ``__init__`` imports nothing, so importing one module
+never pulls in the rest.
+"""
 
 __version__ = "0.1.0"

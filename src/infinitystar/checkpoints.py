@@ -13,16 +13,17 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .config import TransformerConfig, VAEConfig, config_from_dict, config_to_dict
 from .fileio import atomic_output, atomic_write_json
-
-if TYPE_CHECKING:
-    from infinitystar.config import VAEConfig
-    from infinitystar.vae.model import VideoVAE
+from .transformer.model import InfinityStarTransformer
+from .vae.model import VideoVAE
 
 # ----------------------------------------------------------------------------------------------
 # Generic helpers (reusable for every model)
@@ -80,8 +81,6 @@ def load_state_dict_strict(
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
     """All tensors of a safetensors file (on CPU); a clear error if the file is missing or not safetensors."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"safetensors file {path} does not exist")
@@ -93,8 +92,6 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata stored in a safetensors header (empty dict if none)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
 
@@ -107,8 +104,6 @@ def save_safetensors(
     Tensors are moved to CPU and made contiguous; tensors sharing storage are cloned (safetensors
     refuses aliases).
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
@@ -196,8 +191,6 @@ def _read_vae_state_dict(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]
 
 
 def _vae_config_from_metadata(meta: Mapping[str, str]) -> VAEConfig | None:
-    from infinitystar.config import VAEConfig, config_from_dict
-
     raw = meta.get("config")
     if meta.get("format") != VAE_FORMAT or raw is None:
         return None
@@ -211,9 +204,6 @@ def load_vae(path_or_dir: str | os.PathLike, config: VAEConfig | None = None) ->
     official preset. The model is built on the meta device and adopts the checkpoint's tensors, so
     nothing is randomly initialised.
     """
-    from infinitystar.config import VAEConfig
-    from infinitystar.vae.model import VideoVAE
-
     path = _resolve_vae_file(path_or_dir)
     sd, meta = _read_vae_state_dict(path)
     config = config or _vae_config_from_metadata(meta) or VAEConfig()
@@ -230,8 +220,6 @@ def load_vae(path_or_dir: str | os.PathLike, config: VAEConfig | None = None) ->
 
 def save_vae(model: VideoVAE, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
     """Save a ``VideoVAE`` as safetensors under the official key names, with its config in the metadata."""
-    from infinitystar.config import config_to_dict
-
     meta = {"format": VAE_FORMAT, "config": json.dumps(config_to_dict(model.config)), **(metadata or {})}
     save_safetensors(model.state_dict(), path, metadata=meta)
 
@@ -323,8 +311,6 @@ def transformer_key_from_official(key: str, config: Any) -> str | None:
 
 def official_transformer_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     """Every official key and its shape for ``config`` (built on the meta device, so free for the 8B)."""
-    from infinitystar.transformer.model import InfinityStarTransformer
-
     with torch.device("meta"):
         model = InfinityStarTransformer(config)
     shapes = {transformer_key_to_official(k, config): tuple(v.shape) for k, v in model.state_dict().items()}
@@ -407,10 +393,6 @@ def load_official_transformer(
     ``block_dtype`` applies to the blocks only: the pipeline passes its precision policy's (bf16 for
     ``precision="bf16"``, as the reference casts its blocks), so the weights are never held in float32 first.
     """
-    from safetensors import safe_open
-
-    from infinitystar.transformer.model import InfinityStarTransformer
-
     files = official_shard_files(path)
     shapes: dict[str, tuple[int, ...]] = {}
     owner: dict[str, Path] = {}
@@ -474,17 +456,12 @@ def export_official_transformer(model: nn.Module, out_dir: str | os.PathLike,
 
 def save_transformer(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
     """Save under our own key names, with the config in the safetensors metadata."""
-    from infinitystar.config import config_to_dict
-
     meta = {"format": TRANSFORMER_FORMAT, "config": json.dumps(config_to_dict(model.cfg)), **(metadata or {})}
     save_safetensors(model.state_dict(), path, metadata=meta)
 
 
 def load_transformer(path: str | os.PathLike, config: Any = None, *, device: torch.device | str = "cpu"):
     """Load a file written by :func:`save_transformer` (config from its metadata unless given)."""
-    from infinitystar.config import TransformerConfig, config_from_dict
-    from infinitystar.transformer.model import InfinityStarTransformer
-
     meta = read_safetensors_metadata(path)
     if config is None:
         if meta.get("format") != TRANSFORMER_FORMAT or "config" not in meta:

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
+
+from infinitystar.checkpoints import convert_vae_checkpoint
+from infinitystar.config import get_preset
+from infinitystar.demo import evaluate as demo_evaluate
+from infinitystar.demo import load_pipeline
+from infinitystar.demo.synthetic import make_dataset
+from infinitystar.pipeline import export_to_video
+from infinitystar.web import serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 # generate / interactive
 # ----------------------------------------------------------------------------------------------
-
-DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo" / "weights"
-
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", help="model folder: our layout (model_index.json) or the official "
@@ -83,37 +87,6 @@ def _add_interactive(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_interactive)
 
 
-def load_pipeline(model: str | None, preset: str | None, device: str = "cpu", offload: bool = False,
-                  precision: str | None = None):
-    """The pipeline the CLI and the web page use: --model, else the demo model, else random weights.
-
-    ``precision`` None follows ``device`` (bf16 on CUDA, fp32 elsewhere); see ``InfinityStarPipeline.set_precision``.
-    """
-    from infinitystar.config import check_precision
-    from infinitystar.pipeline import InfinityStarPipeline
-
-    if precision is not None:
-        check_precision(precision)  # before loading any weights
-    if model is not None:
-        pipe = InfinityStarPipeline.from_pretrained(model, preset=preset, precision=precision)
-    elif preset is not None:
-        print(f"note: preset {preset!r} with RANDOM weights (no --model given): the output is noise", file=sys.stderr)
-        pipe = InfinityStarPipeline.from_preset(preset)
-    elif (DEMO_WEIGHTS / "model_index.json").is_file():
-        pipe = InfinityStarPipeline.from_pretrained(DEMO_WEIGHTS)
-    else:
-        print("note: no demo model is shipped yet; using the tiny-test preset with RANDOM weights: the output is "
-              "noise, but every stage of the pipeline runs", file=sys.stderr)
-        pipe = InfinityStarPipeline.from_preset("tiny-test")
-    if precision is not None:
-        pipe.set_precision(precision)
-    if offload:
-        pipe.enable_model_cpu_offload(device)
-    else:
-        pipe.to(device)
-    return pipe
-
-
 def _check_output(path: Path, is_image: bool) -> None:
     want = (".png",) if is_image else (".mp4",)
     if path.suffix.lower() not in want:
@@ -122,8 +95,6 @@ def _check_output(path: Path, is_image: bool) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from infinitystar.pipeline import export_to_video
-
     for name in ("image", "video"):
         value = getattr(args, name)
         if value is not None and not Path(value).is_file():
@@ -146,8 +117,6 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_interactive(args: argparse.Namespace) -> int:
-    from infinitystar.pipeline import export_to_video
-
     path = Path(args.prompts_file)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
@@ -183,9 +152,6 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from infinitystar.checkpoints import convert_vae_checkpoint
-    from infinitystar.config import get_preset
-
     if args.kind == "vae":
         out = convert_vae_checkpoint(args.src, args.dst, get_preset("vae", args.preset))
     else:  # pragma: no cover - argparse restricts the choices
@@ -217,8 +183,6 @@ def _add_make_demo_data(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_make_demo_data(args: argparse.Namespace) -> int:
-    from infinitystar.demo.synthetic import make_dataset
-
     if args.heldout_clips < 0:
         raise ValueError(f"--heldout-clips must be >= 0, got {args.heldout_clips}")
     t0 = time.perf_counter()
@@ -255,16 +219,14 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from infinitystar.demo import evaluate as ev
-
     if args.check_judge is not None:
-        acc, misses = ev.check_judge(args.check_judge, seed=args.seed or 0, frames=args.frames)
+        acc, misses = demo_evaluate.check_judge(args.check_judge, seed=args.seed or 0, frames=args.frames)
         print(f"judge on {acc['n']} ground-truth clips: colour {acc['colour']:.1%}, shape {acc['shape']:.1%}, "
               f"direction {acc['direction']:.1%}, all three {acc['all']:.1%}")
         for truth, j in misses[:10]:
             print(f"  miss: {' '.join(truth)} judged {j.colour} {j.shape} {j.direction}")
         return 0
-    prompts = ev.default_prompts(args.template)
+    prompts = demo_evaluate.default_prompts(args.template)
     if args.limit is not None:
         if args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
@@ -275,18 +237,18 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     total = sum(len(ps) for ps in prompts.values()) * args.clips_per_prompt
     done = []
 
-    def report_clip(r: ev.ClipResult) -> None:
+    def report_clip(r: demo_evaluate.ClipResult) -> None:
         done.append(r)
         if not args.quiet:
             j = r.judgement
             print(f"[{len(done)}/{total}] [{r.group}] {r.prompt} (seed {r.seed}): {j.colour} {j.shape} "
                   f"{j.direction} ({r.seconds:.1f} s)", flush=True)
 
-    report = ev.evaluate_pipeline(pipe, prompts, args.clips_per_prompt, args.seed or 0, num_frames=args.frames,
-                                  clips_dir=out / "clips" if args.save_clips else None, on_clip=report_clip,
-                                  **kwargs)
+    report = demo_evaluate.evaluate_pipeline(pipe, prompts, args.clips_per_prompt, args.seed or 0,
+                                             num_frames=args.frames, on_clip=report_clip,
+                                             clips_dir=out / "clips" if args.save_clips else None, **kwargs)
     if args.vae_data is not None:
-        report.reconstruction = ev.reconstruction_psnr(pipe, args.vae_data, args.vae_clips)
+        report.reconstruction = demo_evaluate.reconstruction_psnr(pipe, args.vae_data, args.vae_clips)
     paths = report.save(out)
     print(report.table())
     if report.reconstruction is not None:
@@ -310,7 +272,7 @@ def _add_extract_features(subparsers: argparse._SubParsersAction) -> None:
         "Resumable: valid cached files are skipped, corrupt ones rebuilt; bad rows are reported with file:line.",
     )
     p.add_argument("jsonl", nargs="*", metavar="JSONL", help="jsonl files, folders or glob patterns")
-    p.add_argument("--config", metavar="FILE", help="DataConfig as JSON (the flags below override it)")
+    p.add_argument("--config", metavar="FILE", help="DataConfig as TOML or JSON (the flags below override it)")
     p.add_argument("--cache-dir", help="output folder of the latent cache")
     p.add_argument("--vae", required=True, metavar="PATH", help="VAE checkpoint (official .pth or our safetensors)")
     p.add_argument("--vae-preset", default=None, help="architecture preset of --vae (default: from the file)")
@@ -330,15 +292,15 @@ def _add_extract_features(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_extract_features(args: argparse.Namespace) -> int:
-    import json
 
     from infinitystar.checkpoints import load_vae
-    from infinitystar.config import DataConfig, config_from_dict, get_preset, replace
+    from infinitystar.config import get_preset, replace
+    from infinitystar.train.config import DataConfig, config_from_dict, read_config_file
     from infinitystar.train.features import extract_features
 
     config = DataConfig()
     if args.config:
-        config = config_from_dict(DataConfig, json.loads(Path(args.config).read_text(encoding="utf-8")))
+        config = config_from_dict(DataConfig, read_config_file(args.config))
     changes = {"jsonl": tuple(args.jsonl) or None, "cache_dir": args.cache_dir, "video_root": args.video_root,
                "pn": args.pn, "num_scales": args.num_scales, "max_seconds": args.max_seconds, "seed": args.seed,
                "latent_sampling": "sample" if args.sample else None}
@@ -362,40 +324,10 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_train_vae(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "train-vae", help="train or fine-tune the video VAE",
-        description="Train or fine-tune the video VAE from a VAETrainConfig file (.toml or .json; see "
-        "infinitystar.config.VAETrainConfig). Resumes from the newest checkpoint in out_dir; writes "
-        "log.jsonl, checkpoints/ and the final vae.safetensors there. Data parallel over several processes "
-        "under torchrun (batch_size is per process): torchrun --standalone --nproc_per_node 2 -m "
-        "infinitystar.cli train-vae CONFIG")
-    p.add_argument("config", metavar="CONFIG", help="training config (.toml or .json)")
-    p.add_argument("--steps", type=int, default=None, help="override the config's steps")
-    p.add_argument("--out-dir", default=None, help="override the config's out_dir")
-    p.add_argument("--no-resume", action="store_true", help="start from scratch even if out_dir has checkpoints")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run_train_vae)
+    """``train-vae CONFIG`` (defined in ``infinitystar.train.commands``)."""
+    from infinitystar.train.commands import add_train_vae_command
 
-
-def _run_train_vae(args: argparse.Namespace) -> int:
-    from infinitystar.config import VAETrainConfig, replace
-    from infinitystar.train.distributed import shutdown_distributed
-    from infinitystar.train.vae_trainer import train_vae
-
-    config = VAETrainConfig.from_file(args.config)
-    changes = {k: v for k, v in (("steps", args.steps), ("out_dir", args.out_dir)) if v is not None}
-    if args.no_resume:
-        changes["resume"] = False
-    if args.quiet:
-        changes["progress"] = False
-    try:
-        result = train_vae(replace(config, **changes) if changes else config)
-    finally:
-        shutdown_distributed()
-    if int(os.environ.get("RANK", "0")) == 0:
-        extra = f", eval PSNR {result.eval_psnr:.2f} dB" if result.eval_psnr is not None else ""
-        print(f"wrote {result.export_path} (step {result.step}{extra})")
-    return 0
+    add_train_vae_command(subparsers)
 
 
 def _add_train_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -460,8 +392,6 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from infinitystar.web import serve
-
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     try:
@@ -471,7 +401,7 @@ def _run_serve(args: argparse.Namespace) -> int:
               "(or ./dev, which installs it)", file=sys.stderr)
         return 2
     serve(args.model, args.preset, host=args.host, port=args.port, device=args.device, offload=args.offload,
-          output_dir=args.output_dir, loader=load_pipeline)
+          output_dir=args.output_dir)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Shaped like a diffusers pipeline: ``from_pretrained(local_dir)``, ``__call__`` with ``check_inputs``,
 ``encode_prompt``, the loop inside a progress bar, decode, ``output_type``. The pipeline owns no
-math: the loop is :mod:`infinitystar.generation`, the tokenizer :mod:`infinitystar.vae`.
+math: every frame, clip and step count comes from :mod:`infinitystar.generation.plan`, the loop (interactive
+turns and forced steps included) is :mod:`infinitystar.generation.loop`, the tokenizer :mod:`infinitystar.vae`.
 
 Two folder layouts load:
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -27,9 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from . import checkpoints, schedules
+from . import checkpoints, media
 from .config import (
     ConfigError,
     PipelineConfig,
@@ -46,11 +48,32 @@ from .config import (
     precision_policy,
 )
 from .fileio import atomic_write_json
-from .generation import GenerationResult, StepEvent, generate_codes, plan_steps, run_interactive_turn
-from .text import ByteTextEncoder, FlanT5Encoder, TextEncoder, WordTextEncoder, build_prompt, duration_prefix
+from .generation import schedules
+from .generation.loop import GenerationResult, ProgressCallback, StepEvent, generate_codes, run_interactive_turn
+from .generation.plan import (
+    GenerationPlan,
+    InteractivePlan,
+    clip_seconds,
+    clips_in_seconds,
+    condition_clips,
+    encode_latent_bits,
+    frames_of_clips,
+    interactive_size,
+    num_frames_for,
+    resolve_size,
+    whole_pixel_frames,
+)
+from .text import (
+    ByteTextEncoder,
+    FlanT5Encoder,
+    TextEncoder,
+    WordTextEncoder,
+    build_prompt,
+    duration_seconds_for_frames,
+    interactive_prompt,
+)
 from .transformer.model import InfinityStarTransformer
 from .vae.model import VideoVAE
-from .vae.multiscale import MultiScaleEncoding, encode_to_bits
 
 MODEL_INDEX = "model_index.json"
 OFFICIAL_VAE_FILE = "infinitystar_videovae.pth"
@@ -61,7 +84,6 @@ OFFICIAL_TRANSFORMER_DIRS = {
     "infinitystar_8b_480p_weights": "official-480p",
     "InfinityStarInteract_24K_iters": "interactive-480p",
 }
-RESOLUTIONS = {"720p": "0.90M", "480p": "0.40M"}
 
 
 @dataclass
@@ -85,7 +107,7 @@ def _pipeline_config_from_dict(data: dict[str, Any]) -> PipelineConfig:
     data["vae"] = config_from_dict(VAEConfig, data["vae"])
     data["quantizer"] = config_from_dict(QuantizerConfig, data["quantizer"])
     data["transformer"] = config_from_dict(TransformerConfig, data["transformer"])
-    data["sampling"] = config_from_dict(SamplingConfig, data["sampling"])
+    data["sampling"] = SamplingConfig.from_dict(data["sampling"])
     for key in ("image_repetition", "video_repetition", "aspects"):
         data[key] = tuple(data[key])
     return config_from_dict(PipelineConfig, data)
@@ -110,68 +132,6 @@ def _check_condition_tensor(x: Tensor, what: str, want: tuple[int, ...], given: 
     return x.float()
 
 
-def resolve_size(cfg: PipelineConfig, *, resolution: str | None = None, aspect: str | None = None,
-             height: int | None = None, width: int | None = None, h_div_w: float | None = None,
-             ) -> tuple[float, list[schedules.Scale], tuple[int, int]]:
-    """(template, image pyramid, pixel (H, W)) of preset ``cfg`` for the requested size.
-
-    The template is the one nearest ``height / width``, else ``h_div_w`` (a ratio as is, e.g. an
-    interactive reference video's own h/w), else ``aspect`` (``"W:H"``), else the preset's default aspect.
-    Errors name what the preset can do.
-    """
-    if resolution is not None:
-        want = RESOLUTIONS.get(resolution)
-        if want is None:
-            raise ValueError(f"unknown resolution {resolution!r}; valid: {sorted(RESOLUTIONS)}")
-        if want != cfg.pn:
-            have = [r for r, pn in RESOLUTIONS.items() if pn == cfg.pn]
-            raise ValueError(f"resolution {resolution!r} is not available with preset {cfg.name!r}, which "
-                             f"generates {have[0] if have else cfg.pn}")
-    if (height is None) != (width is None):
-        raise ValueError("give both height and width, or neither")
-    if sum(x is not None for x in (height, aspect, h_div_w)) > 1:
-        raise ValueError("give one of aspect, height/width or h_div_w, not several")
-    if height is not None:
-        if height <= 0 or width <= 0:  # type: ignore[operator]
-            raise ValueError(f"height and width must be positive, got {height}x{width}")
-        template = schedules.nearest_h_div_w_template(height / width)  # type: ignore[operator]
-    elif h_div_w is not None:
-        template = schedules.nearest_h_div_w_template(h_div_w)
-    else:
-        template = schedules.nearest_h_div_w_template(schedules.parse_aspect_ratio(aspect or cfg.default_aspect))
-    ladder = schedules.spatial_ladder(template)[: cfg.scales_per_clip]
-    pyramid = [(1, h, w) for h, w in ladder]
-    try:  # the head rule and the quantizer rule must agree on every scale of this template's pyramid
-        schedules.detail_scale_flags(pyramid, cfg.transformer.semantic_scales,
-                                     cfg.transformer.detail_scale_min_tokens)
-    except ValueError:
-        asked = (f"{height}x{width}" if height is not None else f"h/w {h_div_w:.4g}" if h_div_w is not None
-                 else aspect or cfg.default_aspect)
-        raise ValueError(f"aspect {asked} (template h/w {template}) is not supported by preset {cfg.name!r}: its "
-                         f"semantic/detail scale split does not fit that pyramid; supported aspects: "
-                         f"{list(cfg.aspects)}") from None
-    stride = cfg.vae.space_stride
-    size = (pyramid[-1][1] * stride, pyramid[-1][2] * stride)
-    if height is not None and (height, width) != size:
-        raise ValueError(f"size {height}x{width} is not one the preset {cfg.name!r} generates; the nearest "
-                         f"bucket is {size[0]}x{size[1]} (aspect template {template})")
-    return template, pyramid, size
-
-
-def _condition_clips(cfg: PipelineConfig, given_clips: int, total_latents: int) -> int:
-    """Whole clips of a given video that video extension keeps: all it holds, but at most all clips of the output
-    except its last (the reference conditions its 10 s output on the first 5 s of any longer input)."""
-    fic = cfg.frames_inner_clip
-    room = (total_latents - 2) // fic  # the forced 1 + c*fic latent frames must leave one to generate
-    if given_clips >= 1 and room < 1:
-        frames = 1 + cfg.frames_per_clip
-        raise ValueError(f"video extension keeps at least the given video's first clip ({frames} frames, "
-                         f"{cfg.frames_per_clip / cfg.fps:g} s) and generates after it, but the requested length "
-                         f"({total_latents} latent frames) leaves nothing to generate after it; ask for more than "
-                         f"{frames} frames ({cfg.frames_per_clip / cfg.fps:g} s)")
-    return min(given_clips, max(room, 0))
-
-
 def extension_frames(cfg: PipelineConfig, path: str | os.PathLike, total_latents: int) -> np.ndarray:
     """The frames of a video file that condition video extension to ``total_latents`` latent frames with preset
     ``cfg``, as uint8 RGB [T, H, W, 3] at the file's own size.
@@ -182,27 +142,20 @@ def extension_frames(cfg: PipelineConfig, path: str | os.PathLike, total_latents
     for the official models: a 16 fps file gives its frame 0 twice, a 30 fps file every ~1.85th frame). A file
     shorter than one clip gives its first frame only (with a warning).
     """
-    from . import media
-
     num_frames, fps = media.count_video_frames(path)
-    per_clip = cfg.frames_per_clip
-    covered = math.floor(num_frames / fps * cfg.fps / per_clip)
-    clips = _condition_clips(cfg, covered, total_latents)
+    clips = condition_clips(cfg, clips_in_seconds(cfg, num_frames / fps), total_latents)
     if clips == 0:
-        warnings.warn(f"{path} lasts {num_frames / fps:.2f} s, less than one clip ({per_clip / cfg.fps:g} s): "
+        warnings.warn(f"{path} lasts {num_frames / fps:.2f} s, less than one clip ({clip_seconds(cfg):g} s): "
                       f"only its first frame conditions the video", stacklevel=4)
         return media.read_video(path, max_frames=1)[0]
-    return media.read_video_clip(path, 1 + clips * per_clip, clips * per_clip / cfg.fps)[0]
+    return media.read_video_clip(path, frames_of_clips(cfg, clips), clips * clip_seconds(cfg))[0]
 
 
 def interactive_reference_frames(cfg: PipelineConfig, path: str | os.PathLike) -> np.ndarray:
     """The reference video of an interactive story with preset ``cfg``: its last ``frames_per_clip / fps`` seconds
     as ``1 + frames_per_clip`` uint8 RGB frames at the file's own size, picked as the reference does
     (``get_clip(duration - 5, duration, 81)``, :func:`media.read_video_clip`)."""
-    from . import media
-
-    per_clip = cfg.frames_per_clip
-    return media.read_video_clip(path, 1 + per_clip, per_clip / cfg.fps, at_end=True)[0]
+    return media.read_video_clip(path, frames_of_clips(cfg, 1), clip_seconds(cfg), at_end=True)[0]
 
 
 def _frame_hw(video: Tensor | np.ndarray) -> tuple[int, int]:
@@ -210,24 +163,6 @@ def _frame_hw(video: Tensor | np.ndarray) -> tuple[int, int]:
     if isinstance(video, np.ndarray):
         return int(video.shape[1]), int(video.shape[2])
     return int(video.shape[-2]), int(video.shape[-1])
-
-
-def interactive_size(cfg: PipelineConfig, reference_hw: tuple[int, int] | None, aspect: str | None = None,
-                     ) -> tuple[float, list[schedules.Scale], tuple[int, int]]:
-    """(template, image pyramid, pixel (H, W)) of an interactive story with preset ``cfg``.
-
-    With a reference video of frame size ``reference_hw`` = (h, w): the template nearest its own h/w, as the
-    reference picks its ``infinity_star_interact`` template from the decoded frame (a portrait video stays
-    portrait). An explicit ``aspect``, or no reference video, follows :func:`resolve_size`.
-    """
-    if reference_hw is None or aspect is not None:
-        return resolve_size(cfg, aspect=aspect)
-    h, w = reference_hw
-    try:
-        return resolve_size(cfg, h_div_w=h / w)
-    except ValueError as exc:
-        raise ValueError(f"the reference video's frame size {w}x{h}: {exc}; pass an aspect to crop it to one "
-                         f"of those") from None
 
 
 class InfinityStarPipeline:
@@ -477,29 +412,19 @@ class InfinityStarPipeline:
                             h_div_w=h_div_w)
 
     def num_frames_for(self, num_frames: int | None, seconds: float | None) -> int:
-        cfg = self.config
-        if num_frames is not None and seconds is not None:
-            raise ValueError("give either num_frames or seconds, not both")
-        if seconds is not None:
-            if not seconds >= 0:
-                raise ValueError(f"seconds must be >= 0, got {seconds}")
-            num_frames = int(round(seconds * cfg.fps)) + 1
-        if num_frames is None:
-            num_frames = cfg.default_seconds * cfg.fps + 1
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % cfg.vae.time_stride:
-            raise ValueError(f"num_frames must be 1 (an image) or 1 + {cfg.vae.time_stride}k, got {num_frames!r}")
-        return num_frames
+        """Pixel frames of a request (:func:`infinitystar.generation.plan.num_frames_for`)."""
+        return num_frames_for(self.config, num_frames, seconds)
 
     def build_prompt(self, prompt: str, num_frames: int) -> str:
         cfg = self.config
         seconds = None
         if num_frames > 1 and cfg.duration_prefix:
-            seconds = int((num_frames - 1) // cfg.fps)
+            seconds = duration_seconds_for_frames(num_frames, cfg.fps)
         return build_prompt(prompt, duration_s=seconds, quality_suffix=cfg.quality_suffix)
 
     def encode_prompt(self, prompt: str, negative_prompt: str | None = None) -> tuple[Tensor, Tensor | None]:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+        """Text features of the (templated) prompt and of the negative prompt, if any. The prompt was checked by
+        :meth:`check_inputs`."""
         with self._working(self.text_encoder):
             text = self.text_encoder([prompt]).kv_compact
             negative = None
@@ -526,16 +451,12 @@ class InfinityStarPipeline:
                 if x.dim() == 4:  # [3, 1, H, W] or a batch of one [1, 3, H, W]
                     x = x[None] if x.shape[0] == 3 else x[:, :, None]
                 return _check_condition_tensor(x, "image", (1, 3, 1, h, w), image.shape)
-            from . import media
-
             return media.load_image_tensor(image, h, w)[None, :, None]
         if video is not None:
             if isinstance(video, Tensor):
                 x = video if video.dim() == 5 else video[None]  # [1, 3, T, H, W] or [3, T, H, W]
                 t = x.shape[2] if x.dim() == 5 else -1
                 return _check_condition_tensor(x, "video", (1, 3, t, h, w), video.shape)
-            from . import media
-
             if total_latents is None:
                 frames, _ = media.read_video(video, fps=self.config.fps)
             else:
@@ -546,12 +467,10 @@ class InfinityStarPipeline:
 
     def _reference_condition(self, reference: Tensor | np.ndarray, size: tuple[int, int]) -> Tensor:
         """The interactive reference as [1, 3, 1 + frames_per_clip, H, W] in [-1, 1] at the bucket size."""
-        from . import media
-
         if isinstance(reference, Tensor):
             x = self._load_condition(None, reference, size)
             assert x is not None
-            need = 1 + self.config.frames_per_clip
+            need = frames_of_clips(self.config, 1)
             if x.shape[2] < need:
                 raise ValueError(f"the reference video needs at least {need} frames at {self.config.fps} fps, "
                                  f"got {x.shape[2]}")
@@ -562,44 +481,46 @@ class InfinityStarPipeline:
     # Generation
     # ------------------------------------------------------------------------------------------
 
-    def _sampling(self, guidance_scale: float | None) -> SamplingConfig:
-        """The preset's sampling settings, with the guidance scale overridden if given (1 = no guidance)."""
-        base = self.config.sampling
-        if guidance_scale is None:
-            return base
-        if not guidance_scale >= 1:
-            raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
-        return SamplingConfig(guidance=base.guidance if guidance_scale != 1 else "none",
-                              guidance_scale=float(guidance_scale), apg_norm_threshold=base.apg_norm_threshold,
-                              tau_image=base.tau_image, tau_video=base.tau_video)
+    def check_inputs(self, prompts: Sequence[str], output_type: str, guidance_scale: float | None,
+                     ) -> SamplingConfig:
+        """Check what every task shares, once, before any work: the prompts (non-empty strings), the output type
+        and the guidance scale. Returns the sampling settings with the guidance scale applied."""
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                where = "prompt" if len(prompts) == 1 else f"prompt {i}"
+                raise ValueError(f"{where} must be a non-empty string, got {p!r}")
+        if output_type not in ("np", "pil", "pt", "latent"):
+            raise ValueError(f"unknown output_type {output_type!r}; valid: 'np', 'pil', 'pt', 'latent'")
+        return self.config.sampling.with_guidance_scale(guidance_scale)
 
-    def _forced_bits(self, condition: Tensor, schedule: list[schedules.Scale],
-                     total_latents: int) -> tuple[list[Tensor], int, int]:
-        """Encode the condition and quantize it along the schedule's leading clips.
-
-        Returns (bits per forced step, number of forced scales, latent frames the condition covers).
-        """
-        cfg = self.config
-        frames = condition.shape[2]
-        whole_clips = (frames - 1) // cfg.frames_per_clip
-        kept_clips = _condition_clips(cfg, whole_clips, total_latents)
-        forced_latents = 1 + kept_clips * cfg.frames_inner_clip
-        kept_frames = 1 + kept_clips * cfg.frames_per_clip
-        if kept_clips == whole_clips and kept_frames < frames:  # a partial clip dropped (not a longer video cut)
-            warnings.warn(f"the conditioning video has {frames} frames; only whole clips are kept ({forced_latents} "
-                          f"latent frames = {kept_frames} frames)", stacklevel=3)
-        k = cfg.scales_per_clip
-        condition = condition[:, :, :kept_frames]
-        n_scales = k * (1 + kept_clips)
-        return self._tokenize(condition, schedule[:n_scales]).bits, n_scales, forced_latents
-
-    def _tokenize(self, video: Tensor, schedule: Sequence[schedules.Scale]) -> MultiScaleEncoding:
-        """VAE encode (posterior mean) and multi-scale BSQ along ``schedule`` with the preset's repetitions."""
-        cfg = self.config
+    def _encode_video(self, video: Tensor) -> Tensor:
+        """VAE encode (posterior mean) of [1, 3, T, H, W] in [-1, 1]."""
         with self._working(self.vae) as vae:
-            latent = vae.encode(video.to(self.device), sample=False)
-        reps = schedules.scale_repetitions(schedule, cfg.image_repetition, cfg.video_repetition)
-        return encode_to_bits(latent.float(), schedule, reps, cfg.quantizer, frames_inner_clip=cfg.frames_inner_clip)
+            return vae.encode(video.to(self.device), sample=False)
+
+    @staticmethod
+    def _progress(enabled: bool) -> contextlib.AbstractContextManager[ProgressCallback | None]:
+        """A tqdm bar over the loop's steps, fed by its progress callback (None when disabled)."""
+
+        @contextlib.contextmanager
+        def bar() -> Iterator[ProgressCallback | None]:
+            if not enabled:
+                yield None
+                return
+            shown: list[tqdm] = []  # opened at the first report, when the total is known
+
+            def update(done: int, total: int) -> None:
+                if not shown:
+                    shown.append(tqdm(total=total, desc="scales", leave=False))
+                shown[0].update(done - shown[0].n)
+
+            try:
+                yield update
+            finally:
+                for b in shown:
+                    b.close()
+
+        return bar()
 
     @torch.no_grad()
     def reconstruct(self, video: Any, *, resolution: str | None = None, aspect: str | None = None,
@@ -616,10 +537,10 @@ class InfinityStarPipeline:
         _, pyramid, size = self.resolve_size(resolution=resolution, aspect=aspect, height=height, width=width)
         x = self._load_condition(None, video, size)
         assert x is not None
-        latents = 1 + (x.shape[2] - 1) // cfg.vae.time_stride
-        x = x[:, :, : 1 + (latents - 1) * cfg.vae.time_stride]
-        schedule = schedules.video_scale_schedule(pyramid, latents, cfg.frames_inner_clip)
-        return self._format(self.decode_latent(self._tokenize(x, schedule).summed_codes), output_type)
+        plan = GenerationPlan(cfg, whole_pixel_frames(x.shape[2], cfg.vae.time_stride), pyramid, cfg.sampling)
+        latent = self._encode_video(x[:, :, :plan.num_frames])
+        codes = encode_latent_bits(cfg, latent, plan.schedule).summed_codes
+        return self._format(self.decode_latent(codes), output_type)
 
     def decode_latent(self, latent: Tensor) -> Tensor:
         """Summed codes [1, 64, T', h, w] -> video [1, 3, T, H, W] clamped to [-1, 1]."""
@@ -633,14 +554,10 @@ class InfinityStarPipeline:
         reference's ``.to(uint8)`` (no BGR flip, no frame-0 copy: see the README)."""
         if output_type == "pt":
             return video_13THW[0].cpu()
-        from . import media
-
         frames = media.tensor_to_frames(video_13THW[0].cpu())
         if output_type == "np":
             return frames
         if output_type == "pil":
-            from PIL import Image
-
             return [Image.fromarray(f) for f in frames]
         raise ValueError(f"unknown output_type {output_type!r}; valid: 'np', 'pil', 'pt', 'latent'")
 
@@ -676,11 +593,7 @@ class InfinityStarPipeline:
         """
         cfg = self.config
         # Checked before the template adds the duration tag and quality suffix (which would make "" non-empty).
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-        if output_type not in ("np", "pil", "pt", "latent"):
-            raise ValueError(f"unknown output_type {output_type!r}; valid: 'np', 'pil', 'pt', 'latent'")
-        sampling = self._sampling(guidance_scale)
+        sampling = self.check_inputs([prompt], output_type, guidance_scale)
         num_frames = self.num_frames_for(num_frames, seconds)
         if image is not None and num_frames == 1:
             raise ValueError("image-to-video needs num_frames > 1 (the image is the first frame)")
@@ -688,42 +601,34 @@ class InfinityStarPipeline:
             raise ValueError("video extension needs num_frames longer than the given video, got num_frames=1")
         if generator is None:
             generator = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
-        template, pyramid, size = self.resolve_size(resolution=resolution, aspect=aspect, height=height, width=width)
-        total_latents = 1 + (num_frames - 1) // cfg.vae.time_stride
-        schedule = schedules.video_scale_schedule(pyramid, total_latents, cfg.frames_inner_clip)
-        condition = self._load_condition(image, video, size, total_latents=total_latents)
+        _, pyramid, size = self.resolve_size(resolution=resolution, aspect=aspect, height=height, width=width)
+        plan = GenerationPlan(cfg, num_frames, pyramid, sampling)
+        condition = self._load_condition(image, video, size, total_latents=plan.latent_frames)
         forced: list[Tensor] = []
-        n_forced_scales = 0
         if condition is not None:
-            forced, n_forced_scales, _ = self._forced_bits(condition, schedule, total_latents)
+            plan = plan.with_condition(condition.shape[2])
+            plan.check_condition()
+            forced = plan.forced_bits(self._encode_video(condition[:, :, :plan.condition_pixel_frames]))
         text, negative = self.encode_prompt(self.build_prompt(prompt, num_frames), negative_prompt)
-        reps = schedules.scale_repetitions(schedule, cfg.image_repetition, cfg.video_repetition)
-        steps = plan_steps(schedule, image_repetition=cfg.image_repetition, video_repetition=cfg.video_repetition,
-                           semantic_scales=cfg.transformer.semantic_scales,
-                           detail_scale_min_tokens=cfg.transformer.detail_scale_min_tokens, sampling=sampling,
-                           teacher_forced_scales=n_forced_scales, frames_inner_clip=cfg.frames_inner_clip,
-                           rope_max_frames=cfg.transformer.rope_max_frames)
         on_step = None if callback_on_step_end is None else (lambda ev: callback_on_step_end(self, ev))
-        with self._working(self.transformer) as transformer:
+        with self._working(self.transformer) as transformer, self._progress(progress) as on_progress:
             result: GenerationResult = generate_codes(
-                transformer, cfg.quantizer, text, schedule, steps, reps, sampling, generator=generator,
-                negative_LC=negative, forced_bits=forced, frames_inner_clip=cfg.frames_inner_clip, on_step=on_step,
-                progress=progress,
+                transformer, cfg.quantizer, text, plan.schedule, plan.steps, plan.repetitions, sampling,
+                generator=generator, negative_LC=negative, forced_bits=forced, frames_inner_clip=cfg.frames_inner_clip,
+                on_step=on_step, on_progress=on_progress,
             )
         if output_type == "latent":
             return InfinityStarPipelineOutput(frames=result.summed_codes, fps=cfg.fps, latent=result.summed_codes)
         video_out = self.decode_latent(result.summed_codes)
         if callback_on_clip_end is not None:
-            self._emit_clips(result, video_out, output_type, callback_on_clip_end)
+            self._emit_clips(plan.clip_pixel_frames, video_out, output_type, callback_on_clip_end)
         return InfinityStarPipelineOutput(frames=self._format(video_out, output_type), fps=cfg.fps,
                                           latent=result.summed_codes)
 
-    def _emit_clips(self, result: GenerationResult, video: Tensor, output_type: str,
+    def _emit_clips(self, clip_frames: Sequence[int], video: Tensor, output_type: str,
                     callback: Callable[[int, Any], None]) -> None:
         start = 0
-        for i, codes in enumerate(result.clip_codes):
-            t = codes.shape[2]
-            n = 1 if i == 0 else t * self.config.vae.time_stride
+        for i, n in enumerate(clip_frames):
             callback(i, self._format(video[:, :, start:start + n], output_type))
             start += n
 
@@ -758,16 +663,12 @@ class InfinityStarPipeline:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("interactive generation needs at least one prompt")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"prompt {i} is empty")
-        sampling = self._sampling(guidance_scale)
+        sampling = self.check_inputs(prompts, output_type, guidance_scale)
         # A file: its last clip at its own size (whose aspect picks the template); a tensor: as given.
         reference = video if video is None or isinstance(video, Tensor) else interactive_reference_frames(cfg, video)
         template, pyramid, size = interactive_size(cfg, None if reference is None else _frame_hw(reference), aspect)
         seed = cfg.seed if seed is None else seed
-        fic = cfg.frames_inner_clip
-        clip_frames = fic * cfg.vae.time_stride
+        turn_plan = InteractivePlan(cfg, tuple(pyramid), sampling)
         # Segment 0: a whole first clip (first frame + one video clip), as latent.
         if video is not None:
             condition = self._reference_condition(reference, size)
@@ -775,8 +676,8 @@ class InfinityStarPipeline:
                 former = vae.encode(condition.to(self.device))
             first_video = self.decode_latent(former)
         else:
-            out = self(prompts[0], num_frames=1 + clip_frames, aspect=aspect, guidance_scale=guidance_scale,
-                       seed=seed, output_type="latent", progress=progress)
+            out = self(prompts[0], num_frames=turn_plan.first_segment_frames, aspect=aspect,
+                       guidance_scale=guidance_scale, seed=seed, output_type="latent", progress=progress)
             former = out.latent
             assert former is not None
             first_video = self.decode_latent(former)
@@ -784,20 +685,14 @@ class InfinityStarPipeline:
         if callback_on_segment_end is not None:
             callback_on_segment_end(0, self._format(first_video, output_type))
         first_frame = former[:, :, :1]
-        layout = schedules.interactive_layout_for(pyramid, cfg.frames_inner_clip, cfg.vae.time_stride)
-        seg_schedule = list(layout.schedule)
-        reps = list(cfg.image_repetition)  # one per scale of the segment (PipelineConfig checks the length)
-        steps = plan_steps(seg_schedule, image_repetition=cfg.image_repetition, video_repetition=cfg.video_repetition,
-                           semantic_scales=cfg.transformer.semantic_scales,
-                           detail_scale_min_tokens=cfg.transformer.detail_scale_min_tokens,
-                           sampling=sampling, frames_inner_clip=fic)
         for i, prompt in enumerate(prompts[1:], start=1):
-            text, _ = self.encode_prompt(duration_prefix(fic * cfg.vae.time_stride // cfg.fps) + prompt)
-            with self._working(self.transformer) as transformer:
-                turn = run_interactive_turn(transformer, cfg.quantizer, text, former, first_frame, layout, steps, reps,
-                                            sampling, seed=seed, progress=progress)
+            text, _ = self.encode_prompt(interactive_prompt(prompt, turn_plan.clip_seconds))
+            with self._working(self.transformer) as transformer, self._progress(progress) as on_progress:
+                turn = run_interactive_turn(transformer, cfg.quantizer, text, former, first_frame, turn_plan.layout,
+                                            turn_plan.steps, turn_plan.repetitions, sampling, seed=seed,
+                                            on_progress=on_progress)
             decoded = self.decode_latent(turn.decode_latent)
-            new_frames = decoded[:, :, -clip_frames:]
+            new_frames = decoded[:, :, -turn_plan.clip_pixel_frames:]
             segments.append(new_frames)
             former = turn.next_context
             if callback_on_segment_end is not None:
@@ -809,8 +704,6 @@ class InfinityStarPipeline:
 
 def export_to_video(frames: Any, path: str | os.PathLike, fps: int = 16) -> Path:
     """Write frames (np uint8 [T, H, W, 3], PIL list or a [3, T, H, W] tensor) as mp4, or png for one frame."""
-    from . import media
-
     if isinstance(frames, Tensor):
         frames = media.tensor_to_frames(frames)
     if isinstance(frames, list):
@@ -821,4 +714,4 @@ def export_to_video(frames: Any, path: str | os.PathLike, fps: int = 16) -> Path
 
 
 __all__ = ["InfinityStarPipeline", "InfinityStarPipelineOutput", "export_to_video", "extension_frames",
-           "interactive_reference_frames", "interactive_size", "resolve_size"]
+           "interactive_reference_frames"]

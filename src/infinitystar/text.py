@@ -12,8 +12,9 @@ Prompt handling follows the reference (spec: inference.md 2.2, 5, 7; training.md
 * interactive turns: ``'<<<t=5s>>>' + prompt`` (no quality suffix);
 * images: no duration prefix (images were trained without one);
 * training captions: optional sentence truncation, `` ' ' + quality_prompt``, then the duration prefix;
-* guidance: the unconditional branch is the learned ``cfg_uncond`` rows sliced to each prompt's length
-  (:func:`unconditional_text`), or the features of a negative prompt (:func:`guidance_text_batch`).
+* guidance: the unconditional branch is the learned ``cfg_uncond`` rows sliced to each prompt's length, or the
+  features of a negative prompt; the transformer builds it (``InfinityStarTransformer.prefill_text`` at inference,
+  ``forward_packed(uncond=...)`` for training's condition dropout, drawn by :func:`guidance_dropout_mask`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .config import PrecisionPolicy
 
@@ -40,23 +40,18 @@ __all__ = [
     "QUALITY_SUFFIX",
     "VIDEO_FPS",
     "FlanT5Encoder",
-    "PrecomputedTextEncoder",
     "TextEmbeddings",
     "TextEncoder",
     "TextEncoderFilesError",
     "WordTextEncoder",
-    "apply_guidance_dropout",
     "build_prompt",
-    "drop_captions",
     "duration_prefix",
     "duration_seconds_for_frames",
     "guidance_dropout_mask",
-    "guidance_text_batch",
     "interactive_prompt",
     "maybe_truncate_sentences",
     "training_caption",
     "truncate_sentences",
-    "unconditional_text",
 ]
 
 DEFAULT_MAX_LENGTH = 512  # T5 max tokens (`tlen`), also the number of learned cfg_uncond rows (`text_maxlen`)
@@ -102,63 +97,9 @@ class TextEmbeddings:
                 raise ValueError(f"features[{i}] must be [L, C], got shape {tuple(f.shape)}")
         return cls(torch.cat(list(features), dim=0), tuple(f.shape[0] for f in features))
 
-    @classmethod
-    def cat(cls, parts: Sequence[TextEmbeddings]) -> TextEmbeddings:
-        """Stack the prompts of several batches, in order."""
-        if not parts:
-            raise ValueError("cat needs at least one TextEmbeddings")
-        widths = {p.width for p in parts}
-        if len(widths) != 1:
-            raise ValueError(f"cannot concatenate text features of different widths {sorted(widths)}")
-        return cls(torch.cat([p.kv_compact for p in parts], dim=0), tuple(n for p in parts for n in p.lens))
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.lens)
-
-    @property
-    def width(self) -> int:
-        return self.kv_compact.shape[1]
-
-    @property
-    def max_len(self) -> int:
-        """Longest prompt (the reference's ``Ltext``)."""
-        return max(self.lens)
-
-    @property
-    def cu_seqlens(self) -> torch.Tensor:
-        """int32 [B+1] prefix sums of ``lens`` starting at 0 (varlen-attention layout), on kv_compact's device."""
-        lens = torch.tensor(self.lens, dtype=torch.int32, device=self.kv_compact.device)
-        return F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
-
     def split(self) -> list[torch.Tensor]:
         """One [L_i, C] view per prompt."""
         return list(torch.split(self.kv_compact, list(self.lens), dim=0))
-
-    def prompt(self, i: int) -> torch.Tensor:
-        """Features of prompt ``i`` ([L_i, C], a view)."""
-        if not -self.batch_size <= i < self.batch_size:
-            raise IndexError(f"prompt index {i} out of range for {self.batch_size} prompts")
-        return self.split()[i]
-
-    def padded(self, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded batch ``x_BLC`` (zeros in padding) and ``mask_BL`` (True = real token).
-
-        ``length`` defaults to ``max_len``. When all prompts have the same length (the reference's CFG
-        pair: prompt + ``cfg_uncond[:L]``) the mask is all True and attention needs no mask at all.
-        """
-        length = self.max_len if length is None else int(length)
-        if length < self.max_len:
-            raise ValueError(f"pad length {length} is shorter than the longest prompt ({self.max_len} tokens)")
-        x_BLC = self.kv_compact.new_zeros(self.batch_size, length, self.width)
-        mask_BL = torch.zeros(self.batch_size, length, dtype=torch.bool, device=self.kv_compact.device)
-        for i, f in enumerate(self.split()):
-            x_BLC[i, : f.shape[0]] = f
-            mask_BL[i, : f.shape[0]] = True
-        return x_BLC, mask_BL
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextEmbeddings:
-        return TextEmbeddings(self.kv_compact.to(device=device, dtype=dtype), self.lens)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,31 +135,6 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
         if not isinstance(p, str):
             raise ValueError(f"prompt {i} must be a str, got {type(p).__name__}")
     return prompts
-
-
-class PrecomputedTextEncoder(TextEncoder):
-    """Looks prompts up in a table of precomputed [L, C] features (tests, golden cases, cached features)."""
-
-    def __init__(self, table: Mapping[str, torch.Tensor], max_length: int = DEFAULT_MAX_LENGTH) -> None:
-        if not table:
-            raise ValueError("PrecomputedTextEncoder needs at least one prompt in its table")
-        widths = {f.shape[-1] for f in table.values()}
-        if len(widths) != 1:
-            raise ValueError(f"all precomputed features must share one width, got {sorted(widths)}")
-        for prompt, f in table.items():
-            if f.ndim != 2 or not 0 < f.shape[0] <= max_length:
-                raise ValueError(f"features for {prompt[:60]!r} must be [L, C] with 0 < L <= {max_length}, "
-                                 f"got shape {tuple(f.shape)}")
-        self._table = dict(table)
-        self.width = widths.pop()
-        self.max_length = max_length
-
-    def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
-        prompts = _check_prompts(prompts)
-        missing = [p for p in prompts if p not in self._table]
-        if missing:
-            raise ValueError(f"no precomputed features for prompt {missing[0][:80]!r}")
-        return TextEmbeddings.from_features([self._table[p].float() for p in prompts])
 
 
 class TextEncoderFilesError(FileNotFoundError, ValueError):
@@ -362,32 +278,40 @@ class FlanT5Encoder(TextEncoder):
         self.model.to(policy.text_dtype)
         self.autocast_dtype = policy.text_autocast_dtype
 
+    def _token_ids(self, prompts: list[str]) -> tuple[list[list[int]], list[int]]:
+        """One tokenizer pass: each prompt's ids as the reference feeds them, and its untruncated token count.
+
+        Untruncated ids end in ``</s>``; a prompt over ``max_length`` keeps its first ``max_length - 1`` pieces and
+        then ``</s>``, which is what the tokenizer's own ``truncation=True`` gives.
+        """
+        full = self.tokenizer(prompts, truncation=False, padding=False, verbose=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        kept = [ids if len(ids) <= self.max_length else [*ids[: self.max_length - 1], eos] for ids in full]
+        return kept, [len(ids) for ids in full]
+
+    def _padded(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ``(input_ids_BL, attention_mask_BL)`` to ``max_length`` (or the longest prompt)."""
+        length = self.max_length if self.pad_to_max_length else max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), length), dtype=torch.long)
+        for b, x in enumerate(ids):
+            input_ids[b, : len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[b, : len(x)] = 1
+        return input_ids.to(self.device), mask.to(self.device)
+
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids_BL, attention_mask_BL)`` exactly as the reference tokenizes (on the model's device)."""
-        prompts = _check_prompts(prompts)
-        tokens = self.tokenizer(
-            prompts,
-            max_length=self.max_length,
-            padding="max_length" if self.pad_to_max_length else "longest",
-            truncation=True,
-            return_tensors="pt",
-        )
-        return tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
-
-    def untruncated_lengths(self, prompts: Sequence[str]) -> list[int]:
-        """Token count of each prompt including ``</s>``, before truncation."""
-        prompts = _check_prompts(prompts)
-        ids = self.tokenizer(prompts, truncation=False, padding=False, verbose=False)["input_ids"]
-        return [len(x) for x in ids]
+        return self._padded(self._token_ids(_check_prompts(prompts))[0])
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
         prompts = _check_prompts(prompts)
-        for i, n in enumerate(self.untruncated_lengths(prompts)):
+        ids, lengths = self._token_ids(prompts)
+        for i, n in enumerate(lengths):
             if n > self.max_length:
                 warnings.warn(f"prompt {i} ({prompts[i][:60]!r}...) has {n} tokens; truncated to the first "
                               f"{self.max_length - 1} tokens + </s> (max_length={self.max_length})", stacklevel=2)
-        input_ids_BL, mask_BL = self.tokenize(prompts)
+        input_ids_BL, mask_BL = self._padded(ids)
         if self.autocast_dtype is not None:
             ctx = torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
         else:
@@ -434,9 +358,7 @@ def build_prompt(prompt: str, *, duration_s: int | float | None, quality_suffix:
     ``duration_s=None`` means an image (T2I): no prefix, since images were trained without one. Pass
     ``quality_suffix=''`` to leave the prompt as is after the prefix (the interactive model's format).
     """
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
-    text = f"{prompt}{quality_suffix}"
+    text = f"{prompt}{quality_suffix}"  # the prompt was checked at the front door (pipeline.check_inputs)
     return text if duration_s is None else duration_prefix(duration_s) + text
 
 
@@ -496,46 +418,8 @@ def training_caption(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Guidance: unconditional rows, negative prompts, condition dropout
+# Condition dropout (training)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _check_uncond_table(cfg_uncond: torch.Tensor, lens: Sequence[int], width: int) -> None:
-    if cfg_uncond.ndim != 2:
-        raise ValueError(f"cfg_uncond must be [text_maxlen, C], got shape {tuple(cfg_uncond.shape)}")
-    if cfg_uncond.shape[1] != width:
-        raise ValueError(f"cfg_uncond width {cfg_uncond.shape[1]} does not match text width {width}")
-    if max(lens) > cfg_uncond.shape[0]:
-        raise ValueError(f"prompt of {max(lens)} tokens is longer than the {cfg_uncond.shape[0]} cfg_uncond rows")
-
-
-def unconditional_text(cond: TextEmbeddings, cfg_uncond: torch.Tensor) -> TextEmbeddings:
-    """The reference's null text: ``cfg_uncond[:L_i]`` for each prompt i (same lengths as ``cond``)."""
-    _check_uncond_table(cfg_uncond, cond.lens, cond.width)
-    rows = [cfg_uncond[:n] for n in cond.lens]
-    return TextEmbeddings(torch.cat(rows, dim=0).to(cond.kv_compact.dtype), cond.lens)
-
-
-def guidance_text_batch(
-    cond: TextEmbeddings, cfg_uncond: torch.Tensor, negative: TextEmbeddings | None = None
-) -> TextEmbeddings:
-    """The 2B-prompt text batch for guidance: B conditional prompts, then B unconditional ones.
-
-    Without a negative prompt the unconditional rows are ``cfg_uncond[:L_i]`` (reference default), so both
-    halves have identical lengths and ``padded()`` needs no mask. A negative prompt (batch B, or 1 to share
-    it) keeps its own length: shorter *or longer* than the prompt is fine. Use ``padded()`` and its mask
-    so that padding rows are never attended (the reference zero-pads a shorter negative prompt without a
-    mask and asserts it is not longer; both are fixed here).
-    """
-    if negative is None:
-        return TextEmbeddings.cat([cond, unconditional_text(cond, cfg_uncond)])
-    if negative.width != cond.width:
-        raise ValueError(f"negative prompt width {negative.width} does not match prompt width {cond.width}")
-    if negative.batch_size == 1 and cond.batch_size > 1:
-        negative = TextEmbeddings.cat([negative] * cond.batch_size)
-    if negative.batch_size != cond.batch_size:
-        raise ValueError(f"{negative.batch_size} negative prompts for {cond.batch_size} prompts (need 1 or equal)")
-    return TextEmbeddings.cat([cond, negative.to(dtype=cond.kv_compact.dtype)])
 
 
 def guidance_dropout_mask(batch_size: int, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -545,35 +429,6 @@ def guidance_dropout_mask(batch_size: int, p: float, generator: torch.Generator)
     if batch_size < 0:
         raise ValueError(f"batch_size must be >= 0, got {batch_size}")
     return torch.rand(batch_size, generator=generator) < p
-
-
-def apply_guidance_dropout(text: TextEmbeddings, cfg_uncond: torch.Tensor, drop_B: torch.Tensor) -> TextEmbeddings:
-    """Training-time condition dropout as the reference does it: dropped samples get ``cfg_uncond[:L_i]``.
-
-    Lengths are unchanged, and gradients flow into ``cfg_uncond`` through the substituted rows. (FSDP/DDP
-    need every parameter on the graph each step; when nothing is dropped the trainer adds
-    ``cfg_uncond[0, 0] * 0`` as the reference does.)
-    """
-    if drop_B.shape != (text.batch_size,):
-        raise ValueError(f"drop mask must have shape ({text.batch_size},), got {tuple(drop_B.shape)}")
-    _check_uncond_table(cfg_uncond, text.lens, text.width)
-    rows = [
-        cfg_uncond[: f.shape[0]].to(f.dtype) if bool(d) else f
-        for f, d in zip(text.split(), drop_B.tolist())
-    ]
-    return TextEmbeddings(torch.cat(rows, dim=0), text.lens)
-
-
-def drop_captions(captions: Sequence[str], p: float, generator: torch.Generator, empty: str = "") -> list[str]:
-    """Caption-level dropout: replace each caption by ``empty`` with probability ``p``.
-
-    For encoders without a learned null embedding (e.g. a tiny demo encoder). The released models were
-    trained with :func:`apply_guidance_dropout` instead, and sample their unconditional branch from
-    ``cfg_uncond``; an empty string through T5 gives a single ``</s>`` token, which is *not* equivalent.
-    """
-    captions = list(captions)
-    drop_B = guidance_dropout_mask(len(captions), p, generator)
-    return [empty if d else c for c, d in zip(captions, drop_B.tolist())]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,12 +25,14 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import media, schedules
+from . import media
+from .demo import load_pipeline, random_weights
+from .generation.plan import GenerationPlan
 
 # No calls home from Gradio (analytics, version check); read when gradio is imported, so set before that.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -170,16 +172,13 @@ class WebApp:
             raise ValueError(f"length must be more than 0 seconds, got {seconds:g}")
         if seconds > self.max_seconds:
             raise ValueError(f"length {seconds:g} s is more than this page allows ({self.max_seconds:g} s)")
-        stride = self.pipe.config.vae.time_stride
-        return 1 + stride * max(1, round(seconds * self.fps / stride))
+        return self.pipe.num_frames_for(None, seconds)  # the pipeline's rounding, so the page shows what it makes
 
     def _steps_for(self, num_frames: int) -> int:
         """Scale steps of one generation of ``num_frames`` frames (for the progress fraction)."""
         cfg = self.pipe.config
         _, pyramid, _ = self.pipe.resolve_size()
-        latents = 1 + (num_frames - 1) // cfg.vae.time_stride
-        schedule = schedules.video_scale_schedule(pyramid, latents, cfg.frames_inner_clip)
-        return sum(schedules.scale_repetitions(schedule, cfg.image_repetition, cfg.video_repetition))
+        return GenerationPlan(cfg, num_frames, pyramid, cfg.sampling).num_steps
 
     def plan(self, req: WebRequest) -> _Plan:
         """Check ``req`` and turn it into pipeline arguments; raises ValueError/FileNotFoundError with a message."""
@@ -200,8 +199,7 @@ class WebApp:
             if not 0 <= seed <= MAX_SEED:
                 raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
         guidance = None if req.guidance is None else float(req.guidance)
-        if guidance is not None and not guidance >= 1:
-            raise ValueError(f"guidance must be >= 1 (1 = no guidance), got {guidance:g}")
+        self.pipe.config.sampling.with_guidance_scale(guidance)  # the one check of the scale, before queueing
         aspect = req.aspect or None
         # The size first: its message names the aspects this preset can do.
         _, _, (height, width) = self.pipe.resolve_size(aspect=aspect)
@@ -531,21 +529,16 @@ def launch(app: WebApp, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, b
 
 def weights_note(model: str | None, preset: str | None) -> str:
     """What the page says about the weights ``load_pipeline(model, preset)`` picks when they are random."""
-    from .cli import DEMO_WEIGHTS
-
-    if model is None and (preset is not None or not (DEMO_WEIGHTS / "model_index.json").is_file()):
+    if random_weights(model, preset):
         return "**Random weights** (no model given, no demo model shipped): the output is noise."
     return ""
 
 
 def serve(model: str | None = None, preset: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          device: str = "cpu", offload: bool = False, output_dir: str | None = None,
-          loader: Callable[..., Any] | None = None) -> None:
+          device: str = "cpu", offload: bool = False, output_dir: str | None = None) -> None:
     """``infinitystar serve``: load the pipeline once and serve the page until interrupted."""
     _require_gradio()
-    if loader is None:
-        from .cli import load_pipeline as loader
-    pipe = loader(model, preset, device, offload)
+    pipe = load_pipeline(model, preset, device, offload)
     app = WebApp(pipe, output_dir, note=weights_note(model, preset))
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}: anyone who can reach this address can run the model and see its "

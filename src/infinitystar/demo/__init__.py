@@ -1,0 +1,68 @@
+"""The demo model: its shipped weights, the loader every front door uses, and its small domain.
+
+* this ``__init__`` -- :data:`DEMO_WEIGHTS` (the pipeline folder that ships in the package) and
+  :func:`load_pipeline`, the one place that decides which weights a front door runs (a model folder, else the
+  demo model, else random weights of a preset); ``cli`` and ``web`` both call it;
+* ``synthetic`` -- the demo domain: rendered, captioned clips of one coloured shape moving in a line;
+* ``evaluate`` -- an analytic judge of those clips and the evaluation report built on it;
+* ``recipe`` -- the demo model's whole training recipe (``infinitystar train-demo``);
+* ``weights/`` -- the trained demo pipeline folder (``model_index.json`` and one subfolder per component).
+
+May import: ``pipeline`` and everything below it, ``train`` (the recipe and the evaluation's PSNR). Only the front
+doors (``cli``, ``web``) import this package. Nothing outside ``config.py`` and this package special-cases the demo
+model: to the rest of the code it is an ordinary preset whose weights happen to ship here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..config import check_precision
+from ..pipeline import InfinityStarPipeline
+
+__all__ = ["DEMO_WEIGHTS", "demo_weights_shipped", "load_pipeline", "random_weights"]
+
+# The shipped demo pipeline folder (written by ``infinitystar train-demo --ship``).
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights"
+
+
+def demo_weights_shipped() -> bool:
+    """Whether the package holds the demo model (a source checkout before ``train-demo --ship`` does not)."""
+    return (DEMO_WEIGHTS / "model_index.json").is_file()
+
+
+def load_pipeline(model: str | None, preset: str | None, device: str = "cpu", offload: bool = False,
+                  precision: str | None = None) -> InfinityStarPipeline:
+    """The pipeline a front door runs: ``model`` (a folder), else the demo model, else random weights.
+
+    ``preset`` with ``model`` picks the transformer of an official download; without ``model`` it asks for random
+    weights of that preset (a note on stderr says the output is noise). ``precision`` None follows ``device`` (bf16
+    on CUDA, fp32 elsewhere); see :meth:`InfinityStarPipeline.set_precision`. ``offload`` keeps the components on
+    the CPU except while they work on ``device``.
+    """
+    if precision is not None:
+        check_precision(precision)  # before loading any weights
+    if model is not None:
+        pipe = InfinityStarPipeline.from_pretrained(model, preset=preset, precision=precision)
+    elif preset is not None:
+        print(f"note: preset {preset!r} with RANDOM weights (no --model given): the output is noise", file=sys.stderr)
+        pipe = InfinityStarPipeline.from_preset(preset)
+    elif demo_weights_shipped():
+        pipe = InfinityStarPipeline.from_pretrained(DEMO_WEIGHTS)
+    else:
+        print("note: no demo model is shipped yet; using the tiny-test preset with RANDOM weights: the output is "
+              "noise, but every stage of the pipeline runs", file=sys.stderr)
+        pipe = InfinityStarPipeline.from_preset("tiny-test")
+    if precision is not None:
+        pipe.set_precision(precision)
+    if offload:
+        pipe.enable_model_cpu_offload(device)
+    else:
+        pipe.to(device)
+    return pipe
+
+
+def random_weights(model: str | None, preset: str | None) -> bool:
+    """Whether :func:`load_pipeline` of ``(model, preset)`` picks random weights (its output is then noise)."""
+    return model is None and (preset is not None or not demo_weights_shipped())

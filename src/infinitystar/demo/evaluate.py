@@ -34,8 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
 
+from .. import media
 from ..fileio import atomic_write_text
+from ..train.vae_losses import psnr
 from .synthetic import (
     COLOURS,
     DIRECTIONS,
@@ -325,11 +329,6 @@ def reconstruction_psnr(pipe: Any, jsonl: str | os.PathLike, n_clips: int | None
     Returns ``{"psnr_db": mean over clips, "min_db", "max_db", "clips", "frames", "data"}``; PSNR is over
     every frame and channel of a clip, peak 255.
     """
-    import torch
-
-    from infinitystar import media
-    from infinitystar.train.vae_losses import psnr
-
     records = read_ground_truth(jsonl)
     if n_clips is not None:
         if n_clips < 1:
@@ -383,10 +382,6 @@ def contact_sheet(rows: Sequence[tuple[str, np.ndarray]], path: str | os.PathLik
 
     Frames are enlarged by ``scale`` (nearest neighbour; default: enough for rows of at least 96 px).
     """
-    from PIL import Image, ImageDraw, ImageFont
-
-    from infinitystar import media
-
     if not rows:
         raise ValueError("contact_sheet needs at least one row")
     h = max(r[1].shape[1] for r in rows)
@@ -532,8 +527,6 @@ def evaluate_pipeline(pipe: Any, prompts: Mapping[str, Sequence[str]] | Sequence
             frames = np.asarray(out.frames)
             seconds = time.perf_counter() - t0
             if clips_dir is not None:
-                from infinitystar import media
-
                 media.write_video(frames, Path(clips_dir) / f"{pi:03d}_{j:02d}.mp4", fps=out.fps)
             res = ClipResult(prompt, group, seed + j, truth, judge_clip(frames), _pick_frames(frames, thumbs),
                              seconds)

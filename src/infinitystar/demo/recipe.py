@@ -37,13 +37,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from infinitystar.checkpoints import load_vae
+from infinitystar.config import replace
+from infinitystar.demo import DEMO_WEIGHTS
 from infinitystar.fileio import atomic_write_json, atomic_write_text
+from infinitystar.pipeline import InfinityStarPipeline
+from infinitystar.train.config import read_config_file
 
-__all__ = ["DEFAULT_CONFIG_DIR", "DEMO_WEIGHTS", "RecipeOptions", "build_base", "run_recipe", "ship"]
+__all__ = ["DEFAULT_CONFIG_DIR", "RecipeOptions", "build_base", "run_recipe", "ship"]
 
 # configs/demo/ of the source tree (the recipe reads the committed hyper-parameters from there).
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "demo"
-DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,9 @@ def _log(msg: str) -> None:
     print(f"[train-demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    import tomllib
-
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe config {path} does not exist")
-    return tomllib.loads(path.read_text(encoding="utf-8"))
+def _set(config: dict[str, Any], section: str, **values: Any) -> None:
+    """Set fields of one section of a config's plain data (the table is created if the file has none)."""
+    config.setdefault(section, {}).update(values)
 
 
 def _cli(args: Sequence[str], log: Path, threads: int | None = None, processes: int = 1) -> subprocess.Popen:
@@ -134,9 +135,6 @@ def _run(args: Sequence[str], log: Path, what: str, threads: int | None = None, 
 
 def build_base(vae_weights: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """The base pipeline folder of the transformer run: the ``demo`` preset with the trained VAE."""
-    from infinitystar.checkpoints import load_vae
-    from infinitystar.pipeline import InfinityStarPipeline
-
     pipe = InfinityStarPipeline.from_preset("demo", seed=seed)
     trained = load_vae(vae_weights, pipe.config.vae)
     pipe.vae.load_state_dict(trained.state_dict())
@@ -149,9 +147,6 @@ def ship(model_dir: str | os.PathLike, dest: str | os.PathLike = DEMO_WEIGHTS,
     """Write a trained demo pipeline folder to ``dest`` (default: the package's ``demo/weights``), optionally
     with other sampling defaults (``guidance``, ``guidance_scale``, ``tau_image``, ``tau_video``); the VAE is
     stored in float16."""
-    from infinitystar.config import replace
-    from infinitystar.pipeline import InfinityStarPipeline
-
     pipe = InfinityStarPipeline.from_pretrained(model_dir)
     if sampling:
         pipe.config = replace(pipe.config, sampling=replace(pipe.config.sampling, **sampling))
@@ -198,27 +193,28 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     trainer_threads = 1 if opts.processes > 1 else None
 
     # 2. VAE
-    vae_cfg = _read_toml(cfg_dir / "vae.toml")
-    vae_cfg.update(data=[str(data / "train.jsonl")], eval_data=[str(data / "heldout.jsonl")],
-                   out_dir=str(out / "vae"), progress=False)
+    vae_cfg = read_config_file(cfg_dir / "vae.toml")
+    vae_cfg["out_dir"] = str(out / "vae")
+    _set(vae_cfg, "data", paths=[str(data / "train.jsonl")], eval_paths=[str(data / "heldout.jsonl")])
     if opts.vae_steps is not None:
-        vae_cfg["steps"] = opts.vae_steps
+        _set(vae_cfg, "training", steps=opts.vae_steps)
     atomic_write_json(gen / "vae.json", vae_cfg)
     vae_weights = out / "vae" / "vae.safetensors"
     if not vae_weights.is_file():
-        timings["train_vae"] = _run(["train-vae", str(gen / "vae.json")], logs / "train_vae.log", "train-vae",
-                                    threads=trainer_threads, processes=opts.processes)
+        timings["train_vae"] = _run(["train-vae", str(gen / "vae.json"), "--quiet"], logs / "train_vae.log",
+                                    "train-vae", threads=trainer_threads, processes=opts.processes)
 
     # 2b. the decoder alone on whole clips (configs/demo/vae_decoder.toml, optional): the encoder -- so the
     # latents and the bits -- stays as it is.
     if (cfg_dir / "vae_decoder.toml").is_file():
-        dec_cfg = _read_toml(cfg_dir / "vae_decoder.toml")
-        dec_cfg.update(data=[str(data / "train.jsonl")], eval_data=[str(data / "heldout.jsonl")],
-                       init_checkpoint=str(vae_weights), out_dir=str(out / "vae_decoder"), progress=False)
+        dec_cfg = read_config_file(cfg_dir / "vae_decoder.toml")
+        dec_cfg["out_dir"] = str(out / "vae_decoder")
+        _set(dec_cfg, "data", paths=[str(data / "train.jsonl")], eval_paths=[str(data / "heldout.jsonl")])
+        _set(dec_cfg, "model", init_checkpoint=str(vae_weights))
         atomic_write_json(gen / "vae_decoder.json", dec_cfg)
         vae_weights = out / "vae_decoder" / "vae.safetensors"
         if not vae_weights.is_file():
-            timings["train_vae_decoder"] = _run(["train-vae", str(gen / "vae_decoder.json")],
+            timings["train_vae_decoder"] = _run(["train-vae", str(gen / "vae_decoder.json"), "--quiet"],
                                                 logs / "train_vae_decoder.log", "train-vae (decoder)",
                                                 threads=trainer_threads, processes=opts.processes)
 
@@ -228,7 +224,7 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
         build_base(vae_weights, base, seed=opts.seed)
 
     # 4. features (one thread per process: batch-1 3-D convolutions gain nothing from more)
-    tr_cfg = _read_toml(cfg_dir / "transformer.toml")
+    tr_cfg = read_config_file(cfg_dir / "transformer.toml")
     data_cfg = dict(tr_cfg.get("data", {}))
     subset = _subset_jsonl(data / "train.jsonl", data / f"train_first{opts.feature_clips}.jsonl", opts.feature_clips)
     cache = out / "cache"
@@ -249,9 +245,10 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
 
     # 5. transformer, 6. export
     data_cfg.update(jsonl=[str(subset)], cache_dir=str(cache))
-    tr_cfg.update(pipeline=str(base), output_dir=str(out / "run"), data=data_cfg)
+    tr_cfg.update(out_dir=str(out / "run"), data=data_cfg)
+    _set(tr_cfg, "model", pipeline=str(base))
     if opts.transformer_steps is not None:
-        tr_cfg["steps"] = opts.transformer_steps
+        _set(tr_cfg, "training", steps=opts.transformer_steps)
     atomic_write_json(gen / "transformer.json", tr_cfg)
     model = out / "model"
     if not (model / "model_index.json").is_file():

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import media
 from ..fileio import atomic_write_text
 
 __all__ = [
@@ -329,8 +330,6 @@ def make_dataset(out_dir: str | os.PathLike, n_clips: int, seed: int, size: int 
     record per clip, see :func:`_record`; ``video_path`` relative to ``out_dir``). Every file is written
     atomically. Returns the jsonl path.
     """
-    from infinitystar import media
-
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if not isinstance(fps, int) or fps < 1:

@@ -36,6 +36,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -149,8 +150,12 @@ def _quiet_single_process():
         yield
 
 
+# Further (module, optimizer) pairs a run trains beside its model, by name (the VAE trainer's discriminator).
+Parts = dict[str, tuple[nn.Module, "torch.optim.Optimizer | None"]]
+
+
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
-           ema: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+           ema: dict[str, torch.Tensor] | None, parts: Parts | None = None) -> dict[str, Any]:
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
     else:
@@ -160,7 +165,40 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
         state["optim"] = optim_sd
     if ema is not None:
         state["ema"] = ema
+    for name, (module, opt) in (parts or {}).items():
+        state[name] = _state(module, opt, None)
     return state
+
+
+def _keep_saved_optimizer_state(state: dict[str, Any], saved: set[str], prefix: str = "") -> bool:
+    """Drop from ``state`` the optimizer entries of parameters the checkpoint holds none for; True if any.
+
+    An optimizer keeps no state for a parameter that never had a gradient (a module kept only for its key names,
+    a discriminator before its first step); after loading it must have none either, exactly as the saved run."""
+    dropped = False
+    optim = state.get("optim")
+    if optim is not None:
+        kept = {fqn: v for fqn, v in optim["state"].items()
+                if any(k.startswith(f"{prefix}optim.state.{fqn}.") for k in saved)}
+        dropped = len(kept) < len(optim["state"])
+        optim["state"] = kept
+    for name, sub in state.items():
+        if name not in ("model", "optim", "ema") and isinstance(sub, dict):
+            dropped = _keep_saved_optimizer_state(sub, saved, f"{prefix}{name}.") or dropped
+    return dropped
+
+
+def _set_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any],
+               parts: Parts | None = None, strict: bool = True) -> None:
+    if optimizer is not None:
+        # strict=False lets parameters without saved optimizer state keep none (see _keep_saved_optimizer_state);
+        # DCP has already checked that every requested entry, the model's included, was in the checkpoint.
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=strict))
+    else:
+        set_model_state_dict(model, state["model"])
+    for name, (module, opt) in (parts or {}).items():
+        _set_state(module, opt, state[name], strict=strict)
 
 
 def save_checkpoint(
@@ -175,11 +213,13 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     generators: dict[str, torch.Generator] | None = None,
     keep_last_k: int | None = None,
+    parts: Parts | None = None,
 ) -> Path:
     """Collective: every rank calls it. Writes ``step_{step:08d}`` atomically and prunes old checkpoints.
 
     ``data_position`` (JSON-serialisable) and the RNG states are stored per rank; ``extra`` (rank 0's) is
-    stored as is (e.g. the config, the sample counter).
+    stored as is (e.g. the config, the sample counter). ``parts``: further named (module, optimizer) pairs.
+    Replicated state (data parallel without sharding) is written once.
     """
     root = Path(ckpt_dir)
     final = root / step_dir_name(step)
@@ -191,7 +231,7 @@ def save_checkpoint(
         tmp.mkdir()
     barrier(info)
     with _quiet_single_process():
-        dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp), no_dist=not info.distributed)
+        dcp.save(_state(model, optimizer, ema, parts), checkpoint_id=str(tmp), no_dist=not info.distributed)
     per_rank = gather_objects({"data_position": data_position, "rng": capture_rng_state(generators)}, info)
     if info.is_main:
         record = {"step": int(step), "world_size": info.world_size,
@@ -232,6 +272,7 @@ def load_checkpoint(
     ema: dict[str, torch.Tensor] | None = None,
     generators: dict[str, torch.Generator] | None = None,
     restore_rng: bool = True,
+    parts: Parts | None = None,
 ) -> dict[str, Any]:
     """Collective: load model/optimizer (and EMA, in place) from a complete checkpoint; return ``complete.json``
     with ``data_position`` set to this rank's entry."""
@@ -239,14 +280,13 @@ def load_checkpoint(
     if record["world_size"] != info.world_size:
         raise ValueError(f"checkpoint {path} was written by {record['world_size']} processes, this run has "
                          f"{info.world_size}: the per-rank data positions and RNG states cannot be mapped; resume with "
-                         f"{record['world_size']} processes, or start a new run (another output_dir, or --resume none)")
-    state = _state(model, optimizer, ema)
+                         f"{record['world_size']} processes, or start a new run (another out_dir, or --resume none)")
+    state = _state(model, optimizer, ema, parts)
+    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    partial = _keep_saved_optimizer_state(state, saved)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path), no_dist=not info.distributed)
-    if optimizer is not None:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    else:
-        set_model_state_dict(model, state["model"])
+    _set_state(model, optimizer, state, parts, strict=not partial)
     if restore_rng:
         restore_rng_state(record["rng"][info.rank], generators)
     record = dict(record)

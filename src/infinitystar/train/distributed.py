@@ -13,11 +13,13 @@ the attention's all-to-all would run over ``mesh["sp"]``. :class:`DistInfo` alre
 two notions (``dp_rank``/``dp_size`` vs ``rank``/``world_size``) so the data and seed code need no
 change then.
 
-The model stays a plain ``nn.Module``: :func:`apply_activation_checkpointing` replaces each block by
+Both trainers start here (:func:`init_distributed`). The model stays a plain ``nn.Module``:
+:func:`apply_activation_checkpointing` replaces each block by
 a non-reentrant ``checkpoint_wrapper`` and :func:`apply_fsdp` calls ``fully_shard`` on every block,
 then on the root (whose parameters are the embeddings, the unconditional text, the final norm and
 the heads). No collective is written here: FSDP2 does the parameter all-gathers and gradient
-reduce-scatters, and metrics use ``torch.distributed`` collectives directly.
+reduce-scatters, and metrics use ``torch.distributed`` collectives directly. The VAE trainer's models are
+small: :func:`apply_ddp` keeps them whole on every rank.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.nn.parallel import DistributedDataParallel
 
 SEED_MODULUS = 2**63 - 1
 
@@ -101,8 +107,6 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
-    from torch.distributed.device_mesh import init_device_mesh
-
     mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp",))
     return DistInfo(rank, world, local_rank, dev, mesh)
 
@@ -139,8 +143,6 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     The wrapper is transparent for state dicts (its prefix is stripped), so checkpoints and exports
     keep the plain parameter names.
     """
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise ValueError(f"{type(model).__name__} has no `blocks` ModuleList to checkpoint")
@@ -148,11 +150,20 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
+def apply_ddp(module: nn.Module, info: DistInfo, *, find_unused_parameters: bool = False) -> nn.Module:
+    """``DistributedDataParallel`` over every rank when there are several (rank 0's initial weights broadcast,
+    gradients averaged in backward); the module itself in one process. For models small enough to keep whole on
+    every rank (the VAE trainer's). ``gradient_as_bucket_view`` spares a copy of every gradient."""
+    if not info.distributed:
+        return module
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters,
+                                   gradient_as_bucket_view=True)
+
+
 def mixed_precision_policy(param_dtype: torch.dtype | None, reduce_dtype: torch.dtype = torch.float32) -> Any:
     """FSDP2 policy: ``param_dtype=None`` keeps fp32 parameters (the reference: fp32 master weights under bf16
     autocast); ``torch.bfloat16`` all-gathers bf16 parameters and reduces gradients in ``reduce_dtype``."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
 
@@ -165,8 +176,6 @@ def apply_fsdp(model: nn.Module, mesh: Any, mixed_precision: Any = None,
     Unused parameters (e.g. a head no scale of this rank's batch selects) still take part in the
     gradient reduce-scatter with zeros, so ranks whose batches use different heads stay in step.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
     dp_mesh = mesh["dp"] if mesh is not None and mesh.mesh_dim_names is not None else mesh
     mp = mixed_precision if mixed_precision is not None else MixedPrecisionPolicy()
     blocks = getattr(model, "blocks", None)

@@ -34,9 +34,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load as load_bytes
+from tqdm import tqdm
 
-from infinitystar.config import DataConfig
+from infinitystar.checkpoints import save_safetensors
+from infinitystar.generation.schedules import latent_frames
+from infinitystar.media import frames_to_tensor, read_image, read_video, resize_and_center_crop
+from infinitystar.train.config import DataConfig
 from infinitystar.train.data import Bucket, Record, bucket_for_size, bucket_for_template, bucket_sizes, load_records
 
 logger = logging.getLogger(__name__)
@@ -129,7 +135,7 @@ class CacheEntry:
 
     @property
     def latent_frames(self) -> int:
-        return 1 + (self.num_frames - 1) // 4
+        return latent_frames(self.num_frames)
 
     @classmethod
     def from_path(cls, path: Path) -> CacheEntry | None:
@@ -187,11 +193,7 @@ def load_record_pixels(record: Record, config: DataConfig) -> tuple[torch.Tensor
     the nearest template of the decoded frame size. Raises ``FileNotFoundError`` / ``MediaError`` /
     ``ValueError`` naming the record when the clip cannot be read in full.
     """
-    from infinitystar.media import frames_to_tensor, read_image, read_video, resize_and_center_crop
-
     if record.kind == "image":
-        import numpy as np
-
         img = read_image(record.path)
         bucket = bucket_for_size(img.height, img.width, config)
         frame = np.asarray(resize_and_center_crop(img, bucket.height, bucket.width))
@@ -240,8 +242,6 @@ def validate_cache_file(path: str | os.PathLike, embed_dim: int | None = None) -
     Checks: readable safetensors holding ``latent``, 4-D float32, ``[C, pt, H/16, W/16]`` as the name
     says (and ``C == embed_dim`` when given), finite values, and metadata agreeing with the name.
     """
-    from safetensors.torch import load as load_bytes
-
     p = Path(path)
     entry = CacheEntry.from_path(p)
     if entry is None:
@@ -316,8 +316,6 @@ class ExtractionStats:
 
 def _write_latent(path: Path, latent: torch.Tensor, record: Record, bucket: Bucket, clip: str, tag: str,
                   config: DataConfig, vae_id: str) -> None:
-    from infinitystar.checkpoints import save_safetensors
-
     meta = {
         "format": FEATURE_FORMAT, "clip_key": clip, "num_frames": str(record.num_frames),
         "height": str(bucket.height), "width": str(bucket.width), "template": str(bucket.template),
@@ -369,8 +367,6 @@ def extract_features(
     Resumable: a record whose valid cache file exists is skipped without decoding; corrupt files are
     reported and rebuilt; unreadable clips are logged with ``file:line`` and counted, never fatal.
     """
-    from tqdm import tqdm
-
     if not config.cache_dir:
         raise ValueError("DataConfig.cache_dir is empty: where should the latents go?")
     vae_stride = getattr(getattr(vae, "config", None), "time_stride", config.time_stride)

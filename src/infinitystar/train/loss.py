@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-Scale = tuple[int, int, int]
+from infinitystar.config import ConfigError
+from infinitystar.generation.schedules import Scale
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,9 @@ class LossWeighting:
 
     def __post_init__(self) -> None:
         if self.reweight_loss_by_scale < 0:
-            raise ValueError(f"reweight_loss_by_scale must be >= 0, got {self.reweight_loss_by_scale}")
+            raise ConfigError(f"loss.reweight_loss_by_scale must be >= 0, got {self.reweight_loss_by_scale}")
         if self.max_reweight_value <= 0:
-            raise ValueError(f"max_reweight_value must be > 0, got {self.max_reweight_value}")
+            raise ConfigError(f"loss.max_reweight_value must be > 0, got {self.max_reweight_value}")
 
 
 @dataclass

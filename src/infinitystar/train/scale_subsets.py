@@ -41,15 +41,15 @@ Randomness comes from the ``torch.Generator`` passed in (upstream: numpy's globa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from infinitystar.schedules import clip_layout, scales_per_clip
-
-Scale = tuple[int, int, int]
+from infinitystar.config import ConfigError
+from infinitystar.generation.schedules import clip_layout, scales_per_clip
 
 # --video_var_len_prob of the release scripts.
 VAR_LEN_PROB_480P: tuple[float, ...] = (40, 30, 20, 6, 3, 1, 60, 40, 12, 6, 2)
@@ -68,17 +68,26 @@ def var_len_prob_for(pn: str) -> tuple[float, ...]:
 class ScaleSubsetConfig:
     """How a training sample's scales are subsampled."""
 
-    # Relative probabilities of the outcomes (the first len(table) entries are used).
-    var_len_prob: tuple[float, ...] = VAR_LEN_PROB_480P
+    # Relative probabilities of the outcomes (the first len(table) entries are used). None (a training config's
+    # default) = the release script's table for the pipeline's pixel budget, set by `for_pn` once it is known.
+    var_len_prob: tuple[float, ...] | None = VAR_LEN_PROB_480P
     # 1 in both release scripts: the full-resolution video scale of a 2-clip video is never trained.
     drop_720p_last_scale: bool = True
     # False: train every scale of every sample (the golden cases' setting, allow_less_one_elem_in_seq=0).
     var_len: bool = True
 
     def __post_init__(self) -> None:
+        if self.var_len_prob is None:
+            return
         object.__setattr__(self, "var_len_prob", tuple(float(p) for p in self.var_len_prob))
         if any(p < 0 for p in self.var_len_prob) or not any(p > 0 for p in self.var_len_prob):
-            raise ValueError(f"var_len_prob must be non-negative with a positive entry, got {self.var_len_prob}")
+            raise ConfigError(f"scale_subsets.var_len_prob must be non-negative with a positive entry, got "
+                              f"{self.var_len_prob}")
+
+    def for_pn(self, pn: str) -> ScaleSubsetConfig:
+        """These settings with ``var_len_prob`` filled in: the release script's table for pixel budget ``pn``
+        when it is None."""
+        return self if self.var_len_prob is not None else dataclasses.replace(self, var_len_prob=var_len_prob_for(pn))
 
 
 def outcome_table(num_scales: int, scales_in_clip: int, drop_720p_last_scale: bool = True) -> list[list[int]]:
@@ -164,6 +173,8 @@ def sample_scale_subset(
     if not config.var_len:
         candidates, probs = [list(range(num))], [1.0]
     else:
+        if config.var_len_prob is None:
+            raise ValueError("ScaleSubsetConfig.var_len_prob is None: resolve it with for_pn(pn) first")
         candidates, probs = valid_outcomes(num, scales_per_clip(schedule), config.var_len_prob,
                                            config.drop_720p_last_scale)
     if max_tokens is not None:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from infinitystar.config import QuantizerConfig
-from infinitystar.schedules import FRAMES_INNER_CLIP
+from infinitystar.generation.schedules import FRAMES_INNER_CLIP
 from infinitystar.vae.multiscale import StepInfo, build_steps, encode_to_bits
 
 NOISE_APPLY_LAYERS = 1000  # the reference's noise_apply_layers: BSC on scales below min(this, last scale)

@@ -30,14 +30,12 @@ import torch
 from torch import nn
 
 from infinitystar.config import QuantizerConfig
-from infinitystar.schedules import FRAMES_INNER_CLIP
+from infinitystar.generation.schedules import FRAMES_INNER_CLIP, Scale
 from infinitystar.train.loss import LossOutput, LossWeighting, bit_loss_per_token, reduce_loss
 from infinitystar.train.scale_subsets import ScaleSubsetConfig, plan_packed_step
 from infinitystar.train.self_correction import RandomBitFlips, TrainingTokens, tokenize_for_training
 from infinitystar.transformer.model import InfinityStarTransformer
 from infinitystar.transformer.sequence import PackedLayout, PackedSample, build_packed_layout
-
-Scale = tuple[int, int, int]
 
 
 @dataclass

@@ -15,7 +15,7 @@ pipeline folder that ``InfinityStarPipeline.from_pretrained`` loads.
 What one step does, per data-parallel rank (training spec sections 3-6):
 
 1. take ``batch_size`` samples (cached latent, schedule, caption, condition-dropout flag) from the
-   rank's shard of :class:`~infinitystar.train.data.LatentDataset`;
+   rank's shard of :class:`~infinitystar.train.dataset.LatentDataset`;
 2. encode the captions with the pipeline's *frozen* text encoder (Flan-T5 as in the reference; the
    byte-level encoder of the small presets is frozen too: it is a fixed random code of full rank per
    byte and position, the transformer's ``text_proj`` and attention learn everything on top of it,
@@ -25,7 +25,7 @@ What one step does, per data-parallel rank (training spec sections 3-6):
    then pack all samples into one sequence and run ``train.step.train_step`` (bf16 autocast on CUDA,
    fp32 on CPU; global-norm gradient clipping; AdamW);
 4. log the loss and bit accuracy, per scale too, to the console (tqdm) and ``train_log.jsonl``;
-5. every ``ckpt_every`` steps and at the end, write a DCP checkpoint (``train.checkpointing``).
+5. every ``checkpoint.every`` steps and at the end, write a DCP checkpoint (``train.checkpointing``).
 
 Determinism: every random draw of a step is a function of the seeds, the step and the sample's index
 in the global batch, and the data order of ``(data.seed, epoch)``; none depends on the world size or
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import sys
@@ -52,11 +51,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from infinitystar.config import ConfigError, TrainConfig, config_to_dict, get_preset, train_config_from_dict
+from infinitystar.config import ConfigError, get_preset
 from infinitystar.fileio import atomic_write_json
-from infinitystar.schedules import scale_repetitions, scales_per_clip
-from infinitystar.train import checkpointing
+from infinitystar.generation.schedules import (
+    latent_frames,
+    num_scales_for_pn,
+    pixel_frames,
+    scale_repetitions,
+    scales_per_clip,
+)
+from infinitystar.pipeline import InfinityStarPipeline
+from infinitystar.train import checkpointing, runlog
+from infinitystar.train.config import TrainConfig, config_from_dict, config_to_dict
+from infinitystar.train.dataset import LatentDataset
 from infinitystar.train.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -69,33 +78,14 @@ from infinitystar.train.distributed import (
     seed_process,
 )
 from infinitystar.train.ema import EMA
+from infinitystar.train.features import feature_tag, vae_identity
 from infinitystar.train.loss import LossWeighting, raw_scale_weights
-from infinitystar.train.scale_subsets import ScaleSubsetConfig, outcome_table, var_len_prob_for
+from infinitystar.train.scale_subsets import ScaleSubsetConfig, outcome_table
 from infinitystar.train.step import TrainSample, make_optimizer, prepare_packed_batch, train_step
-
-CONFIG_FILE = "train_config.json"
-LOG_FILE = "train_log.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-
 
 # ----------------------------------------------------------------------------------------------
 # Small pure pieces
 # ----------------------------------------------------------------------------------------------
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then constant, cosine or linear decay
-    to ``lr * min_lr_ratio`` at ``cfg.steps``."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, max(0.0, (step - cfg.warmup_steps) / span))
-    low = cfg.lr * cfg.min_lr_ratio
-    if cfg.lr_schedule == "cosine":
-        return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.lr + (low - cfg.lr) * progress
 
 
 def sample_generator(seed: int, step: int, global_index: int) -> torch.Generator:
@@ -115,27 +105,7 @@ def latent_seconds(schedule: Sequence[Sequence[int]], time_stride: int = 4, fps:
     """Duration of a schedule's clip in seconds ((latent frames - 1) * stride / fps), for the per-scale log keys."""
     k = scales_per_clip(schedule)
     frames = sum(int(schedule[c + k - 1][0]) for c in range(0, len(schedule), k))
-    return (frames - 1) * time_stride / fps
-
-
-def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a ``train_log.jsonl`` (a last line cut by a kill is ignored)."""
-    out = []
-    p = Path(path)
-    if not p.is_file():
-        return out
-    for line in p.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def step_losses(path: str | os.PathLike) -> dict[int, float]:
-    """``{step: loss}`` from a run's log; a step logged twice (before a kill and after resuming) keeps its
-    last record."""
-    return {r["step"]: r["loss"] for r in read_log(path) if r.get("event") == "step"}
+    return (pixel_frames(frames, time_stride) - 1) / fps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,34 +115,30 @@ def step_losses(path: str | os.PathLike) -> dict[int, float]:
 
 def load_base_pipeline(cfg: TrainConfig):
     """The pipeline a run starts from: a model folder (fine-tuning) or a preset with seeded random weights."""
-    from infinitystar.pipeline import InfinityStarPipeline
-
-    if Path(cfg.pipeline).is_dir():
-        return InfinityStarPipeline.from_pretrained(cfg.pipeline, preset=cfg.pipeline_preset)
-    get_preset("pipeline", cfg.pipeline)  # a clear error listing the presets if neither folder nor preset
-    return InfinityStarPipeline.from_preset(cfg.pipeline, seed=cfg.seed)
+    model = cfg.model
+    if Path(model.pipeline).is_dir():
+        return InfinityStarPipeline.from_pretrained(model.pipeline, preset=model.pipeline_preset)
+    get_preset("pipeline", model.pipeline)  # a clear error listing the presets if neither folder nor preset
+    return InfinityStarPipeline.from_preset(model.pipeline, seed=cfg.training.seed)
 
 
 def check_data_matches_pipeline(cfg: TrainConfig, pipe_cfg: Any) -> None:
     """The data's pyramid must be the one the model generates (pixel budget, scales, clip length, VAE stride)."""
     d = cfg.data
-    from infinitystar.schedules import num_scales_for_pn
-
     data_scales = d.num_scales if d.num_scales is not None else num_scales_for_pn(d.pn)
     pairs = [("pn", d.pn, pipe_cfg.pn), ("num_scales", data_scales, pipe_cfg.scales_per_clip),
              ("frames_inner_clip", d.frames_inner_clip, pipe_cfg.frames_inner_clip),
              ("time_stride", d.time_stride, pipe_cfg.vae.time_stride), ("fps", d.fps, pipe_cfg.fps)]
     bad = [f"data.{name}={a!r} but the pipeline has {b!r}" for name, a, b in pairs if a != b]
     if bad:
-        raise ConfigError(f"the data does not match pipeline {cfg.pipeline!r}: " + "; ".join(bad))
+        raise ConfigError(f"the data does not match pipeline {cfg.model.pipeline!r}: " + "; ".join(bad))
 
 
 def scale_subset_config(cfg: TrainConfig, pipe_cfg: Any) -> ScaleSubsetConfig:
     """The run's scale-subset settings; without an explicit ``var_len_prob``, the release script's table for the
     pipeline's pixel budget (a 720p fine-tune gets train_720p.sh's, not the 480p one)."""
-    prob = cfg.var_len_prob if cfg.var_len_prob is not None else var_len_prob_for(pipe_cfg.pn)
-    subsets = ScaleSubsetConfig(prob, cfg.drop_720p_last_scale, cfg.var_len)
-    if cfg.var_len:
+    subsets = cfg.scale_subsets.for_pn(pipe_cfg.pn)
+    if subsets.var_len:
         _check_table_covers_longest_clip(cfg, pipe_cfg.scales_per_clip, subsets)
     return subsets
 
@@ -181,15 +147,15 @@ def _check_table_covers_longest_clip(cfg: TrainConfig, scales_per_clip: int, sub
     """Fail at the start, not at the first long sample: the table needs one probability per outcome of the longest
     schedule the data makes (a 10 s clip has 11 outcomes; the 720p table, like the reference's, has 7)."""
     d = cfg.data
-    latents = 1 + d.max_seconds * d.latent_frames_per_second
+    latents = latent_frames(1 + d.max_seconds * d.fps, d.time_stride)
     pyramids = 1 + -(-(latents - 1) // d.frames_inner_clip)  # the first frame, then whole or partial clips
     if pyramids < 2:
         return
     need = len(outcome_table(pyramids * scales_per_clip, scales_per_clip, subsets.drop_720p_last_scale))
     if len(subsets.var_len_prob) < need:
-        raise ConfigError(f"var_len_prob has {len(subsets.var_len_prob)} entries but {d.max_seconds} s clips "
-                          f"(data.max_seconds) have {need} scale-subset outcomes: lower max_seconds or give a "
-                          f"var_len_prob with {need} entries")
+        raise ConfigError(f"scale_subsets.var_len_prob has {len(subsets.var_len_prob)} entries but {d.max_seconds} "
+                          f"s clips (data.max_seconds) have {need} scale-subset outcomes: lower max_seconds or give "
+                          f"a var_len_prob with {need} entries")
 
 
 def _text_encoder_to(encoder: Any, device: torch.device) -> None:
@@ -200,16 +166,8 @@ def _text_encoder_to(encoder: Any, device: torch.device) -> None:
         encoder.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def save_run_config(cfg: TrainConfig, run_dir: Path) -> None:
-    atomic_write_json(run_dir / CONFIG_FILE, config_to_dict(cfg))
-
-
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
-    p = Path(run_dir) / CONFIG_FILE
-    if not p.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a training run folder (no {CONFIG_FILE})")
-    return train_config_from_dict(json.loads(p.read_text(encoding="utf-8")))
-
+    return config_from_dict(TrainConfig, runlog.read_config(run_dir))
 
 # ----------------------------------------------------------------------------------------------
 # The trainer
@@ -233,20 +191,20 @@ class Trainer:
 
     ``resume``: ``"auto"`` (newest complete checkpoint of the run folder, if any), ``"none"`` (start fresh;
     existing checkpoints are kept and later overwritten step by step), or a checkpoint folder.
-    ``dataset`` replaces the :class:`~infinitystar.train.data.LatentDataset` built from ``cfg.data``
+    ``dataset`` replaces the :class:`~infinitystar.train.dataset.LatentDataset` built from ``cfg.data``
     (anything with ``iterate(start)``, ``state_dict(position)`` and ``resume_position(state)``).
     """
 
     def __init__(self, cfg: TrainConfig, *, resume: str = "auto", progress: bool = True,
                  info: DistInfo | None = None, dataset: Any = None) -> None:
         self.cfg = cfg
-        self.info = info if info is not None else init_distributed(cfg.device)
+        self.info = info if info is not None else init_distributed(cfg.parallelism.device)
         self.progress = progress and self.info.is_main
-        self.run_dir = Path(cfg.output_dir)
-        self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
-        self.log_path = self.run_dir / LOG_FILE
+        self.run_dir = Path(cfg.out_dir)
+        self.ckpt_dir = self.run_dir / runlog.CHECKPOINT_DIR
+        self.log_path = self.run_dir / runlog.LOG_FILE
         info = self.info
-        seed_process(rank_seed(cfg.seed, info.dp_rank))
+        seed_process(rank_seed(cfg.training.seed, info.dp_rank))
 
         pipe = load_base_pipeline(cfg)
         self.pipe_cfg = pipe.config
@@ -258,14 +216,16 @@ class Trainer:
         model = pipe.transformer
         del pipe
         self.model = self._parallelize(model)
-        self.optimizer = make_optimizer(self.model, lr=lr_at(0, cfg), betas=cfg.betas, weight_decay=cfg.weight_decay,
-                                        eps=cfg.eps)
-        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.weighting = LossWeighting(cfg.reweight_loss_by_scale, cfg.max_reweight_value)
+        opt = cfg.optimizer
+        self.optimizer = make_optimizer(self.model, lr=opt.lr_at(0, cfg.training.steps), betas=opt.betas,
+                                        weight_decay=opt.weight_decay, eps=opt.eps)
+        self.ema = EMA(self.model, cfg.training.ema_decay) if cfg.training.ema_decay > 0 else None
+        self.weighting: LossWeighting = cfg.loss
         self.subsets = scale_subset_config(cfg, self.pipe_cfg)
         cuda = self.device.type == "cuda"
-        self.autocast_dtype = torch.bfloat16 if cfg.bf16 and cuda else None
-        self.backend = cfg.attention if cfg.attention != "auto" else ("flex" if cuda else "sdpa")
+        self.autocast_dtype = torch.bfloat16 if cfg.training.bf16 and cuda else None
+        attention = cfg.model.attention
+        self.backend = attention if attention != "auto" else ("flex" if cuda else "sdpa")
         self.dataset = dataset if dataset is not None else self._build_dataset(vae)
         del vae
 
@@ -274,7 +234,7 @@ class Trainer:
         self.resumed_from: int | None = None
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_run_config(cfg, self.run_dir)
+            runlog.write_config(self.run_dir, config_to_dict(cfg))
         self._resume(resume)
 
     # -- construction helpers ----------------------------------------------------------------------
@@ -283,18 +243,15 @@ class Trainer:
         """Train mode, activation checkpointing, device, then FSDP2 over the dp mesh when there are several ranks."""
         cfg, info = self.cfg, self.info
         model.train().requires_grad_(True)
-        if cfg.activation_checkpointing:
+        if cfg.parallelism.activation_checkpointing:
             apply_activation_checkpointing(model)
         model.to(self.device)
         if info.distributed:
-            bf16_params = cfg.fsdp_bf16_params and self.device.type == "cuda"
+            bf16_params = cfg.parallelism.fsdp_bf16_params and self.device.type == "cuda"
             apply_fsdp(model, info.mesh, mixed_precision_policy(torch.bfloat16 if bf16_params else None))
         return model
 
     def _build_dataset(self, vae: nn.Module) -> Any:
-        from infinitystar.train.data import LatentDataset
-        from infinitystar.train.features import feature_tag, vae_identity
-
         # Only latents extracted with *this* pipeline's VAE (and the configured posterior mode) are used.
         tag = feature_tag(vae_identity(vae), self.cfg.data.latent_sampling, self.cfg.data.seed)
         return LatentDataset(self.cfg.data, rank=self.info.dp_rank, world_size=self.info.dp_size, feature_tag=tag)
@@ -319,12 +276,8 @@ class Trainer:
     # -- logging -----------------------------------------------------------------------------------
 
     def _log(self, record: dict[str, Any]) -> None:
-        if not self.info.is_main:
-            return
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        if self.info.is_main:
+            runlog.append_record(self.log_path, record)
 
     # -- one step ----------------------------------------------------------------------------------
 
@@ -335,21 +288,21 @@ class Trainer:
 
     def _prepare(self, batch: list[Any], step: int) -> tuple[list[TrainSample], list[bool], int]:
         """Tokenized samples, their dropout flags, and how many samples the token budget left out."""
-        cfg, info = self.cfg, self.info
+        cfg, info, run = self.cfg, self.info, self.cfg.training
         texts = self._encode_texts([s.caption for s in batch])
-        global_batch = cfg.batch_size * info.dp_size
-        remaining = cfg.max_tokens
+        global_batch = run.batch_size * info.dp_size
+        remaining = run.max_tokens
         out, uncond, left_out = [], [], 0
         for k, (ds, text) in enumerate(zip(batch, texts)):
             if remaining is not None and remaining - int(text.shape[0]) < math.prod(ds.schedule[0]):
                 left_out += 1
                 continue
-            gen = sample_generator(cfg.seed, step, step * global_batch + info.dp_rank * cfg.batch_size + k)
+            gen = sample_generator(run.seed, step, step * global_batch + info.dp_rank * run.batch_size + k)
             reps = scale_repetitions(ds.schedule, self.pipe_cfg.image_repetition, self.pipe_cfg.video_repetition)
             latent = ds.latent_CTHW[None].to(self.device, torch.float32)
             [sample] = prepare_packed_batch(
                 [latent], [text], [ds.schedule], [reps], self.pipe_cfg.quantizer, self.subsets, gen,
-                max_tokens=remaining, bsc_strength=cfg.bsc_strength, frames_inner_clip=cfg.data.frames_inner_clip)
+                max_tokens=remaining, bsc_strength=run.bsc_strength, frames_inner_clip=cfg.data.frames_inner_clip)
             out.append(sample)
             uncond.append(bool(ds.drop_text))
             if remaining is not None:
@@ -360,7 +313,7 @@ class Trainer:
         """Train on this rank's ``batch`` (a list of data samples) and return the step's global log record."""
         cfg, info, step = self.cfg, self.info, self.step
         t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
+        lr = cfg.optimizer.lr_at(step, cfg.training.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         samples, uncond, left_out = self._prepare(batch, step)
@@ -368,9 +321,11 @@ class Trainer:
         # Every rank learns whether any rank is left without a sample, so all stop together instead of hanging.
         total_mass, empty_ranks = all_reduce_sum([mass, float(not samples)], info)
         if empty_ranks:
-            raise ValueError(f"step {step}: the token budget max_tokens={cfg.max_tokens} leaves room for no sample "
-                             f"on {int(empty_ranks)} rank(s); raise it above the longest caption plus the first scale")
-        metrics = train_step(self.model, self.optimizer, samples, self.weighting, grad_clip=cfg.grad_clip,
+            raise ValueError(f"step {step}: the token budget training.max_tokens={cfg.training.max_tokens} leaves "
+                             f"room for no sample "
+                             f"on {int(empty_ranks)} rank(s); raise it above the longest caption plus the first "
+                             f"scale")
+        metrics = train_step(self.model, self.optimizer, samples, self.weighting, grad_clip=cfg.optimizer.grad_clip,
                              backend=self.backend, autocast_dtype=self.autocast_dtype, uncond=uncond,
                              loss_scale=info.dp_size * mass / total_mass)
         if self.ema is not None:
@@ -414,25 +369,24 @@ class Trainer:
         path = checkpointing.save_checkpoint(
             self.ckpt_dir, self.step, self.info, self.model, self.optimizer,
             ema=self.ema.state_dict() if self.ema is not None else None, data_position=state,
-            extra={"config": config_to_dict(self.cfg)}, keep_last_k=self.cfg.keep_last_k)
+            extra={"config": config_to_dict(self.cfg)}, keep_last_k=self.cfg.checkpoint.keep_last_k)
         self._log({"event": "checkpoint", "step": self.step, "path": str(path)})
         return path
 
     def run(self) -> TrainResult:
         cfg = self.cfg
-        from tqdm import tqdm
-
         self._log({"event": "start", "step": self.step, "world_size": self.info.world_size,
                    "device": str(self.device), "parameters": sum(p.numel() for p in self.model.parameters()),
-                   "global_batch": cfg.batch_size * self.info.dp_size})
+                   "global_batch": cfg.training.batch_size * self.info.dp_size})
         stream = self.dataset.iterate(self.position)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+        steps = cfg.training.steps
+        bar = tqdm(total=steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
                    file=sys.stderr, dynamic_ncols=True)
         throughput: list[tuple[float, float, float]] = []
         try:
-            while self.step < cfg.steps:
+            while self.step < steps:
                 t0 = time.perf_counter()
-                batch = [next(stream) for _ in range(cfg.batch_size)]
+                batch = [next(stream) for _ in range(cfg.training.batch_size)]
                 data_time = time.perf_counter() - t0
                 record = self.train_one_step(batch)
                 self.position = batch[-1].next_position
@@ -441,11 +395,11 @@ class Trainer:
                 tokens = record["visual_tokens"] + record["text_tokens"]
                 record.update(data_time_s=data_time, samples_per_s=record["samples"] / wall, tokens_per_s=tokens / wall)
                 throughput.append((wall, record["samples"], tokens))
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if self.step % cfg.logging.every == 0 or self.step == steps:
                     self._log(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['acc']:.3f}", lr=f"{record['lr']:.2e}")
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                if self.step % cfg.checkpoint.every == 0 or self.step == steps:
                     self.save()
         finally:
             bar.close()
@@ -458,7 +412,7 @@ class Trainer:
                              samples_per_s=sum(x[1] for x in tail) / t if t else float("nan"),
                              tokens_per_s=sum(x[2] for x in tail) / t if t else float("nan"))
         if self.info.is_main:
-            result.losses = step_losses(self.log_path)
+            result.losses = runlog.step_losses(self.log_path)
             self._log({"event": "end", "step": self.step, "samples_per_s": result.samples_per_s,
                        "tokens_per_s": result.tokens_per_s})
         return result
@@ -485,9 +439,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
     run = Path(run_dir)
     cfg = load_run_config(run)
     if checkpoint is None:
-        ckpt = checkpointing.latest_checkpoint(run / CHECKPOINT_DIR)
+        ckpt = checkpointing.latest_checkpoint(run / runlog.CHECKPOINT_DIR)
         if ckpt is None:
-            raise FileNotFoundError(f"run {run} has no complete checkpoint in {run / CHECKPOINT_DIR}")
+            raise FileNotFoundError(f"run {run} has no complete checkpoint in {run / runlog.CHECKPOINT_DIR}")
     else:
         ckpt = Path(checkpoint)
     pipe = load_base_pipeline(cfg)

@@ -2,9 +2,10 @@
 
     infinitystar train-vae vae_train.toml          # or: python -m infinitystar.cli train-vae vae_train.toml
 
-    from infinitystar.config import VAETrainConfig
+    from infinitystar.train.config import VAEDataConfig, VAEModelConfig, VAETrainConfig, VAETrainingConfig
     from infinitystar.train.vae_trainer import train_vae
-    result = train_vae(VAETrainConfig(vae_preset="tiny-test", data=("clips/",), steps=2000))
+    result = train_vae(VAETrainConfig(model=VAEModelConfig(vae_preset="tiny-test"),
+                                      data=VAEDataConfig(paths=("clips/",)), training=VAETrainingConfig(steps=2000)))
 
 One process, or several under ``torchrun`` (data parallel: ``DistributedDataParallel`` averages the
 gradients; ``batch_size`` is per process, rank r trains on slice r of the step's ``batch_size * world``
@@ -29,23 +30,20 @@ quantizer with the same residual algorithm as inference (spec 6.7). Choices of o
 * The training quantizer uses the inference layout (first frame alone, then 20-latent-frame clips;
   identical to the reference's training grouping up to 81 frames) and a scale ladder ending at the
   clip's latent size (``training_schedule``); for square latents it is the official 1:1 ladder.
-* Checkpoints are single ``torch.save`` files of plain state dicts (loadable with
-  ``weights_only=True``), written to a temp file and ``os.replace``-d; resuming restores model,
-  optimizers, step and RNG, and because batches are a function of (seed, step) the resumed run
-  continues exactly as an uninterrupted one would.
+* Checkpoints are the transformer trainer's (``train.checkpointing``: DCP folders written atomically, the
+  newest ``checkpoint.keep_last_k`` kept); resuming restores model, optimizers, step and RNG, and because
+  batches are a function of (seed, step) the resumed run continues exactly as an uninterrupted one would.
 
-Outputs in ``out_dir``: ``vae_train_config.json``, ``log.jsonl`` (one JSON object per logged step:
-losses, batch PSNR, lr, grad norm, seconds per step; ``eval_psnr`` when evaluated),
-``checkpoints/step_XXXXXXXX.pt`` and the final ``vae.safetensors`` (``checkpoints.load_vae`` reads it).
+Outputs in ``out_dir`` (the run folder of ``train.runlog``, as the transformer trainer's): ``train_config.json``,
+``train_log.jsonl`` (one JSON object per logged step: losses, batch PSNR, lr, grad norm, seconds per step;
+``eval_psnr`` when evaluated), ``checkpoints/step_XXXXXXXX/`` and the final ``vae.safetensors``
+(``checkpoints.load_vae`` reads it).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,23 +53,34 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from infinitystar.checkpoints import load_state_dict_strict, load_vae, save_vae, torch_load_weights_only
-from infinitystar.config import ConfigError, QuantizerConfig, VAETrainConfig, config_to_dict, get_preset
-from infinitystar.fileio import atomic_output, atomic_write_text
-from infinitystar.schedules import BASE_LEVELS, FRAMES_INNER_CLIP, parse_repetition, scale_repetitions
-from infinitystar.schedules import video_scale_schedule as _video_schedule
-from infinitystar.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
+from infinitystar.checkpoints import load_vae, save_vae
+from infinitystar.config import ConfigError, QuantizerConfig, get_preset
+from infinitystar.generation.schedules import (
+    BASE_LEVELS,
+    FRAMES_INNER_CLIP,
+    Scale,
+    parse_repetition,
+    scale_repetitions,
+    scales_per_clip,
+)
+from infinitystar.generation.schedules import video_scale_schedule as _video_schedule
+from infinitystar.train import checkpointing, runlog
+from infinitystar.train.config import VAETrainConfig, config_to_dict
+from infinitystar.train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    apply_ddp,
+    barrier,
+    broadcast_object,
+    init_distributed,
+)
 from infinitystar.train.vae_data import ClipDataset, MediaClipDataset, list_media
 from infinitystar.train.vae_losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, psnr, structural_loss
-from infinitystar.vae.bsq import bsq_aux_losses, bsq_quantize
+from infinitystar.vae.bsq import bsq_aux_losses
 from infinitystar.vae.model import VideoVAE
-from infinitystar.vae.multiscale import DOWN_MODE, UP_MODE, build_steps, resample_channels_space
-
-Scale = tuple[int, int, int]
-CHECKPOINT_FORMAT = "infinitystar-vae-train"
-_CKPT_NAME = re.compile(r"^step_(\d{8})\.pt$")
-
+from infinitystar.vae.multiscale import encode_to_bits
 
 # ---------------------------------------------------------------------------------------------
 # Training-time multi-scale quantization
@@ -113,9 +122,9 @@ class QuantizedLatent:
 class TrainingQuantizer:
     """Multi-scale residual BSQ of a latent, differentiable by the straight-through estimator.
 
-    Same algorithm as ``vae.multiscale.encode_to_bits`` (per clip: residual -> area-resample to
-    (bits, h, w) -> BSQ -> trilinear back -> accumulate), with the BSQ auxiliary losses of every step's
-    residual. ``repetition`` gives the repeats per scale of a clip pyramid (None = 1 each).
+    The quantizer of generation and feature extraction (``vae.multiscale.encode_to_bits`` with the running sum held
+    constant between steps), plus the BSQ auxiliary losses of every step's residual. ``repetition`` gives the
+    repeats per scale of a clip pyramid (None = 1 each).
 
     ``gradient``: "identity" passes the decoder's gradient to the latent unchanged (``z + (codes - z).detach()``);
     "residual" sums each step's straight-through BSQ output ``v + (sign(v)/sqrt(d) - v).detach()`` (v the
@@ -138,11 +147,11 @@ class TrainingQuantizer:
     def schedule(self, latent_shape: Sequence[int]) -> tuple[list[Scale], list[int]]:
         t, h, w = (int(v) for v in latent_shape[-3:])
         sched = training_schedule(t, h, w, self.frames_inner_clip)
-        k = per_clip_count(sched)
+        k = scales_per_clip(sched)
         reps = [1] * k if self.repetition is None else self.repetition
         if len(reps) != k:
-            raise ConfigError(f"quant_repetition has {len(reps)} entries but a {h}x{w} latent has {k} scales per "
-                              f"clip {[s[1:] for s in sched[:k]]}")
+            raise ConfigError(f"quantizer.repetition has {len(reps)} entries but a {h}x{w} latent has {k} scales "
+                              f"per clip {[s[1:] for s in sched[:k]]}")
         return sched, scale_repetitions(sched, reps, reps)
 
     def __call__(self, latent_BCThw: Tensor) -> QuantizedLatent:
@@ -150,51 +159,19 @@ class TrainingQuantizer:
         if z.shape[1] != self.config.embed_dim:
             raise ValueError(f"latent has {z.shape[1]} channels, the quantizer expects {self.config.embed_dim}")
         sched, reps = self.schedule(z.shape)
-        steps = build_steps(sched, reps, self.config, self.frames_inner_clip)
-        _, _, _, hh, ww = z.shape
-        residual_grad = self.gradient == "residual"
-        clip_sums: list[Tensor] = []
-        aux_terms, commits, penalties = [], [], []
-        acc: Tensor | None = None
-        st_acc: Tensor | None = None  # "residual": the same sum, carrying every step's straight-through gradient
-        target: Tensor | None = None
+        # Each step's residual (the BSQ input) reaches z through the clip's latent only: the sum is held constant.
+        enc = encode_to_bits(z, sched, reps, self.config, frames_inner_clip=self.frames_inner_clip, return_lfq=True,
+                             detach_sum=True)
+        assert enc.lfq_inputs is not None
         with torch.autocast(device_type=z.device.type, enabled=False):
-            for step in steps:
-                if acc is None:
-                    target = z[:, :, step.frame_ss:step.frame_ee]
-                    acc = torch.zeros_like(target).detach()
-                    st_acc = torch.zeros_like(acc)
-                assert target is not None
-                _, h, w = step.scale
-                # The running sum is a constant here: gradients reach z through `target` only.
-                residual = resample_channels_space(target - acc, step.bits, h, w, DOWN_MODE)
-                aux = bsq_aux_losses(residual, commitment_weight=self.commitment_weight,
-                                     entropy_weight=self.entropy_weight)
-                aux_terms.append(aux.aux)
-                commits.append(aux.commitment)
-                penalties.append(aux.entropy_penalty)
-                q = bsq_quantize(residual if residual_grad else residual.detach()).quantized
-                up = resample_channels_space(q, z.shape[1], hh, ww, UP_MODE)
-                acc = acc + up.detach()
-                if residual_grad:
-                    st_acc = st_acc + up
-                if step.ends_clip:
-                    clip_sums.append(st_acc if residual_grad else acc)
-                    acc = None
-        summed = torch.cat(clip_sums, dim=2)
-        codes = summed if residual_grad else z + (summed - z).detach()
-        return QuantizedLatent(codes=codes.to(latent_BCThw.dtype), aux=torch.stack(aux_terms).mean(),
-                               commitment=torch.stack(commits).mean(), entropy_penalty=torch.stack(penalties).mean(),
-                               num_steps=len(steps))
-
-
-def per_clip_count(schedule: Sequence[Scale]) -> int:
-    """Scales of the first-frame pyramid (= scales per clip): up to and including the first full-size one."""
-    full = schedule[-1][1:]
-    for i, s in enumerate(schedule):
-        if s[1:] == full:
-            return i + 1
-    return len(schedule)
+            aux = [bsq_aux_losses(r, commitment_weight=self.commitment_weight, entropy_weight=self.entropy_weight)
+                   for r in enc.lfq_inputs]
+        summed = enc.summed_codes
+        codes = summed if self.gradient == "residual" else z + (summed - z).detach()
+        return QuantizedLatent(codes=codes.to(latent_BCThw.dtype), aux=torch.stack([a.aux for a in aux]).mean(),
+                               commitment=torch.stack([a.commitment for a in aux]).mean(),
+                               entropy_penalty=torch.stack([a.entropy_penalty for a in aux]).mean(),
+                               num_steps=len(enc.steps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,12 +180,13 @@ def per_clip_count(schedule: Sequence[Scale]) -> int:
 
 def build_vae(config: VAETrainConfig) -> VideoVAE:
     """The VAE to train: the preset's architecture, with ``init_checkpoint``'s weights if given."""
-    if config.init_checkpoint is not None:
-        arch = get_preset("vae", config.vae_preset) if config.vae_preset is not None else None
-        model = load_vae(config.init_checkpoint, arch)
+    m = config.model
+    if m.init_checkpoint is not None:
+        arch = get_preset("vae", m.vae_preset) if m.vae_preset is not None else None
+        model = load_vae(m.init_checkpoint, arch)
     else:
-        assert config.vae_preset is not None  # VAETrainConfig guarantees one of the two
-        model = VideoVAE(get_preset("vae", config.vae_preset))
+        assert m.vae_preset is not None  # VAEModelConfig guarantees one of the two
+        model = VideoVAE(get_preset("vae", m.vae_preset))
     return model.float().train().requires_grad_(True)
 
 
@@ -263,12 +241,8 @@ def reconstruct(model: VideoVAE, video: Tensor, quantizer: TrainingQuantizer | N
 
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of the training checkpoints in ``out_dir/checkpoints``, oldest first."""
-    root = Path(out_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT_NAME.match(p.name))]
-    return sorted(found)
+    """(step, folder) of the complete training checkpoints in ``out_dir/checkpoints``, oldest first."""
+    return checkpointing.complete_checkpoints(Path(out_dir) / runlog.CHECKPOINT_DIR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,124 +266,110 @@ class VAETrainer:
         self.config = cfg = config
         self.out_dir = Path(cfg.out_dir)
         # torchrun's environment -> a process group (gloo on CPU, nccl on CUDA); none in a single process.
-        self.info = info if info is not None else init_distributed(cfg.device)
+        self.info = info if info is not None else init_distributed(cfg.parallelism.device)
         self.device = self.info.device
         if dataset is None:
-            if not cfg.data:
-                raise ConfigError("VAETrainConfig.data is empty and no dataset was given")
-            dataset = self._media_dataset(cfg.data)
+            if not cfg.data.paths:
+                raise ConfigError("data.paths is empty and no dataset was given")
+            dataset = self._media_dataset(cfg.data.paths)
         self.dataset = dataset
-        if eval_dataset is None and cfg.eval_data:
-            eval_dataset = self._media_dataset(cfg.eval_data)
+        if eval_dataset is None and cfg.data.eval_paths:
+            eval_dataset = self._media_dataset(cfg.data.eval_paths)
         self.eval_dataset = eval_dataset
         self._eval_clips: list[Tensor] | None = None
 
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)  # weight initialisation (random-init runs)
+        if cfg.parallelism.threads is not None:
+            torch.set_num_threads(cfg.parallelism.threads)
+        torch.manual_seed(cfg.training.seed)  # weight initialisation (random-init runs)
         self.model = build_vae(cfg).to(self.device)
-        if cfg.train_decoder_only:
+        if cfg.model.train_decoder_only:
             freeze_encoder_side(self.model)
-        if cfg.channels_last:
+        if cfg.model.channels_last:
             to_channels_last(self.model)
-        self.quantizer = (TrainingQuantizer(get_preset("quantizer", cfg.quantizer_preset), cfg.quant_repetition,
-                                            commitment_weight=cfg.commitment_weight,
-                                            entropy_weight=cfg.entropy_weight, gradient=cfg.quant_gradient,
-                                            frames_inner_clip=cfg.quant_frames_inner_clip)
-                          if cfg.quantize else None)
+        q = cfg.quantizer
+        self.quantizer = (TrainingQuantizer(get_preset("quantizer", q.preset), q.repetition,
+                                            commitment_weight=cfg.loss.commitment_weight,
+                                            entropy_weight=cfg.loss.entropy_weight, gradient=q.gradient,
+                                            frames_inner_clip=q.frames_inner_clip)
+                          if q.enabled else None)
         if self.quantizer is not None and self.quantizer.config.embed_dim != self.model.config.embed_dim:
-            raise ConfigError(f"quantizer preset {cfg.quantizer_preset!r} has embed_dim "
+            raise ConfigError(f"quantizer preset {q.preset!r} has embed_dim "
                               f"{self.quantizer.config.embed_dim}, the VAE's latent has {self.model.config.embed_dim}")
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
-                                           betas=cfg.betas, weight_decay=cfg.weight_decay)
+        opt = cfg.optimizer
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=opt.lr,
+                                           betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
         self.disc: PatchDiscriminator | None = None
         self.disc_optimizer: torch.optim.Optimizer | None = None
-        if cfg.gan_weight > 0:
-            self.disc = PatchDiscriminator(self.model.config.out_channels, cfg.disc_channels,
-                                           cfg.disc_layers).to(self.device)
-            self.disc_optimizer = torch.optim.AdamW(self.disc.parameters(), lr=cfg.disc_lr or cfg.lr,
-                                                    betas=cfg.betas, weight_decay=cfg.weight_decay)
-        # What the step runs: the plain modules in one process, DDP wrappers (rank 0's initial weights
-        # broadcast, gradients averaged over ranks in backward) under torchrun.
-        self.recon: nn.Module = _Reconstruction(self.model, self.quantizer, cfg.train_decoder_only)
-        self.disc_step: nn.Module | None = self.disc
-        if self.info.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # find_unused_parameters: proj_down_two/proj_up_two are kept for the official key names but never
-            # run, so they get no gradient; gradient_as_bucket_view spares a copy of every gradient.
-            self.recon = DistributedDataParallel(self.recon, device_ids=ids, find_unused_parameters=True,
-                                                 gradient_as_bucket_view=True)
-            if self.disc is not None:
-                self.disc_step = DistributedDataParallel(self.disc, device_ids=ids)
+        gan = cfg.discriminator
+        if gan.weight > 0:
+            self.disc = PatchDiscriminator(self.model.config.out_channels, gan.channels, gan.layers).to(self.device)
+            self.disc_optimizer = torch.optim.AdamW(self.disc.parameters(), lr=gan.lr or opt.lr, betas=opt.betas,
+                                                    eps=opt.eps, weight_decay=opt.weight_decay)
+        # What the step runs: the plain modules in one process, DDP wrappers under torchrun. find_unused_parameters:
+        # proj_down_two/proj_up_two are kept for the official key names but never run, so they get no gradient.
+        self.recon = apply_ddp(_Reconstruction(self.model, self.quantizer, cfg.model.train_decoder_only), self.info,
+                               find_unused_parameters=True)
+        self.disc_step = apply_ddp(self.disc, self.info) if self.disc is not None else None
         self.step = 0
 
     def _media_dataset(self, sources: Sequence[str]) -> MediaClipDataset:
-        cfg = self.config
-        return MediaClipDataset(list_media(sources), num_frames=cfg.num_frames, fps=cfg.fps, height=cfg.height,
-                                width=cfg.width, cache_decoded=cfg.cache_decoded)
+        d = self.config.data
+        return MediaClipDataset(list_media(sources), num_frames=d.num_frames, fps=d.fps, height=d.height,
+                                width=d.width, cache_decoded=d.cache_decoded)
 
     # --- schedule and data ---------------------------------------------------------------------
-
-    def lr_at(self, step: int) -> float:
-        cfg = self.config
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return cfg.lr
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
     def batch(self, step: int) -> Tensor:
         """This rank's clips of step ``step`` (B, 3, T, H, W): slice ``rank`` of the ``B * world`` clips drawn
         from a generator seeded by (seed, step) alone."""
-        rng = np.random.default_rng([self.config.seed, step])
-        b, rank = self.config.batch_size, self.info.rank
+        rng = np.random.default_rng([self.config.training.seed, step])
+        b, rank = self.config.training.batch_size, self.info.rank
         clips = [self.dataset.sample(rng) for _ in range(b * self.info.world_size)][rank * b:(rank + 1) * b]
         shapes = {tuple(c.shape) for c in clips}
-        want = (3, self.config.num_frames, self.config.height, self.config.width)
+        d = self.config.data
+        want = (3, d.num_frames, d.height, d.width)
         if shapes != {want}:
             raise ValueError(f"the dataset returned clips of shape {sorted(shapes)}, expected {want}")
         x = torch.stack(clips).to(self.device)
-        return x.contiguous(memory_format=torch.channels_last_3d) if self.config.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last_3d) if self.config.model.channels_last else x
 
     def _gan_active(self, step: int) -> bool:
-        return self.disc is not None and step >= self.config.gan_start_step
+        return self.disc is not None and step >= self.config.discriminator.start_step
 
     # --- one step --------------------------------------------------------------------------------
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg, model = self.config, self.model
+        losses, opt = cfg.loss, cfg.optimizer
         t0 = time.perf_counter()
         x = self.batch(step)
-        lr = self.lr_at(step)
+        lr = opt.lr_at(step, cfg.training.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         model.train()
         x_hat, aux, commit, penalty = self.recon(x)
         zero = x_hat.new_zeros(())
         diff = x_hat - x
-        if cfg.foreground_weight > 0:
-            weight = 1 + cfg.foreground_weight * (x.amax(1, keepdim=True) > cfg.foreground_threshold).to(x.dtype)
+        if losses.foreground_weight > 0:
+            weight = 1 + losses.foreground_weight * (x.amax(1, keepdim=True) > losses.foreground_threshold).to(x.dtype)
             l1 = (weight * diff.abs()).mean()
             l2 = (weight * diff.pow(2)).mean()
         else:
             l1 = diff.abs().mean()
             l2 = diff.pow(2).mean()
-        perc = structural_loss(x_hat, x) if cfg.perceptual_weight > 0 else zero
-        loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.perceptual_weight * perc + aux
+        perc = structural_loss(x_hat, x) if losses.perceptual_weight > 0 else zero
+        loss = losses.l1_weight * l1 + losses.l2_weight * l2 + losses.perceptual_weight * perc + aux
         gan_active = self._gan_active(step)
         g_loss = zero
         if gan_active:
             assert self.disc is not None
             self.disc.requires_grad_(False)
             g_loss = hinge_g_loss(self.disc(x_hat))
-            loss = loss + cfg.gan_weight * g_loss
+            loss = loss + cfg.discriminator.weight * g_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, opt.grad_clip) if opt.grad_clip > 0
                      else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
         self.optimizer.step()
         d_loss = zero
@@ -417,15 +377,15 @@ class VAETrainer:
             assert self.disc is not None and self.disc_optimizer is not None
             self.disc.requires_grad_(True)
             for group in self.disc_optimizer.param_groups:
-                group["lr"] = (cfg.disc_lr or cfg.lr) * lr / cfg.lr
+                group["lr"] = (cfg.discriminator.lr or opt.lr) * lr / opt.lr
             # One forward of real and fake together: a DDP module runs one forward per backward.
             assert self.disc_step is not None
             logits_real, logits_fake = self.disc_step(torch.cat([x, x_hat.detach()])).chunk(2)
             d_loss = hinge_d_loss(logits_real, logits_fake)
             self.disc_optimizer.zero_grad(set_to_none=True)
             d_loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.grad_clip)
+            if opt.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.disc.parameters(), opt.grad_clip)
             self.disc_optimizer.step()
         names = ("loss", "l1", "l2", "perceptual", "gan_g", "gan_d", "bsq_aux", "commitment", "entropy_penalty",
                  "psnr")
@@ -433,8 +393,8 @@ class VAETrainer:
         # Metrics are means over ranks (the gradient norm is already the all-reduced one's).
         world = self.info.world_size
         means = [v / world for v in all_reduce_sum([v.item() for v in values], self.info)]
-        return {"step": step + 1, **dict(zip(names, means)), "lr": lr, "grad_norm": grad_norm.item(),
-                "sec": time.perf_counter() - t0}
+        return {"event": "step", "step": step + 1, **dict(zip(names, means)), "lr": lr,
+                "grad_norm": grad_norm.item(), "step_time_s": time.perf_counter() - t0}
 
     # --- evaluation ------------------------------------------------------------------------------
 
@@ -442,8 +402,8 @@ class VAETrainer:
         if self.eval_dataset is None:
             return []
         if self._eval_clips is None:
-            rng = np.random.default_rng([self.config.seed, 0x5EED_E7A1])
-            self._eval_clips = [self.eval_dataset.sample(rng) for _ in range(self.config.eval_clips)]
+            rng = np.random.default_rng([self.config.training.seed, 0x5EED_E7A1])
+            self._eval_clips = [self.eval_dataset.sample(rng) for _ in range(self.config.data.eval_clips)]
         return self._eval_clips
 
     @torch.no_grad()
@@ -459,47 +419,33 @@ class VAETrainer:
             return None
         self.model.eval()
         values = []
-        for i in range(0, len(clips), self.config.batch_size):
-            x = torch.stack(clips[i:i + self.config.batch_size]).to(self.device)
+        b = self.config.training.batch_size
+        for i in range(0, len(clips), b):
+            x = torch.stack(clips[i:i + b]).to(self.device)
             values.append(psnr(reconstruct(self.model, x, self.quantizer), x, reduction="none"))
         self.model.train()
         return float(torch.cat(values).mean())
 
     # --- checkpoints -----------------------------------------------------------------------------
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT, "step": self.step,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "discriminator": self.disc.state_dict() if self.disc is not None else None,
-            "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer is not None else None,
-            "rng": {"torch": torch.get_rng_state()},
-            "config": json.dumps(config_to_dict(self.config)),
-        }
+    def _parts(self) -> checkpointing.Parts:
+        """What a checkpoint holds beside the VAE and its optimizer: the discriminator and its optimizer, if any."""
+        return {"discriminator": (self.disc, self.disc_optimizer)} if self.disc is not None else {}
 
     def save_checkpoint(self) -> Path:
-        """Rank 0 writes the checkpoint (every rank holds the same weights and optimizer state); all wait."""
-        path = self.out_dir / "checkpoints" / f"step_{self.step:08d}.pt"
-        if self.info.is_main:
-            with atomic_output(path) as tmp:
-                torch.save(self.checkpoint_state(), tmp)
-            for _, old in list_checkpoints(self.out_dir)[:-self.config.keep_last_k]:
-                old.unlink(missing_ok=True)
-        barrier(self.info)
+        """Collective: a DCP checkpoint (``train.checkpointing``, as the transformer trainer's) of the model,
+        optimizers, step and RNG states; every rank holds the same replicated state, written once."""
+        path = checkpointing.save_checkpoint(
+            self.out_dir / runlog.CHECKPOINT_DIR, self.step, self.info, self.model, self.optimizer,
+            extra={"config": config_to_dict(self.config)}, keep_last_k=self.config.checkpoint.keep_last_k,
+            parts=self._parts())
+        self._log({"event": "checkpoint", "step": self.step, "path": str(path)})
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        state = torch_load_weights_only(path)
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a VAE training checkpoint (format {CHECKPOINT_FORMAT!r})")
-        load_state_dict_strict(self.model, state["model"], "VideoVAE of this config", source=str(path))
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.disc is not None and state.get("discriminator") is not None:
-            self.disc.load_state_dict(state["discriminator"])
-            assert self.disc_optimizer is not None
-            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.step = int(state["step"])
+        """Collective: restore the model, optimizers, RNG states and step of a checkpoint folder."""
+        record = checkpointing.load_checkpoint(path, self.info, self.model, self.optimizer, parts=self._parts())
+        self.step = int(record["step"])
 
     @property
     def export_path(self) -> Path:
@@ -514,59 +460,58 @@ class VAETrainer:
 
     # --- the loop --------------------------------------------------------------------------------
 
-    def _log(self, record: dict[str, float]) -> None:
-        if not self.info.is_main:
-            return
-        with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-
-    def _truncate_log(self, step: int) -> None:
-        """Drop log lines of steps after ``step`` (a resumed run will log them again)."""
-        log = self.out_dir / "log.jsonl"
-        if not self.info.is_main or not log.is_file():
-            return
-        kept = []
-        for line in log.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                kept.append(line)
-        atomic_write_text(log, "".join(ln + "\n" for ln in kept))
-
-    def run(self) -> TrainResult:
-        from tqdm.auto import tqdm
-
-        cfg = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        found = list_checkpoints(self.out_dir)
-        if cfg.resume and found:
-            self.load_checkpoint(found[-1][1])
-            self._truncate_log(self.step)
+    def _log(self, record: dict[str, Any]) -> None:
         if self.info.is_main:
-            atomic_write_text(self.out_dir / "vae_train_config.json",
-                              json.dumps(config_to_dict(self.config), indent=2))
+            runlog.append_record(self.out_dir / runlog.LOG_FILE, record)
+
+    def _resume(self, resume: str) -> None:
+        """``"auto"``: the newest checkpoint of ``out_dir`` if any; ``"none"``: start fresh (older checkpoints are
+        overwritten step by step); else a checkpoint folder. Step records after the checkpoint's step are dropped
+        from the log: the resumed run logs them again."""
+        if resume == "none":
+            return
+        if resume == "auto":
+            found = list_checkpoints(self.out_dir)
+            if not found:
+                return
+            path = found[-1][1]
+        else:
+            path = Path(resume)
+        self.load_checkpoint(path)
+        if self.info.is_main:
+            runlog.drop_steps_after(self.out_dir / runlog.LOG_FILE, self.step)
+        self._log({"event": "resume", "step": self.step, "checkpoint": str(path)})
+
+    def run(self, *, resume: str = "auto", progress: bool = True) -> TrainResult:
+        cfg = self.config
+        steps = cfg.training.steps
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._resume(resume)
+        if self.info.is_main:
+            runlog.write_config(self.out_dir, config_to_dict(cfg))
         barrier(self.info)  # no rank starts before every rank has read the same checkpoint
-        history: list[dict[str, float]] = []
+        self._log({"event": "start", "step": self.step, "world_size": self.info.world_size, "device": str(self.device),
+                   "parameters": sum(p.numel() for p in self.model.parameters()),
+                   "global_batch": cfg.training.batch_size * self.info.world_size})
+        history: list[dict[str, Any]] = []
         eval_psnr = None
-        bar = tqdm(total=cfg.steps, initial=min(self.step, cfg.steps),
-                   disable=not cfg.progress or not self.info.is_main, desc="train-vae", dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=min(self.step, steps), disable=not progress or not self.info.is_main,
+                   desc="train-vae", dynamic_ncols=True)
         try:
-            while self.step < cfg.steps:
+            while self.step < steps:
                 record = self.train_step(self.step)
                 self.step += 1
                 history.append(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.2f}")
-                final = self.step == cfg.steps
-                if cfg.eval_every and self.step % cfg.eval_every == 0 or final:
+                final = self.step == steps
+                if cfg.data.eval_every and self.step % cfg.data.eval_every == 0 or final:
                     eval_psnr = self.evaluate()
                     if eval_psnr is not None:
                         record["eval_psnr"] = eval_psnr
-                if self.step % cfg.log_every == 0 or final or "eval_psnr" in record:
+                if self.step % cfg.logging.every == 0 or final or "eval_psnr" in record:
                     self._log(record)
-                if self.step % cfg.checkpoint_every == 0 or final:
+                if self.step % cfg.checkpoint.every == 0 or final:
                     self.save_checkpoint()
         finally:
             bar.close()
@@ -574,19 +519,21 @@ class VAETrainer:
             eval_psnr = self.evaluate()
         if self.info.is_main:
             self.export()
+        self._log({"event": "end", "step": self.step, "export": str(self.export_path)})
         barrier(self.info)
         return TrainResult(model=self.model, step=self.step, export_path=self.export_path, history=history,
                            eval_psnr=eval_psnr)
 
 
-def train_vae(config: VAETrainConfig, dataset: ClipDataset | None = None,
-              eval_dataset: ClipDataset | None = None) -> TrainResult:
+def train_vae(config: VAETrainConfig, dataset: ClipDataset | None = None, eval_dataset: ClipDataset | None = None,
+              *, resume: str = "auto", progress: bool = True) -> TrainResult:
     """Train (or resume, or fine-tune) a VAE as ``config`` says; returns the trained model and the export path.
 
     ``dataset``/``eval_dataset`` (objects with ``sample(rng) -> (3, T, H, W)`` tensors) replace
-    ``config.data``/``config.eval_data``, e.g. a procedural generator.
+    ``config.data.paths``/``config.data.eval_paths``, e.g. a procedural generator. ``resume`` as the transformer
+    trainer's: ``"auto"``, ``"none"`` or a checkpoint.
     """
-    return VAETrainer(config, dataset, eval_dataset).run()
+    return VAETrainer(config, dataset, eval_dataset).run(resume=resume, progress=progress)
 
 
 __all__ = [

@@ -159,10 +159,6 @@ class InfinityStarTransformer(nn.Module):
             out = nn.functional.linear(h, head.weight.float(), head.bias.float() if head.bias is not None else None)
         return out.unflatten(-1, (-1, 2))
 
-    def semantic_at_step(self, scale_index: int, scales_per_clip: int) -> bool:
-        """Inference head rule: semantic iff ``scale_index % scales_per_clip < semantic_scales``."""
-        return scale_index % scales_per_clip < self.cfg.semantic_scales
-
     # ------------------------------------------------------------------ training
 
     def forward_packed(

@@ -23,8 +23,6 @@ from collections.abc import Sequence
 
 import torch
 
-Scale = tuple[int, int, int]
-
 
 def inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     """The shared per-axis inverse frequencies, ``[head_dim // 8]`` float32."""

@@ -25,10 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import TransformerConfig
-from ..schedules import clip_layout
+from ..generation.schedules import Scale, clip_layout, uses_detail_lfq
 from .rope import pad_table, rope_table, text_positions, visual_positions
-
-Scale = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -74,11 +72,6 @@ def real_scale_indices(repetitions: Sequence[int], selected_repeat: Sequence[int
         out.append(done + r)
         done += reps
     return out
-
-
-def is_semantic_by_tokens(scale: Sequence[int], detail_scale_min_tokens: int) -> bool:
-    """Training/tokenizer head rule: a scale with fewer than ``detail_scale_min_tokens`` (h*w) tokens is semantic."""
-    return int(scale[1]) * int(scale[2]) < detail_scale_min_tokens
 
 
 @dataclass
@@ -141,7 +134,7 @@ def build_packed_layout(samples: Sequence[PackedSample], cfg: TransformerConfig)
             owner.append(b)
             seg_lengths.append(scale[0] * scale[1] * scale[2])
             scales.append(scale)
-            semantic.append(is_semantic_by_tokens(scale, cfg.detail_scale_min_tokens))
+            semantic.append(not uses_detail_lfq(scale, cfg.detail_scale_min_tokens))  # training's head rule
             full.append(last)
             pos = visual_positions(scale, rsi, info.frame_ss, last[1:], cfg.text_maxlen, cfg.rope_max_frames)
             rope_rows.append(rope_table(pos, cfg.head_dim, cfg.rope_theta))

@@ -21,16 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from infinitystar.config import QuantizerConfig
-from infinitystar.schedules import (
+from infinitystar.generation.schedules import (
     FRAMES_INNER_CLIP,
+    Scale,
     ScalePackInfo,
     clip_layout,
     parse_repetition,
     scale_repetitions,
 )
 from infinitystar.vae.bsq import bits_to_codes, bsq_quantize
-
-Scale = tuple[int, int, int]
 
 # The reference's z_interplote_down / z_interplote_up.
 DOWN_MODE = "area"
@@ -189,6 +188,7 @@ def encode_to_bits(
     return_inputs: bool = False,
     corruptor: BitCorruptor | None = None,
     step_filter: Callable[[StepInfo], bool] | None = None,
+    detach_sum: bool = False,
 ) -> MultiScaleEncoding:
     """Quantize a latent into per-step bit labels (the reference's ``video_encode(..., infer_mode=True)``).
 
@@ -196,6 +196,10 @@ def encode_to_bits(
     step. ``corruptor`` implements bitwise self-correction (see ``train.self_correction``). ``step_filter``
     (optional) says which steps' inputs/BSQ tensors to keep; the bits are always kept. Runs in float32
     with autocast disabled.
+
+    Differentiable (VAE training, ``train.vae_trainer``): BSQ is straight-through, so ``summed_codes`` and the
+    ``lfq_inputs`` carry gradients to the latent. ``detach_sum`` holds the running sum constant where it forms the
+    next residual, so each step's gradient reaches the latent through its own residual only; values are unchanged.
     """
     sched: list[Scale] = [tuple(int(v) for v in s) for s in schedule]  # type: ignore[misc]
     steps = build_steps(sched, repetitions, quantizer_config, frames_inner_clip)
@@ -227,7 +231,8 @@ def encode_to_bits(
             if inputs is not None:
                 inputs.append(area_resize(acc, step.scale) if keep else torch.empty(0))
             _, h, w = step.scale
-            residual = resample_channels_space(target - acc, step.bits, h, w, DOWN_MODE)
+            residual = resample_channels_space(target - (acc.detach() if detach_sum else acc), step.bits, h, w,
+                                               DOWN_MODE)
             out = bsq_quantize(residual)
             bits_out.append(out.bits)
             if lfq_in is not None and lfq_q is not None:

@@ -4,7 +4,7 @@ Everything here works in latent space and owns no I/O: the pipeline encodes prom
 conditioning media, calls these functions, and decodes the summed codes they return.
 
 One loop serves every task. A task is a step plan (which scale, repeat, RoPE position, head,
-temperature each transformer pass uses; see :func:`infinitystar.schedules.build_step_plan`) plus an
+temperature each transformer pass uses; see :mod:`infinitystar.generation.plan`) plus an
 optional list of *forced* bit labels for the leading steps (image-to-video forces the first-frame
 pyramid, video extension the given clips). Per step:
 
@@ -21,26 +21,29 @@ later sample is the reference's.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from .config import QuantizerConfig, SamplingConfig
-from .sampling import advance_like_sample_bits, apply_temperature, guide_logits, sample_bits
-from .schedules import (
-    FRAMES_INNER_CLIP,
-    InteractiveSegmentLayout,
-    Scale,
-    ScaleStep,
-    build_step_plan,
-    scales_per_clip,
+from ..config import QuantizerConfig, SamplingConfig
+from ..transformer.attention import KVCache
+from ..transformer.model import InfinityStarTransformer
+from ..transformer.rope import apply_rope, rope_table, visual_positions
+from ..vae.multiscale import CodeAccumulator, area_resize
+from .plan import StepPlan
+from .sampling import (
+    advance_like_sample_bits,
+    apply_temperature,
+    bit_logits_from_flat,
+    bits_to_scale_grid,
+    guide_logits,
+    sample_bits,
 )
-from .transformer.attention import KVCache
-from .transformer.model import InfinityStarTransformer
-from .transformer.rope import apply_rope, rope_table, visual_positions
-from .vae.multiscale import CodeAccumulator, area_resize
+from .schedules import FRAMES_INNER_CLIP, InteractiveSegmentLayout, Scale, ScaleStep
+
+# Called after every step with (steps done, steps in the plan); the front doors draw it (a tqdm bar, the web page).
+ProgressCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -66,76 +69,8 @@ class GenerationResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# Plans
+# The loop
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """The steps of one generation, plus how far clips past the RoPE range are shifted (see :func:`plan_steps`)."""
-
-    steps: list[ScaleStep]
-    # Clip ids >= this one reuse the positions of the last covered clip (None: every clip is in range).
-    anchored_from_clip: int | None = None
-    # (scale-axis, frame-axis) shift that moves a clip's positions to the previous clip's.
-    clip_shift: tuple[int, int] = (0, 0)
-
-
-def plan_steps(
-    schedule: Sequence[Scale],
-    *,
-    image_repetition: Sequence[int],
-    video_repetition: Sequence[int],
-    semantic_scales: int,
-    detail_scale_min_tokens: int,
-    sampling: SamplingConfig,
-    teacher_forced_scales: int = 0,
-    frames_inner_clip: int = FRAMES_INNER_CLIP,
-    rope_max_frames: int | None = None,
-) -> StepPlan:
-    """The step plan of ``schedule``, with RoPE positions kept inside what the model was trained on.
-
-    For schedules longer than the model's RoPE frame range (long videos by temporal autoregression),
-    every clip past the last covered clip C reuses clip C's RoPE frame offset and scale indices, and
-    the loop moves the cached context of such a clip (the previous clip's last scale) back by one clip
-    by re-rotating its keys (:func:`generate_codes`). Positions never leave the trained range, and every
-    query of a new clip sees its context at the relative offset it was trained with (one clip back), when
-    C >= 2 (clips C-1 and C are both video clips of equal shape). What is not reproduced: the context's
-    deeper-layer keys and values were computed while it sat at clip C's offset from the text, not clip
-    C-1's; and with C = 1 the trained context of clip 1 is the first-frame image, so a video-clip context
-    is an approximation there. Within range the plan is the reference's.
-    """
-    steps = build_step_plan(
-        schedule,
-        image_repetition=image_repetition,
-        video_repetition=video_repetition,
-        semantic_scales=semantic_scales,
-        detail_scale_min_tokens=detail_scale_min_tokens,
-        tau_image=sampling.tau_image,
-        tau_video=sampling.tau_video,
-        teacher_forced_scales=teacher_forced_scales,
-        frames_inner_clip=frames_inner_clip,
-    )
-    if rope_max_frames is None or not steps or steps[-1].frames[1] <= rope_max_frames:
-        return StepPlan(steps)
-    t0 = schedule[0][0]
-    covered_clips = (rope_max_frames - t0) // frames_inner_clip  # video clips whose frames fit in RoPE
-    if covered_clips < 1:
-        raise ValueError(f"the model's RoPE covers {rope_max_frames} latent frames: not one whole video clip of "
-                         f"{frames_inner_clip} frames after the first frame")
-    # RoPE scale index and frame offset of each step of the last covered clip, by (scale-in-clip, repeat).
-    k = scales_per_clip(schedule)
-    anchor = {(s.si % k, s.repeat): (s.rope_scale_index, s.frames[0]) for s in steps if s.clip_id == covered_clips}
-    prev = {(s.si % k, s.repeat): (s.rope_scale_index, s.frames[0]) for s in steps if s.clip_id == covered_clips - 1}
-    last = (k - 1, max(r for (si, r) in anchor if si == k - 1))
-    shift = (anchor[last][0] - prev[last][0], anchor[last][1] - prev[last][1]) if last in prev else (0, 0)
-    out = []
-    for s in steps:
-        if s.clip_id > covered_clips:
-            rope_si, frame_ss = anchor[(s.si % k, s.repeat)]
-            s = replace(s, rope_scale_index=rope_si, frames=(frame_ss, frame_ss + s.scale[0]))
-        out.append(s)
-    return StepPlan(out, anchored_from_clip=covered_clips + 1, clip_shift=shift)
 
 
 def _later_references(steps: Sequence[ScaleStep]) -> list[set[int]]:
@@ -146,11 +81,6 @@ def _later_references(steps: Sequence[ScaleStep]) -> list[set[int]]:
         needed[i] = set(acc)
         acc |= set(steps[i].ref_sids)
     return needed
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------------
 
 
 def _tokens(x_B64thw: Tensor) -> Tensor:
@@ -179,13 +109,11 @@ def _sample_step(logits_Bnd2: Tensor, step: ScaleStep, sampling: SamplingConfig,
     branches = apply_temperature(logits_Bnd2, step.tau)
     if sampling.uses_guidance:
         flat = guide_logits(branches.flatten(-2), sampling.guidance_scale,
-                            sampling.guidance, sampling.apg_norm_threshold)  # type: ignore[arg-type]
-        logits = flat.unflatten(-1, (-1, 2))
+                            sampling.guidance_method, sampling.apg_norm_threshold)  # type: ignore[arg-type]
+        logits = bit_logits_from_flat(flat)
     else:
         logits = branches[0:1]
-    bits = sample_bits(logits, generator)
-    t, h, w = step.scale
-    return bits.reshape(1, t, h, w, bits.shape[-1]), logits, branches
+    return bits_to_scale_grid(sample_bits(logits, generator), step.scale), logits, branches
 
 
 def _skip_draw(model: InfinityStarTransformer, step: ScaleStep, generator: torch.Generator | None,
@@ -219,7 +147,7 @@ def generate_codes(
     on_step: Callable[[StepEvent], None] | None = None,
     on_clip: Callable[[int, Tensor], None] | None = None,
     keep_bits: bool = False,
-    progress: bool = True,
+    on_progress: ProgressCallback | None = None,
 ) -> GenerationResult:
     """Run the autoregressive loop over ``steps`` and return the summed codes.
 
@@ -229,7 +157,7 @@ def generate_codes(
     is drawn on every step as the reference draws it, so both settings give the same bits.
     ``extra_context`` are cache ids every step attends besides its references and the text (the
     interactive conditions); pass a ``cache`` that already holds them. ``on_clip(clip_id, codes)`` is
-    called as each clip's codes are complete (for streaming).
+    called as each clip's codes are complete (for streaming); ``on_progress(done, total)`` after every step.
     """
     if not isinstance(plan, StepPlan):
         plan = StepPlan(list(plan))
@@ -251,7 +179,7 @@ def generate_codes(
     kept_bits: list[Tensor] = []
     peak = cache.nbytes()
     clips_done = 0
-    for i, step in enumerate(tqdm(steps, desc="scales", disable=not progress, leave=False)):
+    for i, step in enumerate(steps):
         forced = i < len(forced_bits)
         store_as = step.si if (step.is_last_repeat and step.si in later[i]) else None
         logits = branches = None
@@ -279,6 +207,8 @@ def generate_codes(
             on_step(StepEvent(i, step, bits, logits, forced, branches))
         if keep_bits:
             kept_bits.append(bits)
+        if on_progress is not None:
+            on_progress(i + 1, len(steps))
         x = acc.add_bits(bits.to(torch.uint8) if bits.dtype != torch.uint8 else bits)
         while len(acc.clip_sums) > clips_done:
             if on_clip is not None:
@@ -386,7 +316,7 @@ def run_interactive_turn(
     *,
     seed: int,
     on_step: Callable[[StepEvent], None] | None = None,
-    progress: bool = True,
+    on_progress: ProgressCallback | None = None,
 ) -> InteractiveTurn:
     """One interactive turn: text pass, the two condition passes, then the clip's steps, each attending
     [text, semantic condition, detail condition, own]; the generator is a fresh one seeded ``seed`` (the
@@ -402,7 +332,8 @@ def run_interactive_turn(
     clip = layout.frames[1] - layout.frames[0]
     result = generate_codes(model, quantizer, text_LC, layout.schedule, plan, repetitions, sampling,
                             generator=generator, frames_inner_clip=clip, cache=cache,
-                            extra_context=(SEMANTIC_CONDITION, DETAIL_CONDITION), on_step=on_step, progress=progress)
+                            extra_context=(SEMANTIC_CONDITION, DETAIL_CONDITION), on_step=on_step,
+                            on_progress=on_progress)
     joined = torch.cat([context_B64THW, result.summed_codes.to(context_B64THW)], dim=2)
     decode_latent = joined[:, :, -layout.decode_latent_frames:]
     return InteractiveTurn(result, decode_latent, decode_latent[:, :, -layout.context_latent_frames:])

@@ -9,13 +9,17 @@ Contents, in reading order (all checked against golden/scale_schedules.json):
 * clip layout: ``clip_layout`` -> ``ScalePackInfo`` (frames, attention references per scale);
 * dynamic-resolution tables: ``base_ladder``, ``h_div_w_templates``, ``nearest_h_div_w_template``,
   ``parse_aspect_ratio``, ``image_scale_schedule``, ``pixel_size``, ``resolution_bucket``,
-  ``pt2scale_schedule``, ``schedule_table``, ``build_scale_schedule`` (any 1 or 16*D+1 frames);
+  ``video_scale_schedule``, ``build_scale_schedule`` (any 1 or 16*D+1 frames);
 * repetitions and heads: ``parse_repetition`` (no eval), ``scale_repetitions``,
-  ``rope_scale_indices``, ``tower_split_index``, ``detail_scale_flags``;
+  ``rope_scale_indices``, ``uses_semantic_head`` / ``uses_detail_lfq`` / ``detail_scale_flags`` (the two
+  semantic/detail rules, stated here only);
+* frame counts: ``latent_frames`` / ``pixel_frames`` (the causal VAE's pixel <-> latent formula, stated here only);
 * the generation loop's step plan: ``build_step_plan`` -> ``ScaleStep``;
-* the interactive turn: ``interactive_segment_layout``;
-* the official modes as data: ``OFFICIAL_MODES`` / ``get_mode`` -> ``InferenceMode``;
-* cost figures: ``plan_cost`` / ``mode_cost``.
+* the interactive turn: ``interactive_layout_for`` -> ``InteractiveSegmentLayout``.
+
+The official settings are the pipeline presets (``config.get_preset("pipeline", ...)``), stated there only;
+tests/test_official_modes.py checks that they reproduce the reference's official modes. The reference's
+whole-table dumps and its cost figures are rebuilt beside the tests (tests/reference_tables.py).
 """
 
 from __future__ import annotations
@@ -57,7 +61,10 @@ def first_full_spatial_size_scale_index(schedule: Sequence[Scale]) -> int:
 
 
 def scales_per_clip(schedule: Sequence[Scale]) -> int:
-    """Number of scales in each clip's pyramid (K): ``first_full_spatial_size_scale_index + 1``."""
+    """Number of scales in each clip's pyramid (K): ``first_full_spatial_size_scale_index + 1``.
+
+    Also the number of first-frame (image) scales: the reference's ``tower_split_index`` and ``scales_in_one_clip``.
+    """
     return first_full_spatial_size_scale_index(schedule) + 1
 
 
@@ -108,10 +115,6 @@ PN_NUM_SCALES: dict[str, int] = {"0.06M": 11, "0.25M": 13, "0.40M": 14, "0.90M":
 SPATIAL_STRIDE = 16  # pixels per latent token along h and w
 TEMPORAL_STRIDE = 4  # pixel frames per latent frame after the causal first frame
 FPS = 16  # frame rate of every official model (training and output)
-LATENT_FRAMES_PER_SECOND = FPS // TEMPORAL_STRIDE  # 4: schedules exist for whole seconds only
-
-SCHEDULE_ELEGANT = "infinity_elegant_clip20frames_v2"  # T2I / T2V / I2V / V2V models
-SCHEDULE_INTERACT = "infinity_star_interact"  # interactive model: identical tables
 
 
 def _round_half_even(x: float) -> int:
@@ -225,11 +228,25 @@ def resolution_bucket(height: int, width: int, pn: str) -> tuple[float, tuple[in
 # ----------------------------------------------------------------------------------------------
 
 
-def latent_frames(num_frames: int) -> int:
-    """Latent frames of a clip of ``num_frames`` pixel frames: 1 + (F - 1) / 4 (causal VAE)."""
-    if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % TEMPORAL_STRIDE:
-        raise ValueError(f"number of pixel frames must be 1 + 4k (1, 5, 9, ..., 81, ...), got {num_frames!r}")
-    return 1 + (num_frames - 1) // TEMPORAL_STRIDE
+def latent_frames(num_pixel_frames: int, time_stride: int = TEMPORAL_STRIDE) -> int:
+    """Latent frames of ``pixel_frames`` pixel frames through the causal VAE: ``1 + (F - 1) / s``.
+
+    The first frame is encoded alone, then every ``time_stride`` frames make one latent frame; F must be
+    ``1 + s*k``. Pass the VAE config's ``time_stride``; the default is the official VAE's.
+    """
+    f = num_pixel_frames
+    if not isinstance(f, int) or f < 1 or (f - 1) % time_stride:
+        raise ValueError(f"number of pixel frames must be 1 + {time_stride}k (1, {1 + time_stride}, "
+                         f"{1 + 2 * time_stride}, ...), got {f!r}")
+    return 1 + (f - 1) // time_stride
+
+
+def pixel_frames(num_latent_frames: int, time_stride: int = TEMPORAL_STRIDE) -> int:
+    """Pixel frames the causal VAE decodes from ``num_latent_frames`` latent frames: ``1 + (T - 1) * s``."""
+    t = num_latent_frames
+    if not isinstance(t, int) or t < 1:
+        raise ValueError(f"latent frame count must be a positive int, got {t!r}")
+    return 1 + (t - 1) * time_stride
 
 
 def video_scale_schedule(
@@ -254,81 +271,16 @@ def video_scale_schedule(
     return out  # type: ignore[return-value]
 
 
-def _table_latent_frames(video_frames: int) -> int:
-    # The reference sizes its tables by ``video_frames // 4 + 1`` and asserts whole 20-frame clips.
-    if (
-        not isinstance(video_frames, int)
-        or video_frames < 1
-        or (video_frames - 1) % (TEMPORAL_STRIDE * FRAMES_INNER_CLIP)
-    ):
-        raise ValueError(f"table video_frames must be 1 + 80k (81 = 5 s, 161 = 10 s, 241, ...), got {video_frames!r}")
-    return latent_frames(video_frames)
-
-
-def pt2scale_schedule(pn: str, h_div_w_template: float, video_frames: int = 81) -> dict[int, list[Scale]]:
-    """The reference's ``pt2scale_schedule``: latent frame count -> full scale list.
-
-    Keys are ``pt = 1`` (image) and every whole second ``pt = 5, 9, ..., video_frames // 4 + 1``;
-    other pt are not in the table (training samples whole seconds).
-    """
-    pt_max = _table_latent_frames(video_frames)
-    image = image_scale_schedule(pn, h_div_w_template)
-    return {
-        pt: video_scale_schedule(image, pt)
-        for pt in [1, *range(1 + LATENT_FRAMES_PER_SECOND, pt_max + 1, LATENT_FRAMES_PER_SECOND)]
-    }
-
-
-def scales_in_one_clip(pn: str) -> int:
-    """Scales per clip pyramid (K) of a pixel budget; the reference's ``image_scales`` as well."""
-    return num_scales_for_pn(pn)
-
-
-def max_video_scales(pn: str, video_frames: int = 81) -> int:
-    """Length of the longest schedule of the table: K x (1 + number of 20-frame clips)."""
-    pt_max = _table_latent_frames(video_frames)
-    return num_scales_for_pn(pn) * (1 + (pt_max - 1) // FRAMES_INNER_CLIP)
-
-
 def visual_tokens(schedule: Sequence[Scale]) -> int:
     """Distinct visual tokens of a schedule (sum of t*h*w, repetitions not counted)."""
     return sum(t * h * w for t, h, w in schedule)
-
-
-def visual_tokens_per_pt(pn: str, h_div_w_template: float, video_frames: int = 81) -> dict[int, int]:
-    """``visual_tokens`` of every schedule of the table, by pt."""
-    return {pt: visual_tokens(s) for pt, s in pt2scale_schedule(pn, h_div_w_template, video_frames).items()}
-
-
-@dataclass(frozen=True)
-class ScheduleTable:
-    """One (video_frames, template, pn) entry of the reference's dynamic-resolution table."""
-
-    pixel: tuple[int, int]
-    scales_in_one_clip: int
-    max_video_scales: int
-    pt2scale_schedule: dict[int, list[Scale]]
-    visual_tokens_per_pt: dict[int, int]
-
-
-def schedule_table(pn: str, h_div_w_template: float, video_frames: int = 81) -> ScheduleTable:
-    """All fields the reference stores for one (video_frames, template, pn)."""
-    table = pt2scale_schedule(pn, h_div_w_template, video_frames)
-    return ScheduleTable(
-        pixel=pixel_size(pn, h_div_w_template),
-        scales_in_one_clip=scales_in_one_clip(pn),
-        max_video_scales=max_video_scales(pn, video_frames),
-        pt2scale_schedule=table,
-        visual_tokens_per_pt={pt: visual_tokens(s) for pt, s in table.items()},
-    )
 
 
 def build_scale_schedule(pn: str, h_div_w_template: float, num_frames: int) -> list[Scale]:
     """The schedule for ``num_frames`` pixel frames: 1 (image) or a whole number of seconds (16*D + 1).
 
     Any whole-second length is accepted (17 = 1 s, 81 = 5 s, 161 = 10 s, 97 = 6 s -> 1 + 20 + 4 latent
-    frames). Note that upstream's generation loop only handles video clips of equal length; a short last
-    clip needs the clean per-clip accumulation grid (``ScaleStep.clip_grid``).
+    frames).
     """
     seconds_frames = FPS  # pixel frames per second
     if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % seconds_frames:
@@ -336,12 +288,6 @@ def build_scale_schedule(pn: str, h_div_w_template: float, num_frames: int) -> l
             f"num_frames must be 1 (image) or 16*seconds + 1 (17, 33, 49, 65, 81, ..., 161, ...), got {num_frames!r}"
         )
     return video_scale_schedule(image_scale_schedule(pn, h_div_w_template), latent_frames(num_frames))
-
-
-def interactive_segment_schedule(pn: str = "0.40M", h_div_w_template: float = 0.562) -> list[Scale]:
-    """One interactive turn: the clip pyramid of the 5 s table, ``pt2scale_schedule[21][K:]`` (K scales (20, h, w))."""
-    image = image_scale_schedule(pn, h_div_w_template)
-    return [(FRAMES_INNER_CLIP, h, w) for _, h, w in image]
 
 
 # ==============================================================================================
@@ -429,33 +375,6 @@ def parse_repetition(spec: str | Sequence[int]) -> list[int]:
     return out
 
 
-def format_repetition(reps: Sequence[int]) -> str:
-    """Compact reference-style string of a repetition list (``[3]*12+[2,1]``); parse_repetition inverts it."""
-    parts: list[str] = []
-    singles: list[int] = []
-    i = 0
-    while i < len(reps):
-        j = i
-        while j < len(reps) and reps[j] == reps[i]:
-            j += 1
-        if j - i > 1:
-            if singles:
-                parts.append(f"[{','.join(map(str, singles))}]")
-                singles = []
-            parts.append(f"[{reps[i]}]*{j - i}")
-        else:
-            singles.append(reps[i])
-        i = j
-    if singles:
-        parts.append(f"[{','.join(map(str, singles))}]")
-    return "+".join(parts)
-
-
-def tower_split_index(schedule: Sequence[Scale]) -> int:
-    """Number of first-frame (image) scales: ``first_full_spatial_size_scale_index + 1`` (= K)."""
-    return first_full_spatial_size_scale_index(schedule) + 1
-
-
 def scale_repetitions(
     schedule: Sequence[Scale], image_repetition: Sequence[int], video_repetition: Sequence[int]
 ) -> list[int]:
@@ -481,23 +400,9 @@ def rope_scale_indices(repetitions: Sequence[int]) -> list[list[int]]:
     return out
 
 
-def rope_scale_table_size(
-    image_repetition: Sequence[int], video_repetition: Sequence[int], max_video_scales: int, margin: int = 10
-) -> int:
-    """Rows the reference allots on the RoPE scale axis after the text: Σimg + Σvid·(video clips) + margin.
-
-    (720p/81 frames: 45 + 40 + 10 = 95.) The interactive model uses a fixed 1000 + 10 because its
-    conditions sit at scale ids 800/801.
-    """
-    k = len(image_repetition)
-    if max_video_scales % k:
-        raise ValueError(f"max_video_scales={max_video_scales} is not a multiple of K={k}")
-    return sum(image_repetition) + sum(video_repetition) * (max_video_scales // k - 1) + margin
-
-
-def uses_semantic_head(si: int, scales_in_clip: int, semantic_scales: int) -> bool:
+def uses_semantic_head(si: int, scales_per_clip: int, semantic_scales: int) -> bool:
     """The transformer's rule: the 16-bit semantic head predicts clip-relative scales ``si % K < semantic_scales``."""
-    return si % scales_in_clip < semantic_scales
+    return si % scales_per_clip < semantic_scales
 
 
 def uses_detail_lfq(scale: Scale, detail_scale_min_tokens: int) -> bool:
@@ -539,11 +444,8 @@ class ScaleStep:
 
     ``rope_scale_index`` is the step's position on the RoPE scale axis (add the text offset, 512 in
     the official model). ``ref_sids`` are the earlier scales whose cached K/V this step attends
-    (besides the text and itself); ``extra_kv_tokens`` counts other cached context tokens (the
-    interactive conditions). Only the last repeat's K/V are cached (``is_last_repeat``).
-    ``clip_grid`` is the (t, H, W) grid the clip's codes accumulate into: the clip's own t at the
-    full spatial size (upstream uses the *last* scale of the schedule, which is the same for
-    equal-length clips and breaks for a short last clip).
+    (besides the text, any interactive conditions and itself). Only the last repeat's K/V are cached
+    (``is_last_repeat``).
     """
 
     si: int
@@ -554,14 +456,11 @@ class ScaleStep:
     clip_id: int
     frames: tuple[int, int]
     ref_sids: tuple[int, ...]
-    ref_tokens: int
-    extra_kv_tokens: int
     detail_head: bool
     detail_lfq: bool
     bits: int
     tau: float
     teacher_forced: bool
-    clip_grid: Scale
 
     @property
     def query_tokens(self) -> int:
@@ -569,21 +468,8 @@ class ScaleStep:
         return t * h * w
 
     @property
-    def visual_kv_tokens(self) -> int:
-        """Visual keys this step attends (text excluded): itself + referenced scales + conditions."""
-        return self.query_tokens + self.ref_tokens + self.extra_kv_tokens
-
-    @property
     def is_last_repeat(self) -> bool:
         return self.repeat == self.num_repeats - 1
-
-    @property
-    def head(self) -> str:
-        return "detail" if self.detail_head else "semantic"
-
-    @property
-    def lfq(self) -> str:
-        return "detail" if self.detail_lfq else "semantic"
 
 
 def build_step_plan(
@@ -596,7 +482,6 @@ def build_step_plan(
     tau_image: float = 1.0,
     tau_video: float = 0.4,
     teacher_forced_scales: int = 0,
-    extra_kv_tokens: int = 0,
     semantic_bits: int = 16,
     detail_bits: int = 64,
     frames_inner_clip: int = FRAMES_INNER_CLIP,
@@ -615,10 +500,8 @@ def build_step_plan(
     layout = clip_layout(schedule, frames_inner_clip, context_from_largest_no)
     k = scales_per_clip(schedule)
     detail = detail_scale_flags(schedule, semantic_scales, detail_scale_min_tokens, strict=strict)
-    _, full_h, full_w = schedule[-1]
     steps = []
     for si, (scale, n_rep, rope_ids, info) in enumerate(zip(schedule, reps, rope_scale_indices(reps), layout)):
-        ref_tokens = sum(schedule[r][0] * schedule[r][1] * schedule[r][2] for r in info.ref_sids)
         for r, rope_id in enumerate(rope_ids):
             steps.append(
                 ScaleStep(
@@ -630,14 +513,11 @@ def build_step_plan(
                     clip_id=info.clip_id,
                     frames=(info.frame_ss, info.frame_ee),
                     ref_sids=info.ref_sids,
-                    ref_tokens=ref_tokens,
-                    extra_kv_tokens=extra_kv_tokens,
                     detail_head=detail[si],
                     detail_lfq=uses_detail_lfq(scale, detail_scale_min_tokens),  # type: ignore[arg-type]
                     bits=detail_bits if detail[si] else semantic_bits,
                     tau=tau_image if si < k else tau_video,
                     teacher_forced=si < teacher_forced_scales,
-                    clip_grid=(scale[0], full_h, full_w),
                 )
             )
     return steps
@@ -650,7 +530,6 @@ def build_step_plan(
 INTERACT_SEMANTIC_SCALE_INDEX = 7  # the semantic condition is area-downsampled to this clip scale's grid
 INTERACT_SEMANTIC_ROPE_SCALE_ID = 800
 INTERACT_DETAIL_ROPE_SCALE_ID = 801
-INTERACT_ROPE_SCALE_TABLE_SIZE = 1000 + 10
 
 
 @dataclass(frozen=True)
@@ -685,11 +564,6 @@ class InteractiveSegmentLayout:
     decode_latent_frames: int
     output_video_frames: int
     prefix_passes: int  # text + semantic condition + detail condition
-
-    @property
-    def extra_condition_tokens(self) -> int:
-        """Condition tokens every step attends (text excluded): 1320 + 4770 = 6090 at 480p 16:9."""
-        return visual_tokens([self.semantic_condition_scale, self.detail_condition_scale])
 
 
 def interactive_layout_for(pyramid: Sequence[Scale], frames_inner_clip: int = FRAMES_INNER_CLIP,
@@ -731,271 +605,4 @@ def interactive_layout_for(pyramid: Sequence[Scale], frames_inner_clip: int = FR
         decode_latent_frames=2 * clip,
         output_video_frames=clip * time_stride,
         prefix_passes=3,
-    )
-
-
-def interactive_segment_layout(pn: str = "0.40M", h_div_w_template: float = 0.562) -> InteractiveSegmentLayout:
-    """The interactive turn layout for a pixel budget and template (the released model: 0.40M)."""
-    pyramid = image_scale_schedule(pn, h_div_w_template)
-    if len(pyramid) <= INTERACT_SEMANTIC_SCALE_INDEX:
-        raise ValueError(f"pn={pn!r} has {len(pyramid)} scales; the interactive mode needs more than 7")
-    return interactive_layout_for(pyramid)
-
-
-# ==============================================================================================
-# The official inference modes
-# ==============================================================================================
-
-
-@dataclass(frozen=True)
-class InferenceMode:
-    """Settings of one official inference mode (the upstream scripts' hard-coded values).
-
-    ``video_frames`` sizes the tables (81 or 161); ``latent_frames`` is the pt of the schedule that
-    is generated (1 = image). ``teacher_forced_scales`` is upstream's ``gt_leak`` (0 = none).
-    """
-
-    name: str
-    task: str  # "t2v" | "i2v" | "v2v" | "t2i" | "interact"
-    pn: str
-    video_frames: int
-    latent_frames: int
-    h_div_w_template: float
-    image_repetition: tuple[int, ...]
-    video_repetition: tuple[int, ...]
-    tau_image: float
-    tau_video: float
-    guidance: str  # "apg" | "cfg"
-    guidance_scale: float
-    apg_norm_threshold: float | None
-    semantic_scales: int
-    detail_scale_min_tokens: int
-    teacher_forced_scales: int = 0
-    seed: int = 41
-    interactive: bool = False
-
-    @property
-    def pixel_size(self) -> tuple[int, int]:
-        return pixel_size(self.pn, self.h_div_w_template)
-
-    def schedule(self) -> list[Scale]:
-        if self.interactive:
-            return interactive_segment_schedule(self.pn, self.h_div_w_template)
-        return pt2scale_schedule(self.pn, self.h_div_w_template, self.video_frames)[self.latent_frames]
-
-    def interactive_layout(self) -> InteractiveSegmentLayout | None:
-        return interactive_segment_layout(self.pn, self.h_div_w_template) if self.interactive else None
-
-    def step_plan(self) -> list[ScaleStep]:
-        layout = self.interactive_layout()
-        return build_step_plan(
-            self.schedule(),
-            image_repetition=self.image_repetition,
-            video_repetition=self.video_repetition,
-            semantic_scales=self.semantic_scales,
-            detail_scale_min_tokens=self.detail_scale_min_tokens,
-            tau_image=self.tau_image,
-            tau_video=self.tau_video,
-            teacher_forced_scales=self.teacher_forced_scales,
-            extra_kv_tokens=layout.extra_condition_tokens if layout else 0,
-        )
-
-
-def _official_modes() -> dict[str, InferenceMode]:
-    rep720_img, rep720_vid = tuple(parse_repetition("[3]*15")), tuple(parse_repetition("[3]*12+[2,1,1]"))
-    rep480_img, rep480_vid = tuple(parse_repetition("[3]*14")), tuple(parse_repetition("[3]*12+[2,1]"))
-    p720 = dict(
-        pn="0.90M",
-        video_frames=81,
-        h_div_w_template=0.562,
-        image_repetition=rep720_img,
-        video_repetition=rep720_vid,
-        tau_image=1.0,
-        tau_video=0.4,
-        guidance="apg",
-        guidance_scale=34.0,
-        apg_norm_threshold=0.05,
-        semantic_scales=12,
-        detail_scale_min_tokens=750,
-    )
-    p480 = dict(
-        p720,
-        pn="0.40M",
-        image_repetition=rep480_img,
-        video_repetition=rep480_vid,
-        semantic_scales=11,
-        detail_scale_min_tokens=350,
-    )
-    k720, k480 = PN_NUM_SCALES["0.90M"], PN_NUM_SCALES["0.40M"]
-    modes = [
-        InferenceMode("t2v_720p_5s", "t2v", latent_frames=21, **p720),
-        InferenceMode("i2v_720p_5s", "i2v", latent_frames=21, teacher_forced_scales=k720, **p720),
-        InferenceMode("t2v_480p_5s", "t2v", latent_frames=21, **p480),
-        InferenceMode("i2v_480p_5s", "i2v", latent_frames=21, teacher_forced_scales=k480, **p480),
-        InferenceMode("t2v_480p_10s", "t2v", latent_frames=41, **dict(p480, video_frames=161)),
-        InferenceMode(
-            "i2v_480p_10s", "i2v", latent_frames=41, teacher_forced_scales=k480, **dict(p480, video_frames=161)
-        ),
-        # V2V forces the first frame and the first 5 s clip; clip 2 (5-10 s) is generated.
-        InferenceMode(
-            "v2v_480p_10s", "v2v", latent_frames=41, teacher_forced_scales=2 * k480, **dict(p480, video_frames=161)
-        ),
-        # No upstream T2I script: what the pt=1 schedule of the video models would run (guidance assumed).
-        InferenceMode("t2i_720p_no_script", "t2i", latent_frames=1, **p720),
-        InferenceMode("t2i_480p_no_script", "t2i", latent_frames=1, **p480),
-        # One turn of tools/infer_interact_480p.py: the single-clip schedule uses the image list.
-        InferenceMode(
-            "interact_480p_segment",
-            "interact",
-            latent_frames=21,
-            seed=0,
-            interactive=True,
-            **dict(
-                p480,
-                video_frames=161,
-                image_repetition=rep480_vid,
-                tau_image=0.5,
-                tau_video=0.5,
-                guidance="cfg",
-                guidance_scale=3.0,
-                apg_norm_threshold=None,
-            ),
-        ),
-    ]
-    return {m.name: m for m in modes}
-
-
-OFFICIAL_MODES: dict[str, InferenceMode] = _official_modes()
-
-
-def get_mode(name: str) -> InferenceMode:
-    """An official mode by name; ValueError lists the valid names."""
-    if name not in OFFICIAL_MODES:
-        raise ValueError(f"unknown inference mode {name!r}; valid: {list(OFFICIAL_MODES)}")
-    return OFFICIAL_MODES[name]
-
-
-# ==============================================================================================
-# Cost figures (inference.md section 8)
-# ==============================================================================================
-
-
-@dataclass(frozen=True)
-class CostModelDims:
-    """Transformer sizes for the FLOP estimate (defaults: the official 8B ``infinity_qwen8b``)."""
-
-    depth: int = 36
-    embed_dim: int = 4096
-    kv_dim: int = 1024  # 8 KV heads x 128
-    ffn: int = 16384
-
-    @property
-    def linear_params_per_layer(self) -> int:
-        c = self.embed_dim
-        return 2 * c * c + 2 * c * self.kv_dim + 3 * c * self.ffn  # q, o, k, v, SwiGLU gate/up/down
-
-    @property
-    def block_params_total(self) -> int:
-        return self.depth * self.linear_params_per_layer
-
-    @property
-    def linear_flop_per_token(self) -> int:
-        return 2 * self.block_params_total
-
-    @property
-    def attn_flop_per_qk_pair(self) -> int:
-        return 4 * self.embed_dim * self.depth  # QK^T and PV, 2 FLOP per multiply-add each
-
-
-@dataclass(frozen=True)
-class PlanCost:
-    """Token counts and FLOP estimate of one step plan (per CFG branch unless named otherwise)."""
-
-    visual_forward_steps: int
-    total_forward_passes: int
-    visual_query_tokens: int
-    sum_q_times_kv_visual: int
-    distinct_latent_tokens: int
-    largest_step_query_tokens: int
-    share_query_tokens_last_scale: float
-    share_query_tokens_top3_scales_per_clip: float
-    linear_flop: float
-    attention_flop: float
-    share_flop_last_scale: float
-
-    @property
-    def total_flop(self) -> float:
-        return self.linear_flop + self.attention_flop
-
-    def seconds_at(self, flop_per_second: float = 400e12) -> float:
-        return self.total_flop / flop_per_second
-
-
-def plan_cost(
-    steps: Sequence[ScaleStep],
-    *,
-    text_tokens: int = 128,
-    condition_tokens: int = 0,
-    condition_passes: int = 0,
-    batch: int = 2,
-    dims: CostModelDims | None = None,
-) -> PlanCost:
-    """Cost of a step plan, the way inference.md section 8 counts it.
-
-    Linear work: every query token of the text pass, the condition passes and the visual steps.
-    Attention work: each visual step's queries x (visual keys + text keys), the text pass
-    (text x text), and the condition tokens counted as one block attending themselves and the text
-    (the golden estimate's convention; two separate condition passes would be ~0.4% less).
-    ``batch`` = 2 with guidance (conditional + unconditional rows).
-    """
-    if not steps:
-        raise ValueError("empty step plan")
-    dims = dims or CostModelDims()
-    lin, att = dims.linear_flop_per_token, dims.attn_flop_per_qk_pair
-    q_total = sum(s.query_tokens for s in steps)
-    qk_visual = sum(s.query_tokens * s.visual_kv_tokens for s in steps)
-    last_si = steps[-1].si
-    k = max(s.si for s in steps if s.clip_id == 0) + 1
-    last_steps = [s for s in steps if s.si == last_si]
-    clip_last = {s.si: s for s in steps if s.si % k == k - 1}
-    _, full_h, full_w = steps[-1].clip_grid
-
-    def step_flop(s: ScaleStep) -> float:
-        return batch * (s.query_tokens * lin + att * s.query_tokens * (s.visual_kv_tokens + text_tokens))
-
-    linear = batch * (q_total + text_tokens + condition_tokens) * lin
-    attention = (
-        batch
-        * att
-        * (
-            qk_visual
-            + text_tokens * q_total
-            + text_tokens * text_tokens
-            + condition_tokens * (condition_tokens + text_tokens)
-        )
-    )
-    return PlanCost(
-        visual_forward_steps=len(steps),
-        total_forward_passes=len(steps) + 1 + condition_passes,
-        visual_query_tokens=q_total,
-        sum_q_times_kv_visual=qk_visual,
-        distinct_latent_tokens=sum(s.scale[0] for s in clip_last.values()) * full_h * full_w,
-        largest_step_query_tokens=max(s.query_tokens for s in steps),
-        share_query_tokens_last_scale=sum(s.query_tokens for s in last_steps) / q_total,
-        share_query_tokens_top3_scales_per_clip=sum(s.query_tokens for s in steps if s.si % k >= k - 3) / q_total,
-        linear_flop=float(linear),
-        attention_flop=float(attention),
-        share_flop_last_scale=sum(step_flop(s) for s in last_steps) / float(linear + attention),
-    )
-
-
-def mode_cost(mode: InferenceMode, text_tokens: int = 128, dims: CostModelDims | None = None) -> PlanCost:
-    """``plan_cost`` of an official mode (its conditions included for the interactive turn)."""
-    layout = mode.interactive_layout()
-    return plan_cost(
-        mode.step_plan(),
-        text_tokens=text_tokens,
-        condition_tokens=layout.extra_condition_tokens if layout else 0,
-        condition_passes=layout.prefix_passes - 1 if layout else 0,
-        dims=dims,
     )

@@ -8,14 +8,15 @@ function here takes logits either as ``[..., n, d, 2]`` (``*_Bnd2``) or flattene
 What the reference runs at inference (``ar_infer_infinity_elegant``), per step:
 
 1. ``logits = head(norm(h)).float() * (1 / tau[si])`` for both batch rows (0 = conditional,
-   1 = unconditional), see :func:`apply_temperature` and :func:`tau_per_scale`;
-2. guidance on the logits: nothing if ``cfg == 1``, else APG (official) or plain CFG, see
+   1 = unconditional), see :func:`apply_temperature` (the step plan gives each scale its tau);
+2. guidance on the logits: nothing if the guidance scale is 1, else APG (official) or plain CFG, see
    :func:`guide_logits`;
 3. one ``softmax`` + ``torch.multinomial`` per bit with the generation's generator, see
    :func:`sample_bits`.
 
 The official scripts also pass ``top_k=900, top_p=0.97``; the active inference function ignores
-them. :func:`filter_top_k_top_p` exists for users who want them, and is off by default.
+them (and on two-class bit logits they would change nothing but the degenerate greedy cases), so there is
+no top-k/top-p filter here.
 """
 
 from __future__ import annotations
@@ -32,19 +33,6 @@ GuidanceMethod = Literal["apg", "cfg"]
 # ----------------------------------------------------------------------------------------------
 # Temperature
 # ----------------------------------------------------------------------------------------------
-
-
-def tau_per_scale(num_scales: int, scales_per_clip: int, tau_image: float, tau_video: float) -> list[float]:
-    """The reference's ``tau_list``: ``tau_image`` on the first clip's scales, ``tau_video`` after.
-
-    Indexed by scale index (not by step), so every repetition of a scale uses the same value.
-    """
-    if num_scales < 0 or scales_per_clip <= 0:
-        raise ValueError(f"bad scale counts: num_scales={num_scales}, scales_per_clip={scales_per_clip}")
-    for name, tau in (("tau_image", tau_image), ("tau_video", tau_video)):
-        if not tau > 0:
-            raise ValueError(f"{name} must be > 0, got {tau}")
-    return [float(tau_image) if si < scales_per_clip else float(tau_video) for si in range(num_scales)]
 
 
 def apply_temperature(logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -70,19 +58,19 @@ def _check_pair(cond: torch.Tensor, uncond: torch.Tensor) -> None:
         raise ValueError(f"guidance needs logits of at least 2 dims [..., n, V], got shape {tuple(cond.shape)}")
 
 
-def cfg_guidance(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+def cfg_guidance(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Plain classifier-free guidance on logits, in the reference's form ``cfg*c + (1-cfg)*u``.
 
     (Algebraically ``u + cfg*(c-u)``; the reference's operation order is kept for its rounding.)
     """
     _check_pair(cond, uncond)
-    return cfg_scale * cond + (1 - cfg_scale) * uncond
+    return guidance_scale * cond + (1 - guidance_scale) * uncond
 
 
 def apg_guidance(
     cond_BnV: torch.Tensor,
     uncond_BnV: torch.Tensor,
-    cfg_scale: float,
+    guidance_scale: float,
     norm_threshold: float = 0.05,
     eta: float = 0.0,
 ) -> torch.Tensor:
@@ -116,29 +104,28 @@ def apg_guidance(
     parallel = (diff64 * unit).sum(dim=dims, keepdim=True) * unit
     orthogonal = diff64 - parallel
     update = orthogonal.float() + eta * parallel.float()
-    return cond + (cfg_scale - 1) * update
+    return cond + (guidance_scale - 1) * update
 
 
 def guide_logits(
     logits_2nV: torch.Tensor,
-    cfg_scale: float,
+    guidance_scale: float,
     method: GuidanceMethod = "apg",
     apg_norm_threshold: float = 0.05,
 ) -> torch.Tensor:
     """Combine the batch-of-2 logits ``[2, n, V]`` (row 0 cond, row 1 uncond) into ``[1, n, V]``.
 
-    ``cfg_scale == 1`` returns the conditional row untouched (the reference then runs batch 1 and
-    never computes the unconditional branch).
+    Whether to guide at all is :attr:`~infinitystar.config.SamplingConfig.uses_guidance`'s decision (scale 1: the
+    reference runs batch 1 and never computes the unconditional branch); at scale 1 both methods return the
+    conditional row exactly.
     """
-    if cfg_scale == 1:
-        return logits_2nV[0:1]
     if logits_2nV.shape[0] != 2:
         raise ValueError(f"guidance needs a batch of 2 (cond, uncond), got logits of shape {tuple(logits_2nV.shape)}")
     cond, uncond = logits_2nV[0:1], logits_2nV[1:2]
     if method == "apg":
-        return apg_guidance(cond, uncond, cfg_scale, norm_threshold=apg_norm_threshold)
+        return apg_guidance(cond, uncond, guidance_scale, norm_threshold=apg_norm_threshold)
     if method == "cfg":
-        return cfg_guidance(cond, uncond, cfg_scale)
+        return cfg_guidance(cond, uncond, guidance_scale)
     raise ValueError(f"unknown guidance method {method!r}; expected 'apg' or 'cfg'")
 
 
@@ -160,36 +147,7 @@ def bit_logits_from_flat(logits_BnV: torch.Tensor) -> torch.Tensor:
     return logits_BnV.unflatten(-1, (logits_BnV.shape[-1] // 2, 2))
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
-    """Mask (to -inf) all but the ``top_k`` largest and the smallest nucleus of mass ``top_p``, on the last dim.
-
-    ``top_k <= 0`` and ``top_p <= 0`` (or >= 1) disable the respective filter; the most likely
-    value always survives. Not used by the official scripts: they pass top_k=900, top_p=0.97,
-    which the active inference function ignores (and which are no-ops on two-class bit logits
-    anyway, except top_k=1 or a small top_p, which reduce sampling to greedy).
-    """
-    out = logits.float().clone()
-    vocab = out.shape[-1]
-    if top_k > 0 and top_k < vocab:
-        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
-        out = out.masked_fill(out < kth, float("-inf"))
-    if 0 < top_p < 1:
-        sorted_logits, order = torch.sort(out, dim=-1, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop the low tail whose mass is <= 1 - top_p; the largest entry is always kept.
-        drop_sorted = cumulative <= (1 - top_p)
-        drop_sorted[..., -1] = False
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        out = out.masked_fill(drop, float("-inf"))
-    return out
-
-
-def sample_bits(
-    logits_Bnd2: torch.Tensor,
-    generator: torch.Generator | None = None,
-    top_k: int = 0,
-    top_p: float = 0.0,
-) -> torch.Tensor:
+def sample_bits(logits_Bnd2: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw every bit independently from its two-class softmax; returns int64 bits ``[..., n, d]``.
 
     Exactly the reference's call: ``softmax`` in fp32 over the value axis, then one
@@ -199,8 +157,6 @@ def sample_bits(
     ``generator=None`` draws from the global RNG, as the reference does without a seed.
     """
     logits = _as_bit_pairs(logits_Bnd2).float()
-    if top_k > 0 or 0 < top_p < 1:
-        logits = filter_top_k_top_p(logits, top_k, top_p)
     probs = logits.softmax(dim=-1)
     idx = torch.multinomial(probs.reshape(-1, 2), 1, replacement=True, generator=generator)
     return idx.view(logits.shape[:-1])
@@ -223,11 +179,6 @@ def advance_like_sample_bits(
     if not shape or any(v <= 0 for v in shape):
         raise ValueError(f"bits shape must be non-empty with positive sizes, got {tuple(bits_shape)}")
     sample_bits(torch.zeros((*shape, 2), device=device), generator)
-
-
-def greedy_bits(logits_Bnd2: torch.Tensor) -> torch.Tensor:
-    """The most likely value of every bit (int64 ``[..., n, d]``); ties go to 0."""
-    return _as_bit_pairs(logits_Bnd2).argmax(dim=-1)
 
 
 def bits_to_scale_grid(bits_Bnd: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
