@@ -95,12 +95,10 @@ def test_batch_equals_single_prompts(encoder, sp):
     emb = encoder.encode(PROMPTS)
     expected_lens = [len(sp.encode(p)) + 1 for p in PROMPTS]
     assert list(emb.lens) == expected_lens
-    assert emb.cu_seqlens.dtype == torch.int32
-    assert emb.cu_seqlens.tolist() == [0, *torch.tensor(expected_lens).cumsum(0).tolist()]
     assert emb.kv_compact.shape == (sum(expected_lens), D_MODEL)
     for i, prompt in enumerate(PROMPTS):
         alone = encoder.encode([prompt]).kv_compact
-        torch.testing.assert_close(emb.prompt(i), alone, atol=_t5_atol(encoder.model, alone), rtol=0)
+        torch.testing.assert_close(emb.split()[i], alone, atol=_t5_atol(encoder.model, alone), rtol=0)
 
 
 def test_padding_to_longest_gives_same_rows(tiny_flan_t5_dir):  # noqa: F811
@@ -130,7 +128,7 @@ def test_over_long_prompt_truncated_with_warning(encoder, sp, raw_t5):
     ids, _ = encoder.tokenize([long_prompt])
     assert ids[0].tolist() == full_ids[:511] + [1]  # first 511 pieces, then </s>
     want = _direct_features(raw_t5, full_ids[:511] + [1])
-    torch.testing.assert_close(emb.prompt(0), want, atol=_t5_atol(raw_t5, want), rtol=0)
+    torch.testing.assert_close(emb.split()[0], want, atol=_t5_atol(raw_t5, want), rtol=0)
 
 
 def test_short_prompt_does_not_warn(encoder):
@@ -203,69 +201,16 @@ def test_missing_encoder_weight_is_an_error(tiny_flan_t5_dir, tmp_path):  # noqa
 # ------------------------------------------------------------------------------------------ TextEmbeddings
 
 
-def test_text_embeddings_split_padded_and_validation():
+def test_text_embeddings_split_and_validation():
     a, b = torch.randn(3, 4), torch.randn(5, 4)
     emb = TextEmbeddings.from_features([a, b])
-    assert emb.lens == (3, 5) and emb.batch_size == 2 and emb.width == 4 and emb.max_len == 5
-    assert emb.cu_seqlens.tolist() == [0, 3, 8]
-    assert torch.equal(emb.prompt(0), a) and torch.equal(emb.prompt(-1), b)
-    x, mask = emb.padded()
-    assert x.shape == (2, 5, 4) and mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
-    assert torch.equal(x[0, :3], a) and torch.equal(x[0, 3:], torch.zeros(2, 4)) and torch.equal(x[1], b)
-    assert emb.padded(7)[0].shape == (2, 7, 4)
-    with pytest.raises(ValueError, match="shorter"):
-        emb.padded(4)
+    assert emb.lens == (3, 5) and emb.kv_compact.shape == (8, 4)
+    first, second = emb.split()
+    assert torch.equal(first, a) and torch.equal(second, b)
     with pytest.raises(ValueError, match="does not match"):
         TextEmbeddings(torch.randn(7, 4), (3, 5))
     with pytest.raises(ValueError, match="at least one token"):
         TextEmbeddings(torch.randn(3, 4), (3, 0))
-    both = TextEmbeddings.cat([emb, TextEmbeddings.from_features([a])])
-    assert both.lens == (3, 5, 3) and torch.equal(both.prompt(2), a)
-
-
-def test_precomputed_encoder():
-    table = {"a cat": torch.randn(4, 8), "a dog": torch.randn(2, 8)}
-    enc = PrecomputedTextEncoder(table)
-    emb = enc(["a dog", "a cat"])
-    assert enc.width == 8 and emb.lens == (2, 4)
-    assert torch.equal(emb.prompt(0), table["a dog"]) and torch.equal(emb.prompt(1), table["a cat"])
-    with pytest.raises(ValueError, match="a bird"):
-        enc.encode(["a bird"])
-
-
-# ------------------------------------------------------------------------------------------ guidance text
-
-
-def test_unconditional_rows_are_cfg_uncond_prefixes():
-    cond = TextEmbeddings.from_features([torch.randn(3, 4), torch.randn(6, 4)])
-    table = torch.randn(512, 4)
-    pair = guidance_text_batch(cond, table)
-    assert pair.lens == (3, 6, 3, 6)
-    assert torch.equal(pair.prompt(2), table[:3]) and torch.equal(pair.prompt(3), table[:6])
-    assert torch.equal(pair.prompt(0), cond.prompt(0))
-    assert torch.equal(unconditional_text(cond, table).kv_compact, torch.cat([table[:3], table[:6]]))
-    single = guidance_text_batch(TextEmbeddings.from_features([torch.randn(5, 4)]), table)
-    assert single.padded()[1].all()  # the reference's CFG pair needs no attention mask
-    with pytest.raises(ValueError, match="longer than"):
-        unconditional_text(TextEmbeddings.from_features([torch.randn(9, 4)]), table[:8])
-    with pytest.raises(ValueError, match="width"):
-        unconditional_text(cond, torch.randn(512, 5))
-
-
-def test_negative_prompt_any_length_is_masked():
-    cond = TextEmbeddings.from_features([torch.randn(3, 4)])
-    negative = TextEmbeddings.from_features([torch.randn(7, 4)])  # longer than the prompt: allowed
-    pair = guidance_text_batch(cond, torch.randn(512, 4), negative)
-    assert pair.lens == (3, 7)
-    x, mask = pair.padded()
-    assert mask.tolist() == [[True] * 3 + [False] * 4, [True] * 7]
-    assert torch.equal(x[1], negative.prompt(0)) and torch.equal(x[0, 3:], torch.zeros(4, 4))
-    shared = guidance_text_batch(TextEmbeddings.from_features([torch.randn(3, 4), torch.randn(2, 4)]),
-                                 torch.randn(512, 4), negative)
-    assert shared.lens == (3, 2, 7, 7)
-    with pytest.raises(ValueError, match="negative prompts"):
-        guidance_text_batch(TextEmbeddings.from_features([torch.randn(3, 4)] * 3), torch.randn(512, 4),
-                            TextEmbeddings.from_features([torch.randn(2, 4)] * 2))
 
 
 # ------------------------------------------------------------------------------------------ prompt templates
@@ -366,27 +311,6 @@ def test_guidance_dropout_rate_and_reproducibility():
     assert not guidance_dropout_mask(100, 0.0, g).any() and guidance_dropout_mask(100, 1.0, g).all()
     with pytest.raises(ValueError, match="probability"):
         guidance_dropout_mask(4, -0.1, g)
-
-
-def test_apply_guidance_dropout_substitutes_uncond_rows_with_grad():
-    text = TextEmbeddings.from_features([torch.randn(3, 4), torch.randn(2, 4), torch.randn(4, 4)])
-    table = torch.randn(512, 4, requires_grad=True)
-    out = apply_guidance_dropout(text, table, torch.tensor([False, True, False]))
-    assert out.lens == text.lens
-    assert torch.equal(out.prompt(0), text.prompt(0)) and torch.equal(out.prompt(2), text.prompt(2))
-    assert torch.equal(out.prompt(1), table[:2].detach())
-    out.kv_compact.sum().backward()
-    assert table.grad[:2].eq(1).all() and table.grad[2:].eq(0).all()
-
-
-def test_drop_captions():
-    caps = [f"caption {i}" for i in range(4000)]
-    out = drop_captions(caps, 0.25, torch.Generator().manual_seed(0))
-    dropped = [o == "" for o in out]
-    # Standard error sqrt(0.25 * 0.75 / 4000) = 0.0068: 0.03 is 4.4 of them (false alarm ~1e-5; seeded draw).
-    assert abs(sum(dropped) / len(caps) - 0.25) < 0.03
-    assert all(o == c for o, c, d in zip(out, caps, dropped) if not d)
-    assert out == drop_captions(caps, 0.25, torch.Generator().manual_seed(0))
 
 
 # ------------------------------------------------------------------------------------------ dtypes

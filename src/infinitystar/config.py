@@ -456,6 +456,8 @@ class PipelineConfig:
         return self.frames_inner_clip * self.vae.time_stride
 
 
+# The official settings, stated here only: tests/test_official_modes.py rebuilds every official mode of the
+# reference (golden/scale_schedules.json) from these presets.
 _T5_720P = TransformerConfig(semantic_scales=12, detail_scale_min_tokens=750)
 _T5_480P = TransformerConfig(semantic_scales=11, detail_scale_min_tokens=350, rope_max_frames=41)
 

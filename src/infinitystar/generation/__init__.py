@@ -1,7 +1,8 @@
 """Generation: from a request to summed codes, in latent space, with no I/O.
 
 * ``schedules`` -- pure tables and rules: dynamic-resolution pyramids, the clip layout, repetitions, the
-  semantic/detail split, the per-step plan (:class:`~.schedules.ScaleStep`), the official modes;
+  semantic/detail split, the per-step plan (:class:`~.schedules.ScaleStep`) (the official settings are
+  the pipeline presets in ``config``);
 * ``plan`` -- the one plan object of a request (:class:`~.plan.GenerationPlan`): schedule, clip layout,
   repetitions, steps, latent frame counts, forced (teacher-forced) steps; the pixel <-> latent frame formulas;
 * ``sampling`` -- pure: temperature, CFG/APG guidance, per-bit sampling;
