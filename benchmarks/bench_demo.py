@@ -47,7 +47,7 @@ def main() -> None:
     video = torch.from_numpy(render_clip(clip.spec)).permute(3, 0, 1, 2).float() / 127.5 - 1
     kw = {"output_type": "np", "progress": False, "seed": 0}
     rows = [
-        (f"t2v 33 frames, {cfg.sampling.guidance.upper()} {cfg.sampling.guidance_scale:g} (shipped default)",
+        (f"t2v 33 frames, {cfg.sampling.guidance_method.upper()} {cfg.sampling.guidance_scale:g} (shipped default)",
          lambda: pipe(PROMPT, **kw)),
         ("t2v 33 frames, no guidance (baseline)", lambda: pipe(PROMPT, guidance_scale=1, **kw)),
         ("t2i 1 frame (shipped default)", lambda: pipe(PROMPT, num_frames=1, **kw)),

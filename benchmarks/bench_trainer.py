@@ -38,12 +38,11 @@ def prepare_data(work: Path, clips: int, seconds: int) -> dict:
     jsonl = root / "train.jsonl"
     if not jsonl.is_file():
         make_dataset(root, n_clips=clips, seed=0, size=64, frames=16 * max(seconds, 1) + 1)
-    data = DataConfig(jsonl=(str(jsonl),), cache_dir=str(root / "cache"), pn="0.06M", num_scales=6,
-                      max_seconds=seconds)
-    stats = extract_features(data, InfinityStarPipeline.from_preset("tiny-test", seed=0).vae, progress=False)
+    data = DataConfig(jsonl=(str(jsonl),), cache_dir=str(root / "cache"), max_seconds=seconds)
+    pipe = InfinityStarPipeline.from_preset("tiny-test", seed=0)  # the pipeline write_config trains
+    stats = extract_features(data, pipe.config, pipe.vae, progress=False)
     print(f"data: {stats.summary()}", file=sys.stderr)
-    return {"jsonl": list(data.jsonl), "cache_dir": data.cache_dir, "pn": data.pn, "num_scales": data.num_scales,
-            "max_seconds": data.max_seconds}
+    return {"jsonl": list(data.jsonl), "cache_dir": data.cache_dir, "max_seconds": data.max_seconds}
 
 
 def write_config(path: Path, data: dict, out: Path, steps: int, batch: int, checkpointing: bool) -> Path:

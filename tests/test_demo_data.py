@@ -164,12 +164,13 @@ def test_jsonl_rows_are_in_the_reference_format(dataset):
 
 
 def test_jsonl_is_read_by_the_training_data_pipeline(dataset):
+    from infinitystar.config import get_preset
     from infinitystar.train.config import DataConfig
     from infinitystar.train.data import ParseStats, read_jsonl
 
     path = dataset / "train.jsonl"
     stats = ParseStats()
-    records = read_jsonl(path, DataConfig(jsonl=(str(path),), pn="0.06M"), stats)
+    records = read_jsonl(path, DataConfig(jsonl=(str(path),)), get_preset("pipeline", "demo"), stats)
     assert len(records) == N_TRAIN and stats.bad == 0
     assert all(r.num_frames == 33 and r.seconds == 2 and Path(r.path).is_file() for r in records)
 

@@ -20,7 +20,9 @@ from infinitystar.train.data import load_records
 from infinitystar.train.features import FeatureIndex, encode_record, extract_features, load_record_pixels
 from infinitystar.vae.model import VideoVAE
 
-SMALL = dict(pn="0.06M", num_scales=3)  # 48x48 pixel buckets: 3x3 latent grids
+# tiny-test's 0.06M ladder cut to 3 scales: 48x48 pixel buckets, 3x3 latent grids
+SMALL = replace(get_preset("pipeline", "tiny-test"), num_scales=3, image_repetition=(1,) * 3,
+                video_repetition=(1,) * 3)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
@@ -42,8 +44,7 @@ def config(tmp_path_factory) -> DataConfig:
         write_image(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8), d / f"img{i}.png")
         rows.append(json.dumps({"image_path": str(d / f"img{i}.png"), "text": f"Picture {i}."}))
     (d / "train.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return DataConfig(jsonl=(str(d / "train.jsonl"),), cache_dir=str(d / "cache"), latent_sampling="sample", seed=7,
-                      **SMALL)
+    return DataConfig(jsonl=(str(d / "train.jsonl"),), cache_dir=str(d / "cache"), latent_sampling="sample", seed=7)
 
 
 def test_default_is_the_posterior_mean():
@@ -52,13 +53,13 @@ def test_default_is_the_posterior_mean():
 
 @torch.no_grad()
 def test_sample_is_reproducible_and_differs_between_seeds(config, vae):
-    record = load_records(config)[0][0]
-    a, _ = encode_record(vae, record, config)
-    b, _ = encode_record(vae, record, config)
+    record = load_records(config, SMALL)[0][0]
+    a, _ = encode_record(vae, record, config, SMALL)
+    b, _ = encode_record(vae, record, config, SMALL)
     assert torch.equal(a, b)
-    other, _ = encode_record(vae, record, replace(config, seed=8))
+    other, _ = encode_record(vae, record, replace(config, seed=8), SMALL)
     assert not torch.equal(a, other)
-    mean, _ = encode_record(vae, record, replace(config, latent_sampling="mean"))
+    mean, _ = encode_record(vae, record, replace(config, latent_sampling="mean"), SMALL)
     assert not torch.equal(a, mean)
 
 
@@ -66,11 +67,11 @@ def test_sample_is_reproducible_and_differs_between_seeds(config, vae):
 def test_sample_minus_mean_is_std_times_standard_normal_noise(config, vae):
     """Undo the (affine, invertible) latent projection and check eps = (z - mean) / std is N(0, 1) per clip, and
     that two clips under one seed get different noise."""
-    records = load_records(config)[0]
+    records = load_records(config, SMALL)[0]
     eps_per_clip = []
     for record in records[:2]:
-        sample, _ = encode_record(vae, record, config)
-        pixels, _ = load_record_pixels(record, config)
+        sample, _ = encode_record(vae, record, config, SMALL)
+        pixels, _ = load_record_pixels(record, SMALL)
         mean, logvar = vae.encode_posterior(pixels[None])
         proj = vae.proj_down
         scale = vae.scale_learnable_parameters[0]
@@ -99,13 +100,13 @@ def _latents(cache_dir: str) -> dict[str, torch.Tensor]:
 
 def test_parallel_and_resumed_extraction_give_the_same_samples(config, vae, tmp_path):
     one = replace(config, cache_dir=str(tmp_path / "one"))
-    assert extract_features(one, vae, progress=False).written == 4
+    assert extract_features(one, SMALL, vae, progress=False).written == 4
     two = replace(config, cache_dir=str(tmp_path / "two"))
     for rank in (1, 0):  # two processes' shares, in either order
-        extract_features(two, vae, rank=rank, world_size=2, progress=False)
+        extract_features(two, SMALL, vae, rank=rank, world_size=2, progress=False)
     resumed = replace(config, cache_dir=str(tmp_path / "resumed"))
-    extract_features(resumed, vae, rank=1, world_size=2, progress=False)  # an interrupted run ...
-    assert extract_features(resumed, vae, progress=False).skipped == 2  # ... finished by a full one
+    extract_features(resumed, SMALL, vae, rank=1, world_size=2, progress=False)  # an interrupted run ...
+    assert extract_features(resumed, SMALL, vae, progress=False).skipped == 2  # ... finished by a full one
     ref = _latents(one.cache_dir)
     assert len(ref) == 4 and all(n.endswith("-s7.safetensors") for n in ref)  # the seed names the extraction
     for other in (two, resumed):

@@ -38,7 +38,15 @@ from infinitystar.train.features import (
 )
 from infinitystar.vae.model import VideoVAE
 
-TINY = dict(pn="0.06M", num_scales=3)  # buckets of at most 3x3 latent grids: 48x48, 32x64, 64x32 pixels
+
+def _tiny(num_scales: int):
+    """tiny-test (0.06M ladder, 16 fps, 20-frame clips) cut to its first ``num_scales`` grids."""
+    return replace(get_preset("pipeline", "tiny-test"), num_scales=num_scales, image_repetition=(1,) * num_scales,
+                   video_repetition=(1,) * num_scales)
+
+
+TINY = _tiny(3)  # buckets of at most 3x3 latent grids: 48x48, 32x64, 64x32 pixels
+P480 = get_preset("pipeline", "official-480p")  # pn 0.40M with all 14 scales, 16 fps, 20-frame clips
 COUNTER_FRAMES, COUNTER_FPS, LEVEL_STEP = 48, 24, 5
 
 
@@ -83,13 +91,13 @@ def dataset_files(media: Path, tmp_path_factory) -> tuple[DataConfig, Path]:
         _video_row(str(media / "portrait16.mp4"), 0, 20, 16, "A portrait clip."),
         {"image_path": str(media / "square.png"), "text": "A square.", "long_caption": "A square picture. Noisy."},
     ])
-    return DataConfig(jsonl=(str(jsonl),), cache_dir=str(d / "cache"), **TINY), d
+    return DataConfig(jsonl=(str(jsonl),), cache_dir=str(d / "cache")), d
 
 
 @pytest.fixture(scope="module")
 def extracted(dataset_files, vae):
     config, _ = dataset_files
-    stats = extract_features(config, vae, progress=False)
+    stats = extract_features(config, TINY, vae, progress=False)
     return config, stats
 
 
@@ -113,7 +121,7 @@ def test_bad_rows_are_reported_with_file_and_line_and_skipped(tmp_path, caplog):
     ])
     config = DataConfig(jsonl=(str(jsonl),))
     with caplog.at_level(logging.WARNING, logger="infinitystar.train.data"):
-        records, stats = load_records(config)
+        records, stats = load_records(config, P480)
     assert [r.kind for r in records] == ["video", "image"]
     assert [r.source for r in records] == [f"{jsonl}:1", f"{jsonl}:9"]
     assert stats.bad == 7 and stats.blank == 1 and stats.lines == 10
@@ -124,7 +132,7 @@ def test_bad_rows_are_reported_with_file_and_line_and_skipped(tmp_path, caplog):
     assert "'fps'" in stats.bad_rows[1] and "begin_frame_id" in stats.bad_rows[4]
     # Relative paths resolve against the jsonl's folder, or video_root when set.
     assert records[0].path == str(tmp_path / "v.mp4")
-    records, _ = load_records(replace(config, video_root=str(tmp_path / "root")))
+    records, _ = load_records(replace(config, video_root=str(tmp_path / "root")), P480)
     assert records[0].path == str(tmp_path / "root" / "v.mp4")
 
 
@@ -132,12 +140,12 @@ def test_media_filter_glob_and_missing_pattern(tmp_path):
     (tmp_path / "a").mkdir()
     _write_jsonl(tmp_path / "a" / "0.jsonl", [_video_row("v.mp4", 0, 48, 24)])
     _write_jsonl(tmp_path / "a" / "1.jsonl", [{"image_path": "i.png", "text": "t"}])
-    both, _ = load_records(DataConfig(jsonl=(str(tmp_path / "*" / "*.jsonl"),)))
+    both, _ = load_records(DataConfig(jsonl=(str(tmp_path / "*" / "*.jsonl"),)), P480)
     assert [r.kind for r in both] == ["video", "image"]
-    videos, _ = load_records(DataConfig(jsonl=(str(tmp_path),), media="video"))
+    videos, _ = load_records(DataConfig(jsonl=(str(tmp_path),), media="video"), P480)
     assert [r.kind for r in videos] == ["video"]
     with pytest.raises(FileNotFoundError, match="nothing_here"):
-        load_records(DataConfig(jsonl=(str(tmp_path / "nothing_here" / "*.jsonl"),)))
+        load_records(DataConfig(jsonl=(str(tmp_path / "nothing_here" / "*.jsonl"),)), P480)
 
 
 @pytest.mark.parametrize(("real", "config_kw", "expected"), [
@@ -159,14 +167,14 @@ def test_frame_and_latent_counts(tmp_path):
     assert [sample_frame_count(s) for s in (0, 1, 5, 10)] == [1, 17, 81, 161]
     jsonl = _write_jsonl(tmp_path / "d.jsonl", [_video_row("v.mp4", 0, 120, 24), _video_row("v.mp4", 0, 400, 24),
                                                 _video_row("v.mp4", 0, 30, 24)])
-    records, stats = load_records(DataConfig(jsonl=(str(jsonl),), max_seconds=10))
+    records, stats = load_records(DataConfig(jsonl=(str(jsonl),), max_seconds=10), P480)
     assert [(r.seconds, r.num_frames, r.latent_frames) for r in records] == [(5, 81, 21), (10, 161, 41), (1, 17, 5)]
     assert stats.clamped == 1
 
 
 def test_cut_clip_paths_are_rebased(tmp_path):
     jsonl = _write_jsonl(tmp_path / "d.jsonl", [_video_row("/data/vdataset/clip/x.mp4", 100, 148, 24)])
-    (rec,), _ = load_records(DataConfig(jsonl=(str(jsonl),)))
+    (rec,), _ = load_records(DataConfig(jsonl=(str(jsonl),)), P480)
     assert (rec.begin_frame, rec.end_frame, rec.start_time) == (0, 48, 0.0)
 
 
@@ -179,9 +187,8 @@ def test_clip_sampling_by_timestamp(media, tmp_path):
     # begin 12 @ 24 fps = 0.5 s; 28 frames = 1.17 s -> 1 s -> 17 frames at 16 fps. Output frame k is shown at
     # 0.5 + k/16 s = native frame 12 + 1.5 k; half-way ties go to the frame being shown (the earlier one).
     jsonl = _write_jsonl(tmp_path / "d.jsonl", [_video_row(str(media / "counter24.mp4"), 12, 40, 24)])
-    config = DataConfig(jsonl=(str(jsonl),), **TINY)
-    (rec,), _ = load_records(config)
-    pixels, bucket = load_record_pixels(rec, config)
+    (rec,), _ = load_records(DataConfig(jsonl=(str(jsonl),)), TINY)
+    pixels, bucket = load_record_pixels(rec, TINY)
     assert pixels.shape == (3, 17, 32, 64) and (bucket.height, bucket.width) == (32, 64)
     levels = ((pixels.mean(dim=(0, 2, 3)) + 1) * 127.5 / LEVEL_STEP).numpy()
     assert np.abs(levels - np.round(levels)).max() < 0.3  # flat frames survive the codec
@@ -191,10 +198,9 @@ def test_clip_sampling_by_timestamp(media, tmp_path):
 def test_clip_past_the_end_of_the_video_is_an_error_naming_the_record(media, tmp_path):
     # 2.5 s from t=1.5 s of a 2 s video
     jsonl = _write_jsonl(tmp_path / "d.jsonl", [_video_row(str(media / "counter24.mp4"), 36, 96, 24)])
-    config = DataConfig(jsonl=(str(jsonl),), **TINY)
-    (rec,), _ = load_records(config)
+    (rec,), _ = load_records(DataConfig(jsonl=(str(jsonl),)), TINY)
     with pytest.raises(ValueError, match=rf"{jsonl}:1: .*gives \d+ frames"):
-        load_record_pixels(rec, config)
+        load_record_pixels(rec, TINY)
 
 
 @pytest.mark.parametrize(("hw", "expected"), [
@@ -204,16 +210,15 @@ def test_clip_past_the_end_of_the_video_is_an_error_naming_the_record(media, tmp
     ((480, 640), (0.753, 560, 736)),    # 4:3 -> the 0.753 template
 ])
 def test_resolution_buckets_480p(hw, expected):
-    b = bucket_for_size(*hw, DataConfig(pn="0.40M"))
+    b = bucket_for_size(*hw, P480)
     assert (b.template, b.height, b.width) == expected
 
 
 def test_tiny_buckets_and_schedules():
-    tiny = DataConfig(**TINY)
-    assert (bucket_for_size(36, 64, tiny).height, bucket_for_size(36, 64, tiny).width) == (32, 64)
-    assert (bucket_for_size(64, 36, tiny).height, bucket_for_size(64, 36, tiny).width) == (64, 32)
+    assert (bucket_for_size(36, 64, TINY).height, bucket_for_size(36, 64, TINY).width) == (32, 64)
+    assert (bucket_for_size(64, 36, TINY).height, bucket_for_size(64, 36, TINY).width) == (64, 32)
     # 480p 16:9, 5 s: 28 scales and 81,879 visual tokens (training.md 3.1)
-    sched = sample_schedule(bucket_for_size(720, 1280, DataConfig()), 21, DataConfig())
+    sched = sample_schedule(bucket_for_size(720, 1280, P480), 21, P480)
     assert len(sched) == 28 and sum(math.prod(s) for s in sched) == 81_879
     assert sched[14:] == [(20, h, w) for _, h, w in sched[:14]]
 
@@ -225,7 +230,7 @@ def test_tiny_buckets_and_schedules():
 
 def _one_record(tmp_path, row):
     jsonl = _write_jsonl(tmp_path / "c.jsonl", [row])
-    (rec,), _ = load_records(DataConfig(jsonl=(str(jsonl),)))
+    (rec,), _ = load_records(DataConfig(jsonl=(str(jsonl),)), P480)
     return rec
 
 
@@ -289,8 +294,7 @@ def test_same_clip_in_another_bucket_gets_another_file(extracted, vae, media, tm
     shutil.copytree(config.cache_dir, cache)
     # The image record alone (one frame: fast) with a 4-scale ladder: bucket 48x48 -> 64x64.
     jsonl = _write_jsonl(tmp_path / "img.jsonl", [{"image_path": str(media / "square.png"), "text": "A square."}])
-    four = replace(config, jsonl=(str(jsonl),), cache_dir=str(cache), num_scales=4)
-    stats = extract_features(four, vae, progress=False)
+    stats = extract_features(replace(config, jsonl=(str(jsonl),), cache_dir=str(cache)), _tiny(4), vae, progress=False)
     assert stats.written == 1 and stats.skipped == 0
     names = [f.name for f in sorted(cache.rglob("*.safetensors"))]
     assert len(names) == 5 and len(set(names)) == 5
@@ -304,7 +308,7 @@ def test_second_run_skips_and_corrupt_file_is_rebuilt(extracted, vae, tmp_path, 
     shutil.copytree(config.cache_dir, cache)
     config = replace(config, cache_dir=str(cache))
     before = {f: f.stat().st_mtime_ns for f in _cache_files(config)}
-    stats = extract_features(config, vae, progress=False)
+    stats = extract_features(config, TINY, vae, progress=False)
     assert (stats.written, stats.skipped, stats.rebuilt) == (0, 4, 0)
     assert {f: f.stat().st_mtime_ns for f in _cache_files(config)} == before
 
@@ -314,7 +318,7 @@ def test_second_run_skips_and_corrupt_file_is_rebuilt(extracted, vae, tmp_path, 
     with pytest.raises(CacheError, match="unreadable"):
         validate_cache_file(victim)
     with caplog.at_level(logging.WARNING, logger="infinitystar.train.features"):
-        stats = extract_features(config, vae, progress=False)
+        stats = extract_features(config, TINY, vae, progress=False)
     assert (stats.written, stats.skipped, stats.rebuilt) == (1, 3, 1)
     assert any(victim.name in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
     rebuilt, _ = validate_cache_file(victim)
@@ -347,8 +351,8 @@ def test_extraction_reports_unreadable_clips_and_continues(media, vae, tmp_path)
         _video_row(str(tmp_path / "missing.mp4"), 0, 30, 24),
         "{broken",
     ])
-    config = DataConfig(jsonl=(str(jsonl),), cache_dir=str(tmp_path / "cache"), **TINY)
-    stats = extract_features(config, vae, progress=False)
+    config = DataConfig(jsonl=(str(jsonl),), cache_dir=str(tmp_path / "cache"))
+    stats = extract_features(config, TINY, vae, progress=False)
     assert (stats.records, stats.written, stats.failed, stats.bad_rows) == (2, 1, 1, 1)
     assert stats.failures[0].startswith(f"{jsonl}:2: ") and "missing.mp4" in stats.failures[0]
 
@@ -358,14 +362,14 @@ def test_cli_extract_features(media, vae, tmp_path, capsys):
     save_vae(vae, vae_file)
     jsonl = _write_jsonl(tmp_path / "d.jsonl", [_video_row(str(media / "counter24.mp4"), 0, 30, 24)])
     args = ["extract-features", str(jsonl), "--cache-dir", str(tmp_path / "cache"), "--vae", str(vae_file),
-            "--pn", "0.06M", "--num-scales", "3", "--quiet"]
+            "--pipeline", "tiny-test", "--quiet"]
     assert cli_main(args) == 0
     assert "1 written" in capsys.readouterr().out
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 1
     assert cli_main(args) == 0
     assert "1 already cached" in capsys.readouterr().out
-    assert cli_main(args + ["--pn", "9M"]) == 2
-    assert "9M" in capsys.readouterr().err
+    assert cli_main(args + ["--pipeline", "no-such-preset"]) == 2
+    assert "no-such-preset" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,7 +384,7 @@ def _stream(ds: LatentDataset, start: DataPosition | None = None, epochs: int = 
 
 def test_dataset_yields_expected_latents_and_schedules(extracted):
     config, _ = extracted
-    ds = LatentDataset(config)
+    ds = LatentDataset(config, TINY)
     assert len(ds) == 4 and ds.missing_cache == 0
     shapes = {}
     for s in ds.iterate(epochs=1):
@@ -394,47 +398,47 @@ def test_dataset_yields_expected_latents_and_schedules(extracted):
 
 def test_dataset_is_reproducible_by_seed_and_dropout_rate(extracted):
     config, _ = extracted
-    a = _stream(LatentDataset(config), epochs=60)
-    assert a == _stream(LatentDataset(config), epochs=60)
-    other = _stream(LatentDataset(replace(config, seed=1)), epochs=60)
+    a = _stream(LatentDataset(config, TINY), epochs=60)
+    assert a == _stream(LatentDataset(config, TINY), epochs=60)
+    other = _stream(LatentDataset(replace(config, seed=1), TINY), epochs=60)
     assert [x[1] for x in a] != [x[1] for x in other]
     # 240 draws of p = 0.1: 3 sigma ~ 0.058 (false alarm 0.3 % for a fresh seed; this seeded stream is the same on
     # every machine).
     rate = sum(x[3] for x in a) / len(a)
     assert 0.04 < rate < 0.16
     assert [x[3] for x in a] != [x[3] for x in other]
-    none = _stream(LatentDataset(replace(config, cond_dropout=0.0)), epochs=5)
+    none = _stream(LatentDataset(replace(config, cond_dropout=0.0), TINY), epochs=5)
     assert not any(x[3] for x in none)
 
 
 def test_dataset_resumes_exactly_from_a_saved_position(extracted):
     config, _ = extracted
-    full = _stream(LatentDataset(config), epochs=3)
-    ds = LatentDataset(config)
+    full = _stream(LatentDataset(config, TINY), epochs=3)
+    ds = LatentDataset(config, TINY)
     consumed = list(ds.iterate(epochs=3))[:6]  # stop after 6 samples (in epoch 1)
     state = json.loads(json.dumps(ds.state_dict(consumed[-1].next_position)))
-    fresh = LatentDataset(config)
+    fresh = LatentDataset(config, TINY)
     resumed = _stream(fresh, fresh.resume_position(state), epochs=2)
     assert resumed == full[6:]
     with pytest.raises(ValueError, match="world_size"):
-        LatentDataset(config, rank=0, world_size=2).resume_position(state)
+        LatentDataset(config, TINY, rank=0, world_size=2).resume_position(state)
 
 
 def test_dataset_shards_disjointly_across_ranks(extracted):
     config, _ = extracted
-    r0, r1 = (LatentDataset(config, rank=r, world_size=2) for r in (0, 1))
+    r0, r1 = (LatentDataset(config, TINY, rank=r, world_size=2) for r in (0, 1))
     assert len(r0) == len(r1) == 2
     for epoch in range(3):
         s0 = {x[1] for x in _stream(r0, DataPosition(epoch, 0), epochs=1)}
         s1 = {x[1] for x in _stream(r1, DataPosition(epoch, 0), epochs=1)}
         assert len(s0) == len(s1) == 2 and not s0 & s1 and len(s0 | s1) == 4
     with pytest.raises(ValueError, match="rank"):
-        LatentDataset(config, rank=2, world_size=2)
+        LatentDataset(config, TINY, rank=2, world_size=2)
 
 
 def test_dataset_workers_keep_the_order(extracted):
     config, _ = extracted
-    ds = LatentDataset(config)
+    ds = LatentDataset(config, TINY)
     assert _stream(ds, DataPosition(0, 1), epochs=2, num_workers=2) == _stream(ds, DataPosition(0, 1), epochs=2)
 
 
@@ -446,7 +450,7 @@ def test_dataset_skips_missing_and_corrupt_caches(extracted, tmp_path, caplog):
     files = _cache_files(config)
     files[0].unlink()
     files[1].write_bytes(b"garbage")
-    ds = LatentDataset(config)
+    ds = LatentDataset(config, TINY)
     assert len(ds) == 3 and ds.missing_cache == 1
     with caplog.at_level(logging.WARNING, logger="infinitystar.train.dataset"):
         got = _stream(ds, epochs=1)
@@ -459,9 +463,9 @@ def test_dataset_skips_missing_and_corrupt_caches(extracted, tmp_path, caplog):
 def test_dataset_config_errors(extracted, tmp_path):
     config, _ = extracted
     with pytest.raises(ConfigError, match="cache_dir"):
-        LatentDataset(replace(config, cache_dir=""))
+        LatentDataset(replace(config, cache_dir=""), TINY)
     with pytest.raises(ValueError, match="0 usable record"):
-        LatentDataset(replace(config, cache_dir=str(tmp_path / "empty")))
+        LatentDataset(replace(config, cache_dir=str(tmp_path / "empty")), TINY)
     with pytest.raises(ConfigError, match="cond_dropout"):
         DataConfig(cond_dropout=1.5)
 

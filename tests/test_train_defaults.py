@@ -49,7 +49,7 @@ def test_an_explicit_table_wins_and_bad_tables_fail():
 
 def test_config_files_without_a_table_follow_the_pipeline(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('[model]\npipeline = "official-720p"\n[data]\npn = "0.90M"\n', encoding="utf-8")
+    path.write_text('[model]\npipeline = "official-720p"\n[data]\nmax_seconds = 5\n', encoding="utf-8")
     cfg = load_config(TrainConfig, str(path))
     assert cfg.scale_subsets.var_len_prob is None
     assert scale_subset_config(cfg, get_preset("pipeline", cfg.model.pipeline)).var_len_prob == SCRIPT_720P
@@ -72,12 +72,12 @@ def test_outcome_probabilities_of_the_default_match_the_spec(preset, spec_p):
 
 
 def test_a_table_too_short_for_the_longest_clip_fails_at_the_start():
-    ten_720 = TrainConfig(model=ModelConfig(pipeline="official-720p"), data=DataConfig(pn="0.90M", max_seconds=10))
+    ten_720 = TrainConfig(model=ModelConfig(pipeline="official-720p"), data=DataConfig(max_seconds=10))
     # 10 s = 41 latent frames = first frame + 2 clips: 11 outcomes (training.md 3.3), the 720p table has 7.
     with pytest.raises(ConfigError, match="var_len_prob has 7 entries but 10 s clips .* have 11"):
         scale_subset_config(ten_720, get_preset("pipeline", "official-720p"))
     # The same clips train with the 480p table, or with var_len off.
-    ten_480 = TrainConfig(model=ModelConfig(pipeline="official-480p"), data=DataConfig(pn="0.40M", max_seconds=10))
+    ten_480 = TrainConfig(model=ModelConfig(pipeline="official-480p"), data=DataConfig(max_seconds=10))
     assert len(scale_subset_config(ten_480, get_preset("pipeline", "official-480p")).var_len_prob) == 11
     off = with_overrides(ten_720, {"scale_subsets.var_len": False})
     assert not scale_subset_config(off, get_preset("pipeline", "official-720p")).var_len

@@ -52,9 +52,9 @@ def tiny_data(tmp_path_factory) -> DataConfig:
 
     root = tmp_path_factory.mktemp("train_data")
     jsonl = make_dataset(root, n_clips=8, seed=0, size=64, frames=17)
-    data = DataConfig(jsonl=(str(jsonl),), cache_dir=str(root / "cache"), pn="0.06M", num_scales=6, max_seconds=0)
-    vae = InfinityStarPipeline.from_preset("tiny-test", seed=0).vae
-    stats = extract_features(data, vae, progress=False)
+    data = DataConfig(jsonl=(str(jsonl),), cache_dir=str(root / "cache"), max_seconds=0)
+    pipe = InfinityStarPipeline.from_preset("tiny-test", seed=0)
+    stats = extract_features(data, pipe.config, pipe.vae, progress=False)
     assert stats.written == 8, stats.summary()
     return data
 
@@ -64,8 +64,8 @@ def _config(data: DataConfig, out: Path, changes: dict | None = None) -> dict:
     cfg = {"out_dir": str(out), "model": {"pipeline": "tiny-test"}, "training": {"steps": 8, "batch_size": 2},
            "optimizer": {"lr": 2e-3}, "checkpoint": {"every": 4, "keep_last_k": 2},
            "scale_subsets": {"var_len": False}, "parallelism": {"activation_checkpointing": False, "device": "cpu"},
-           "data": {"jsonl": list(data.jsonl), "cache_dir": data.cache_dir, "pn": data.pn,
-                    "num_scales": data.num_scales, "max_seconds": data.max_seconds}}
+           "data": {"jsonl": list(data.jsonl), "cache_dir": data.cache_dir,
+                    "max_seconds": data.max_seconds}}
     for dotted, value in (changes or {}).items():
         *sections, key = dotted.split(".")
         table = cfg
@@ -139,15 +139,12 @@ def test_config_from_toml_and_unknown_keys(tmp_path):
         OptimizerConfig(schedule="step")
 
 
-def test_example_config_matches_its_pipeline():
-    from infinitystar.config import get_preset
-    from infinitystar.train.trainer import check_data_matches_pipeline
-
+def test_example_config_loads_and_data_takes_its_pyramid_from_the_pipeline():
     cfg = load_config(TrainConfig, str(REPO / "configs" / "train_tiny.toml"))
     assert cfg.model.pipeline == "models/tiny-base" and cfg.scale_subsets.var_len is False
-    check_data_matches_pipeline(cfg, get_preset("pipeline", "tiny-test"))  # the README saves tiny-test there
-    with pytest.raises(ConfigError, match="num_scales"):
-        check_data_matches_pipeline(TrainConfig(data=DataConfig(pn="0.06M")), get_preset("pipeline", "tiny-test"))
+    # An older config that still names a pipeline fact in [data] fails naming where the value comes from now.
+    with pytest.raises(ConfigError, match=r"^data\.num_scales is no longer .* comes from the pipeline \(model\.pipe"):
+        config_from_dict(TrainConfig, {"data": {"num_scales": 6}})
 
 
 def test_lr_schedule():

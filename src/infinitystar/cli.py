@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
-from infinitystar.checkpoints import convert_vae_checkpoint
-from infinitystar.config import get_preset
+from infinitystar.checkpoints import convert_vae_checkpoint, load_vae
+from infinitystar.config import get_preset, replace
 from infinitystar.demo import evaluate as demo_evaluate
 from infinitystar.demo import load_pipeline
+from infinitystar.demo.recipe import DEFAULT_CONFIG_DIR, RecipeOptions, run_recipe
 from infinitystar.demo.synthetic import make_dataset
-from infinitystar.pipeline import export_to_video
+from infinitystar.pipeline import export_to_video, read_pipeline_config
+from infinitystar.train.commands import add_train_commands, add_train_vae_command
+from infinitystar.train.config import DataConfig, config_from_dict, read_config_file
+from infinitystar.train.features import extract_features
 from infinitystar.web import serve
 
 
@@ -25,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract_features(subparsers)
     _add_make_demo_data(subparsers)
     _add_evaluate(subparsers)
-    _add_train(subparsers)
-    _add_train_vae(subparsers)
+    add_train_commands(subparsers)  # train, export
+    add_train_vae_command(subparsers)
     _add_train_demo(subparsers)
     _add_serve(subparsers)
     return parser
@@ -263,12 +268,18 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+# The released 480p pipeline (pixel budget 0.40M with all its scales, 16 fps, 20-frame clips): what extraction cut
+# before it took a pipeline.
+DEFAULT_EXTRACT_PIPELINE = "official-480p"
+
+
 def _add_extract_features(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "extract-features",
         help="encode training clips with the VAE into the latent cache",
-        description="Sample every jsonl record's clip at the training fps, resize/crop it to its resolution "
-        "bucket, encode it with the VAE and store the latent as safetensors under a collision-free key. "
+        description="Sample every jsonl record's clip at the pipeline's fps, resize/crop it to its resolution "
+        "bucket (the pipeline's pixel budget and scales), encode it with the VAE and store the latent as safetensors "
+        "under a collision-free key. "
         "Resumable: valid cached files are skipped, corrupt ones rebuilt; bad rows are reported with file:line.",
     )
     p.add_argument("jsonl", nargs="*", metavar="JSONL", help="jsonl files, folders or glob patterns")
@@ -277,8 +288,12 @@ def _add_extract_features(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", required=True, metavar="PATH", help="VAE checkpoint (official .pth or our safetensors)")
     p.add_argument("--vae-preset", default=None, help="architecture preset of --vae (default: from the file)")
     p.add_argument("--video-root", default=None, help="folder that relative media paths are resolved against")
-    p.add_argument("--pn", default=None, help="pixel budget of the buckets: 0.06M, 0.25M, 0.40M or 0.90M")
-    p.add_argument("--num-scales", type=int, default=None, help="truncate the scale ladder (small models)")
+    p.add_argument("--pipeline", default=DEFAULT_EXTRACT_PIPELINE, metavar="PRESET_OR_DIR",
+                   help="the pipeline the latents are for (preset name or model folder; only its configuration is "
+                   "read): its fps, pixel budget and scales per clip fix the sampling and the buckets (default: "
+                   f"{DEFAULT_EXTRACT_PIPELINE}, pixel budget 0.40M; the training config's model.pipeline)")
+    p.add_argument("--pipeline-preset", default=None,
+                   help="with --pipeline on an official download holding several transformers: which one")
     p.add_argument("--max-seconds", type=int, default=None, help="clamp clips to this many whole seconds")
     p.add_argument("--sample", action="store_true",
                    help="store a posterior sample instead of the mean (the reference's training features; use it "
@@ -292,42 +307,23 @@ def _add_extract_features(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_extract_features(args: argparse.Namespace) -> int:
-
-    from infinitystar.checkpoints import load_vae
-    from infinitystar.config import get_preset, replace
-    from infinitystar.train.config import DataConfig, config_from_dict, read_config_file
-    from infinitystar.train.features import extract_features
-
     config = DataConfig()
     if args.config:
         config = config_from_dict(DataConfig, read_config_file(args.config))
     changes = {"jsonl": tuple(args.jsonl) or None, "cache_dir": args.cache_dir, "video_root": args.video_root,
-               "pn": args.pn, "num_scales": args.num_scales, "max_seconds": args.max_seconds, "seed": args.seed,
+               "max_seconds": args.max_seconds, "seed": args.seed,
                "latent_sampling": "sample" if args.sample else None}
     config = replace(config, **{k: v for k, v in changes.items() if v is not None})
     if not config.jsonl:
         raise ValueError("no jsonl given (positional JSONL or \"jsonl\" in --config)")
+    pipeline = read_pipeline_config(args.pipeline, args.pipeline_preset)
     vae = load_vae(args.vae, get_preset("vae", args.vae_preset) if args.vae_preset else None).to(args.device)
-    stats = extract_features(config, vae, rank=args.rank, world_size=args.world_size, device=args.device,
+    stats = extract_features(config, pipeline, vae, rank=args.rank, world_size=args.world_size, device=args.device,
                              progress=not args.quiet)
     print(f"extract-features: {stats.summary()} -> {config.cache_dir}")
     for line in stats.failures:
         print(f"  failed: {line}", file=sys.stderr)
     return 1 if stats.failed else 0
-
-
-def _add_train(subparsers: argparse._SubParsersAction) -> None:
-    """``train CONFIG`` and ``export RUN_DIR OUT_DIR`` (defined in ``infinitystar.train.commands``)."""
-    from infinitystar.train.commands import add_train_commands
-
-    add_train_commands(subparsers)
-
-
-def _add_train_vae(subparsers: argparse._SubParsersAction) -> None:
-    """``train-vae CONFIG`` (defined in ``infinitystar.train.commands``)."""
-    from infinitystar.train.commands import add_train_vae_command
-
-    add_train_vae_command(subparsers)
 
 
 def _add_train_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -355,10 +351,6 @@ def _add_train_demo(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_train_demo(args: argparse.Namespace) -> int:
-    import json
-
-    from infinitystar.demo.recipe import DEFAULT_CONFIG_DIR, RecipeOptions, run_recipe
-
     options = RecipeOptions(clips=args.clips, feature_clips=args.feature_clips, workers=args.workers,
                             processes=args.processes, vae_steps=args.vae_steps, transformer_steps=args.steps)
     result = run_recipe(args.out_dir, options, args.config_dir or DEFAULT_CONFIG_DIR, do_ship=args.ship)

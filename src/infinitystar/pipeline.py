@@ -113,6 +113,49 @@ def _pipeline_config_from_dict(data: dict[str, Any]) -> PipelineConfig:
     return config_from_dict(PipelineConfig, data)
 
 
+def _own_layout_config(root: Path) -> PipelineConfig:
+    index = json.loads((root / MODEL_INDEX).read_text())
+    try:
+        return _pipeline_config_from_dict(index["config"])
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"{root / MODEL_INDEX} has no valid 'config': {exc}") from exc
+
+
+def _official_layout_choice(root: Path, preset: str | PipelineConfig | None) -> tuple[str, PipelineConfig]:
+    """The transformer folder of an official download to load and its configuration (see ``from_pretrained``)."""
+    found = {name: p for name, p in OFFICIAL_TRANSFORMER_DIRS.items() if (root / name).exists()}
+    if preset is None or isinstance(preset, PipelineConfig):
+        if len(found) != 1:
+            raise ValueError(f"{root} holds transformer folders {sorted(found) or 'none'}; pass preset= one of "
+                             f"{sorted(OFFICIAL_TRANSFORMER_DIRS.values())}")
+        folder_name, name = next(iter(found.items()))
+        return folder_name, preset if isinstance(preset, PipelineConfig) else get_preset("pipeline", name)
+    names = [n for n, p in OFFICIAL_TRANSFORMER_DIRS.items() if p == preset]
+    if not names:
+        raise ValueError(f"unknown official preset {preset!r}; valid: {sorted(OFFICIAL_TRANSFORMER_DIRS.values())}")
+    if not (root / names[0]).exists():
+        raise FileNotFoundError(f"preset {preset!r} needs the transformer folder {root / names[0]}")
+    return names[0], get_preset("pipeline", preset)
+
+
+def _not_a_pipeline_folder(root: Path) -> FileNotFoundError:
+    return FileNotFoundError(f"{root} is neither a pipeline folder ({MODEL_INDEX}) nor an official download "
+                             f"({OFFICIAL_VAE_FILE} + transformer shard folder + {OFFICIAL_T5_DIR})")
+
+
+def read_pipeline_config(source: str | os.PathLike, preset: str | None = None) -> PipelineConfig:
+    """The configuration of a pipeline preset name or model folder (our layout or the official download, where
+    ``preset`` picks the transformer as in ``from_pretrained``), read without loading any weights."""
+    root = Path(source)
+    if not root.is_dir():
+        return get_preset("pipeline", str(source))  # the error lists the presets
+    if (root / MODEL_INDEX).is_file():
+        return _own_layout_config(root)
+    if (root / OFFICIAL_VAE_FILE).is_file():
+        return _official_layout_choice(root, preset)[1]
+    raise _not_a_pipeline_folder(root)
+
+
 def _movable(component: Any) -> bool:
     """Whether a component has weights to move between devices (Flan-T5 wraps its module, others are modules)."""
     return isinstance(component, (nn.Module, FlanT5Encoder))
@@ -234,8 +277,7 @@ class InfinityStarPipeline:
         elif (root / OFFICIAL_VAE_FILE).is_file():
             pipe = cls._from_official_layout(root, preset, precision)
         else:
-            raise FileNotFoundError(f"{root} is neither a pipeline folder ({MODEL_INDEX}) nor an official download "
-                                f"({OFFICIAL_VAE_FILE} + transformer shard folder + {OFFICIAL_T5_DIR})")
+            raise _not_a_pipeline_folder(root)
         return pipe.set_precision(precision)
 
     @staticmethod
@@ -245,11 +287,7 @@ class InfinityStarPipeline:
 
     @classmethod
     def _from_own_layout(cls, root: Path, precision: str | None) -> InfinityStarPipeline:
-        index = json.loads((root / MODEL_INDEX).read_text())
-        try:
-            cfg = _pipeline_config_from_dict(index["config"])
-        except (KeyError, TypeError) as exc:
-            raise ConfigError(f"{root / MODEL_INDEX} has no valid 'config': {exc}") from exc
+        cfg = _own_layout_config(root)
         transformer = checkpoints.load_transformer(root / "transformer" / "model.safetensors", cfg.transformer)
         block_dtype = cls._load_block_dtype(cfg, precision)
         if block_dtype is not None:
@@ -261,22 +299,7 @@ class InfinityStarPipeline:
     @classmethod
     def _from_official_layout(cls, root: Path, preset: str | PipelineConfig | None,
                               precision: str | None) -> InfinityStarPipeline:
-        found = {name: p for name, p in OFFICIAL_TRANSFORMER_DIRS.items() if (root / name).exists()}
-        if preset is None or isinstance(preset, PipelineConfig):
-            if len(found) != 1:
-                raise ValueError(f"{root} holds transformer folders {sorted(found) or 'none'}; pass preset= one of "
-                                 f"{sorted(OFFICIAL_TRANSFORMER_DIRS.values())}")
-            folder_name, name = next(iter(found.items()))
-            cfg = preset if isinstance(preset, PipelineConfig) else get_preset("pipeline", name)
-        else:
-            names = [n for n, p in OFFICIAL_TRANSFORMER_DIRS.items() if p == preset]
-            if not names:
-                valid = sorted(OFFICIAL_TRANSFORMER_DIRS.values())
-                raise ValueError(f"unknown official preset {preset!r}; valid: {valid}")
-            folder_name = names[0]
-            if not (root / folder_name).exists():
-                raise FileNotFoundError(f"preset {preset!r} needs the transformer folder {root / folder_name}")
-            cfg = get_preset("pipeline", preset)
+        folder_name, cfg = _official_layout_choice(root, preset)
         transformer = checkpoints.load_official_transformer(root / folder_name, cfg.transformer,
                                                             block_dtype=cls._load_block_dtype(cfg, precision))
         vae = checkpoints.load_vae(root / OFFICIAL_VAE_FILE, cfg.vae)
@@ -714,4 +737,4 @@ def export_to_video(frames: Any, path: str | os.PathLike, fps: int = 16) -> Path
 
 
 __all__ = ["InfinityStarPipeline", "InfinityStarPipelineOutput", "export_to_video", "extension_frames",
-           "interactive_reference_frames"]
+           "interactive_reference_frames", "read_pipeline_config"]

@@ -422,7 +422,7 @@ def training_caption(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def guidance_dropout_mask(batch_size: int, p: float, generator: torch.Generator) -> torch.Tensor:
+def guidance_dropout_mask(batch_size: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """bool [B]: which samples lose their text this step (``cond_drop_rate``, 0.1 in the reference)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"guidance dropout probability must be in [0, 1], got {p}")

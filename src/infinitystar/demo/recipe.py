@@ -232,8 +232,7 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     if not done_marker.is_file():
         t0 = time.perf_counter()
         args = ["extract-features", str(subset), "--cache-dir", str(cache), "--vae",
-                str(base / "vae" / "model.safetensors"), "--pn", str(data_cfg.get("pn", "0.06M")),
-                "--num-scales", str(data_cfg.get("num_scales", 4)),
+                str(base / "vae" / "model.safetensors"), "--pipeline", str(base),
                 "--max-seconds", str(data_cfg.get("max_seconds", 2)), "--quiet"]
         _log(f"extract-features: {opts.workers} process(es) over {opts.feature_clips} clips")
         procs = [_cli([*args, "--rank", str(r), "--world-size", str(opts.workers)],

@@ -28,10 +28,9 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from infinitystar.config import ConfigError, get_preset
-from infinitystar.generation.schedules import num_scales_for_pn
 from infinitystar.train.loss import LossWeighting
 from infinitystar.train.scale_subsets import ScaleSubsetConfig
 
@@ -167,10 +166,20 @@ class ParallelismConfig:
 class DataConfig:
     """Where the training records and cached latents live, and how clips and captions are drawn.
 
-    Defaults follow the released 480p fine-tuning scripts (training spec sections 2 and 10): 16 fps,
-    whole-second durations clamped to 5 s (``video_frames=81``), the ``<<<t=Ns>>>`` duration prefix on
-    video captions, sentence truncation with probability 0.3 and 10 % condition (caption) dropout.
+    Defaults follow the released 480p fine-tuning scripts (training spec sections 2 and 10): whole-second
+    durations clamped to 5 s (``video_frames=81``), the ``<<<t=Ns>>>`` duration prefix on video captions,
+    sentence truncation with probability 0.3 and 10 % condition (caption) dropout. The training fps, the scale
+    pyramid (pixel budget, scales per clip, clip length) and the VAE stride are the pipeline's (``model.pipeline``):
+    the data is cut as the model generates.
     """
+
+    # Fields of older configs that now come from the pipeline: named in one clear error, never silently dropped.
+    MOVED_FIELDS: ClassVar[dict[str, str]] = {
+        key: f"{what} comes from the pipeline (model.pipeline; extract-features --pipeline)"
+        for key, what in (("pn", "the pixel budget"), ("num_scales", "the number of scales per clip"),
+                          ("frames_inner_clip", "the clip length"), ("time_stride", "the VAE time stride"),
+                          ("fps", "the training fps"))
+    }
 
     # jsonl files or glob patterns (``data/*/*.jsonl``); records in the reference format.
     jsonl: tuple[str, ...] = ()
@@ -179,16 +188,6 @@ class DataConfig:
     # Relative ``video_path`` / ``image_path`` values are resolved against this folder (None = the
     # folder of the jsonl file that holds the record).
     video_root: str | None = None
-    # Training frame rate; clips are sampled by timestamp at this rate whatever the native fps.
-    fps: int = 16
-    # Pixel budget of the bucket table and of the scale pyramid ('0.06M', '0.25M', '0.40M', '0.90M') ...
-    pn: str = "0.40M"
-    # ... optionally truncated to its first `num_scales` grids (tiny test models; None = the pn's own).
-    num_scales: int | None = None
-    # Latent frames per clip of the space-time pyramid (20 = 5 s at 16 fps with the 4x temporal VAE).
-    frames_inner_clip: int = 20
-    # VAE temporal compression (latent frames = (pixel frames - 1) / time_stride + 1).
-    time_stride: int = 4
     # Clips longer than this many whole seconds are clamped to it (or dropped with drop_long_video);
     # 5 = the released `video_frames=81`, 10 = 161.
     max_seconds: int = 5
@@ -219,20 +218,6 @@ class DataConfig:
         object.__setattr__(self, "jsonl", jsonl)
         _require(all(isinstance(p, str) and p for p in jsonl),
                  f"DataConfig.jsonl must be non-empty path strings, got {list(jsonl)}")
-        _require(isinstance(self.fps, int) and self.fps > 0, f"DataConfig.fps must be an int > 0, got {self.fps!r}")
-        try:
-            full = num_scales_for_pn(self.pn)
-        except (KeyError, ValueError) as err:
-            raise ConfigError(f"DataConfig.pn: unknown pixel budget {self.pn!r} ({err})") from None
-        if self.num_scales is not None:
-            _require(1 <= self.num_scales <= full,
-                     f"DataConfig.num_scales must be in 1..{full} for pn={self.pn!r}, got {self.num_scales}")
-        _require(self.frames_inner_clip > 0,
-                 f"DataConfig.frames_inner_clip must be > 0, got {self.frames_inner_clip}")
-        _require(self.time_stride > 0, f"DataConfig.time_stride must be > 0, got {self.time_stride}")
-        _require(self.fps % self.time_stride == 0,
-                 f"DataConfig.fps ({self.fps}) must be a multiple of time_stride ({self.time_stride}) so whole "
-                 f"seconds map to whole latent frames")
         _require(self.max_seconds >= 0, f"DataConfig.max_seconds must be >= 0, got {self.max_seconds}")
         _require(0 <= self.min_seconds <= self.max_seconds,
                  f"DataConfig.min_seconds must be in 0..max_seconds ({self.max_seconds}), got {self.min_seconds}")
@@ -250,10 +235,6 @@ class DataConfig:
                  f"DataConfig.latent_sampling must be 'mean' or 'sample', got {self.latent_sampling!r}")
         _require(isinstance(self.seed, int), f"DataConfig.seed must be an int, got {self.seed!r}")
         _require(self.num_workers >= 0, f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
-
-    @property
-    def latent_frames_per_second(self) -> int:
-        return self.fps // self.time_stride
 
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
@@ -323,7 +304,7 @@ class TrainConfig:
     # Run folder: train_config.json, train_log.jsonl, checkpoints/step_XXXXXXXX.
     out_dir: str = "runs/train"
     model: ModelConfig = field(default_factory=ModelConfig)
-    # Records, latent cache, captions, buckets; its pn/num_scales/frames_inner_clip must match the pipeline's.
+    # Records, latent cache, captions, clip durations; fps, buckets and pyramids are model.pipeline's.
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -569,6 +550,9 @@ def _check_keys(cls: type, data: Any, where: str) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__} must be a table/object, got {data!r}")
     names = {f.name for f in dataclasses.fields(cls)}
+    for key, reason in getattr(cls, "MOVED_FIELDS", {}).items():
+        dotted = f"{where}.{key}" if where else key
+        _require(key not in data, f"{dotted} is no longer a {cls.__name__} setting: {reason}")
     unknown = sorted(set(data) - names)
     if unknown:
         shown = [f"{where}.{k}" if where else k for k in unknown]

@@ -15,7 +15,8 @@ A row that cannot be used (not JSON, missing or mistyped field, empty range, no 
 Durations (training.md 2.2/2.3): ``real = (end - begin) / fps``; mapped to whole seconds ``int(real)``,
 dropped below ``min_seconds``, clamped to (or, with ``drop_long_video``, dropped above) ``max_seconds``.
 A clip of ``D`` seconds is ``16 D + 1`` frames sampled by timestamp from ``begin / fps`` (``media.read_video``),
-i.e. ``4 D + 1`` latent frames.
+i.e. ``4 D + 1`` latent frames. The training fps, the scale pyramid (pixel budget, scales per clip, clip length) and
+the VAE stride are the pipeline's (:class:`~infinitystar.config.PipelineConfig`), passed beside the ``DataConfig``.
 
 Captions (``draw_caption``) and every other draw of a record in an epoch come from a generator seeded by
 ``(seed, epoch, record uid)`` (``record_generator``), so they do not depend on the rank, the worker or where a run
@@ -38,14 +39,13 @@ from typing import Any, Literal
 
 import torch
 
-from infinitystar.config import ConfigError
+from infinitystar.config import ConfigError, PipelineConfig
 from infinitystar.generation.schedules import (
     SPATIAL_STRIDE,
     Scale,
     h_div_w_templates,
     latent_frames,
     nearest_h_div_w_template,
-    num_scales_for_pn,
     resolution_bucket,
     spatial_ladder,
     video_scale_schedule,
@@ -210,11 +210,12 @@ def _resolve_path(value: str, base: Path) -> str:
     return os.path.abspath(p if p.is_absolute() else base / p)
 
 
-def parse_record(row: Any, where: str, config: DataConfig, base_dir: Path) -> tuple[Record | None, str]:
+def parse_record(row: Any, where: str, config: DataConfig, pipeline: PipelineConfig,
+                 base_dir: Path) -> tuple[Record | None, str]:
     """One decoded jsonl row -> ``(record, status)``; raises :class:`RecordError` for a bad row.
 
     ``status`` is the duration status of :func:`map_duration` (``record`` is None when the clip is
-    dropped for its length). ``base_dir`` resolves relative paths.
+    dropped for its length). Clips are sampled at ``pipeline.fps``; ``base_dir`` resolves relative paths.
     """
     if not isinstance(row, dict):
         raise RecordError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
@@ -244,7 +245,7 @@ def parse_record(row: Any, where: str, config: DataConfig, base_dir: Path) -> tu
         return Record(kind="video", path=_resolve_path(raw_path, base_dir), source=where, captions=captions,
                       quality_prompt=_text_field(row, "quality_prompt", where), begin_frame=begin, end_frame=end,
                       native_fps=float(fps), seconds=seconds,
-                      num_frames=sample_frame_count(seconds, config.fps)), status
+                      num_frames=sample_frame_count(seconds, pipeline.fps)), status
     if "image_path" in row:
         raw_path = _text_field(row, "image_path", where, required=True)
         if not raw_path:
@@ -257,7 +258,8 @@ def parse_record(row: Any, where: str, config: DataConfig, base_dir: Path) -> tu
     raise RecordError(f"{where}: neither 'video_path' nor 'image_path' (keys: {sorted(row)[:10]})")
 
 
-def read_jsonl(path: Path, config: DataConfig, stats: ParseStats | None = None) -> list[Record]:
+def read_jsonl(path: Path, config: DataConfig, pipeline: PipelineConfig,
+               stats: ParseStats | None = None) -> list[Record]:
     """Every usable record of one jsonl file; bad rows are logged (``file:line: reason``) and skipped."""
     stats = stats if stats is not None else ParseStats()
     base = Path(config.video_root) if config.video_root else path.parent
@@ -275,7 +277,7 @@ def read_jsonl(path: Path, config: DataConfig, stats: ParseStats | None = None) 
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise RecordError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-                record, status = parse_record(row, where, config, base)
+                record, status = parse_record(row, where, config, pipeline, base)
             except RecordError as err:
                 stats.bad += 1
                 stats.bad_rows.append(str(err))
@@ -296,14 +298,18 @@ def read_jsonl(path: Path, config: DataConfig, stats: ParseStats | None = None) 
     return records
 
 
-def load_records(config: DataConfig) -> tuple[list[Record], ParseStats]:
-    """All records of ``config.jsonl`` (files in sorted order, rows in file order) and the parse counts."""
+def load_records(config: DataConfig, pipeline: PipelineConfig) -> tuple[list[Record], ParseStats]:
+    """All records of ``config.jsonl`` (files in sorted order, rows in file order), sampled at the pipeline's fps,
+    and the parse counts."""
     if not config.jsonl:
         raise ConfigError("DataConfig.jsonl is empty: give at least one jsonl file, folder or glob pattern")
+    if pipeline.fps % pipeline.vae.time_stride:
+        raise ConfigError(f"pipeline {pipeline.name!r}: fps ({pipeline.fps}) must be a multiple of the VAE time "
+                          f"stride ({pipeline.vae.time_stride}) so whole training seconds map to whole latent frames")
     stats = ParseStats()
     records: list[Record] = []
     for path in resolve_jsonl_files(config.jsonl):
-        records.extend(read_jsonl(path, config, stats))
+        records.extend(read_jsonl(path, config, pipeline, stats))
     if stats.bad:
         logger.warning("%d bad row(s) skipped in %d jsonl file(s)", stats.bad, stats.files)
     return records, stats
@@ -327,42 +333,39 @@ class Bucket:
         return self.height // SPATIAL_STRIDE, self.width // SPATIAL_STRIDE
 
 
-def _ladder(template: float, config: DataConfig) -> tuple[tuple[int, int], ...]:
-    k = config.num_scales if config.num_scales is not None else num_scales_for_pn(config.pn)
-    return spatial_ladder(template)[:k]
+def _ladder(template: float, pipeline: PipelineConfig) -> tuple[tuple[int, int], ...]:
+    return spatial_ladder(template)[:pipeline.scales_per_clip]
 
 
-def bucket_for_size(height: int, width: int, config: DataConfig) -> Bucket:
+def bucket_for_size(height: int, width: int, pipeline: PipelineConfig) -> Bucket:
     """The bucket of a picture of ``height x width`` pixels: nearest h/w template, its last grid x 16.
 
-    Uses ``schedules.resolution_bucket`` for the released pixel budgets; with ``num_scales`` (small
-    test models) the target is the last of the first ``num_scales`` grids.
+    Uses ``schedules.resolution_bucket`` for the released pixel budgets; with the pipeline's ``num_scales``
+    (small models) the target is the last of the first ``num_scales`` grids.
     """
     if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
         raise ValueError(f"picture size must be positive integers, got {height!r}x{width!r}")
-    if config.num_scales is None:
-        template, (h, w) = resolution_bucket(height, width, config.pn)
+    if pipeline.num_scales is None:
+        template, (h, w) = resolution_bucket(height, width, pipeline.pn)
         return Bucket(template, h, w)
-    template = nearest_h_div_w_template(height / width)
-    gh, gw = _ladder(template, config)[-1]
-    return Bucket(template, gh * SPATIAL_STRIDE, gw * SPATIAL_STRIDE)
+    return bucket_for_template(nearest_h_div_w_template(height / width), pipeline)
 
 
-def bucket_for_template(template: float, config: DataConfig) -> Bucket:
+def bucket_for_template(template: float, pipeline: PipelineConfig) -> Bucket:
     """The bucket of an h/w template key (its last grid x 16)."""
-    gh, gw = _ladder(template, config)[-1]
+    gh, gw = _ladder(template, pipeline)[-1]
     return Bucket(template, gh * SPATIAL_STRIDE, gw * SPATIAL_STRIDE)
 
 
-def bucket_sizes(config: DataConfig) -> set[tuple[int, int]]:
-    """Pixel (height, width) of every bucket of the config (short test ladders share sizes across templates)."""
-    return {(b.height, b.width) for b in (bucket_for_template(t, config) for t in h_div_w_templates())}
+def bucket_sizes(pipeline: PipelineConfig) -> set[tuple[int, int]]:
+    """Pixel (height, width) of every bucket of the pipeline (short ladders share sizes across templates)."""
+    return {(b.height, b.width) for b in (bucket_for_template(t, pipeline) for t in h_div_w_templates())}
 
 
-def sample_schedule(bucket: Bucket, latent_frames: int, config: DataConfig) -> list[Scale]:
+def sample_schedule(bucket: Bucket, latent_frames: int, pipeline: PipelineConfig) -> list[Scale]:
     """The full space-time pyramid (training.md 3.1) of a latent with ``latent_frames`` frames in ``bucket``."""
-    image = [(1, h, w) for h, w in _ladder(bucket.template, config)]
-    return video_scale_schedule(image, latent_frames, config.frames_inner_clip)
+    image = [(1, h, w) for h, w in _ladder(bucket.template, pipeline)]
+    return video_scale_schedule(image, latent_frames, pipeline.frames_inner_clip)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from infinitystar.config import ConfigError
+from infinitystar.config import ConfigError, PipelineConfig
 from infinitystar.generation.schedules import Scale
 from infinitystar.text import guidance_dropout_mask
 from infinitystar.train.config import DataConfig
@@ -102,7 +102,8 @@ def _identity(x: Any) -> Any:
 
 
 class LatentDataset:
-    """Cached latents of the records of a :class:`DataConfig`, in a seeded order, sharded by rank.
+    """Cached latents of the records of a :class:`DataConfig`, in a seeded order, sharded by rank; sampled,
+    bucketed and cut into scale schedules as ``pipeline`` generates (its fps and pyramid).
 
     ``feature_tag`` selects which extraction to read when the cache holds several (VAE identity and
     posterior mode, see ``train.features.feature_tag``); None accepts the only one present. ``vae``
@@ -115,6 +116,7 @@ class LatentDataset:
     def __init__(
         self,
         config: DataConfig,
+        pipeline: PipelineConfig,
         *,
         rank: int = 0,
         world_size: int = 1,
@@ -124,15 +126,15 @@ class LatentDataset:
     ) -> None:
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        self.config, self.rank, self.world_size, self.vae = config, rank, world_size, vae
+        self.config, self.pipeline, self.rank, self.world_size, self.vae = config, pipeline, rank, world_size, vae
         if records is None:
-            records, self.stats = load_records(config)
+            records, self.stats = load_records(config, pipeline)
         else:
             self.stats = ParseStats(videos=sum(r.kind == "video" for r in records),
                                     images=sum(r.kind == "image" for r in records))
         if not config.cache_dir and vae is None:
             raise ConfigError("DataConfig.cache_dir is empty and no VAE was given: nothing to read latents from")
-        index = FeatureIndex.scan(config.cache_dir, config) if config.cache_dir else None
+        index = FeatureIndex.scan(config.cache_dir, pipeline) if config.cache_dir else None
         if index is not None and feature_tag is None:
             tags = index.tags()
             if len(tags) > 1:
@@ -204,10 +206,10 @@ class LatentDataset:
         """The latent ``[64, pt, h, w]`` of record ``i`` (cut to its ``pt``) and its bucket."""
         rec, path = self.records[i], self.cache_files[i]
         if path is not None:
-            latent, bucket = load_cached_latent(path, self.config)
+            latent, bucket = load_cached_latent(path, self.pipeline)
         else:
             assert self.vae is not None
-            latent, bucket = encode_record(self.vae, rec, self.config)
+            latent, bucket = encode_record(self.vae, rec, self.config, self.pipeline)
         return latent[:, : rec.latent_frames].contiguous(), bucket
 
     def sample(self, epoch: int, index: int) -> DataSample:
@@ -222,7 +224,7 @@ class LatentDataset:
         caption = draw_caption(rec, self.config, gen)
         drop = bool(guidance_dropout_mask(1, self.config.cond_dropout,
                                           record_generator(self.config.seed, epoch, self._uid(i), "dropout"))[0])
-        return DataSample(latent, sample_schedule(bucket, latent.shape[1], self.config), caption, drop, rec, bucket,
+        return DataSample(latent, sample_schedule(bucket, latent.shape[1], self.pipeline), caption, drop, rec, bucket,
                           self.cache_files[i], DataPosition(epoch, index))
 
     def _try_sample(self, epoch: int, index: int) -> DataSample | _Skipped:

@@ -11,7 +11,7 @@ Cache layout and keys (fixes the reference's stem-only md5 that collides, traini
 
 * ``clip`` = sha256 of the absolute source path and the native frame range (:func:`clip_key`), ``kk``
   its first two hex digits (a fan-out so no folder grows huge);
-* ``F`` = pixel frames sampled at the training fps (``16 s + 1``; 1 for images), ``H x W`` the bucket;
+* ``F`` = pixel frames sampled at the pipeline's fps (``16 s + 1``; 1 for images), ``H x W`` the bucket;
 * ``tag`` = the extraction's identity (:func:`feature_tag`): a hash of the VAE's config and weights,
   plus the posterior mode (``mean``, or ``s<seed>`` for a seeded posterior sample).
 
@@ -40,6 +40,7 @@ from safetensors.torch import load as load_bytes
 from tqdm import tqdm
 
 from infinitystar.checkpoints import save_safetensors
+from infinitystar.config import PipelineConfig
 from infinitystar.generation.schedules import latent_frames
 from infinitystar.media import frames_to_tensor, read_image, read_video, resize_and_center_crop
 from infinitystar.train.config import DataConfig
@@ -156,8 +157,8 @@ class FeatureIndex:
                 self._by_clip.setdefault(e.clip, []).append(e)
 
     @classmethod
-    def scan(cls, cache_dir: str | os.PathLike, config: DataConfig | None = None) -> FeatureIndex:
-        """Index ``cache_dir`` (a missing folder is an empty cache); with ``config``, only its bucket sizes."""
+    def scan(cls, cache_dir: str | os.PathLike, pipeline: PipelineConfig | None = None) -> FeatureIndex:
+        """Index ``cache_dir`` (a missing folder is an empty cache); with ``pipeline``, only its bucket sizes."""
         root = Path(cache_dir)
         entries = []
         if root.is_dir():
@@ -167,7 +168,7 @@ class FeatureIndex:
                         entry = CacheEntry.from_path(Path(f.path))
                         if entry is not None:
                             entries.append(entry)
-        return cls(entries, bucket_sizes(config) if config is not None else None)
+        return cls(entries, bucket_sizes(pipeline) if pipeline is not None else None)
 
     def tags(self) -> set[str]:
         return {e.tag for es in self._by_clip.values() for e in es}
@@ -186,7 +187,7 @@ class FeatureIndex:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_record_pixels(record: Record, config: DataConfig) -> tuple[torch.Tensor, Bucket]:
+def load_record_pixels(record: Record, pipeline: PipelineConfig) -> tuple[torch.Tensor, Bucket]:
     """Decode, sample, bucket and transform a record: float32 ``[3, F, H, W]`` in [-1, 1] and its bucket.
 
     Videos: ``F = 16 s + 1`` frames sampled by timestamp from ``begin_frame / native_fps``; the bucket is
@@ -195,15 +196,15 @@ def load_record_pixels(record: Record, config: DataConfig) -> tuple[torch.Tensor
     """
     if record.kind == "image":
         img = read_image(record.path)
-        bucket = bucket_for_size(img.height, img.width, config)
+        bucket = bucket_for_size(img.height, img.width, pipeline)
         frame = np.asarray(resize_and_center_crop(img, bucket.height, bucket.width))
         return frames_to_tensor(frame[None]), bucket
-    frames_THW3, _ = read_video(record.path, fps=config.fps, max_frames=record.num_frames,
+    frames_THW3, _ = read_video(record.path, fps=pipeline.fps, max_frames=record.num_frames,
                                 start_time=record.start_time, end_tolerance=END_TOLERANCE_S)
     if frames_THW3.shape[0] != record.num_frames:
-        raise ValueError(f"{record.source}: {record.path} gives {frames_THW3.shape[0]} frames at {config.fps} fps "
+        raise ValueError(f"{record.source}: {record.path} gives {frames_THW3.shape[0]} frames at {pipeline.fps} fps "
                          f"from t={record.start_time:.3f}s, the {record.seconds} s clip needs {record.num_frames}")
-    bucket = bucket_for_size(int(frames_THW3.shape[1]), int(frames_THW3.shape[2]), config)
+    bucket = bucket_for_size(int(frames_THW3.shape[1]), int(frames_THW3.shape[2]), pipeline)
     return frames_to_tensor(resize_and_center_crop(frames_THW3, bucket.height, bucket.width)), bucket
 
 
@@ -214,14 +215,14 @@ def _sample_generator(seed: int, clip: str, device: torch.device) -> torch.Gener
 
 
 @torch.no_grad()
-def encode_record(vae: torch.nn.Module, record: Record, config: DataConfig,
+def encode_record(vae: torch.nn.Module, record: Record, config: DataConfig, pipeline: PipelineConfig,
                   device: torch.device | str | None = None) -> tuple[torch.Tensor, Bucket]:
     """The latent ``[64, pt, h, w]`` (float32, CPU) of one record, and its bucket.
 
     Posterior mean by default; ``config.latent_sampling == "sample"`` draws a posterior sample from a
     generator seeded by ``(config.seed, clip key)``.
     """
-    pixels_3FHW, bucket = load_record_pixels(record, config)
+    pixels_3FHW, bucket = load_record_pixels(record, pipeline)
     device = torch.device(device) if device is not None else next(vae.parameters()).device
     x = pixels_3FHW[None].to(device)
     if config.latent_sampling == "sample":
@@ -277,17 +278,17 @@ def validate_cache_file(path: str | os.PathLike, embed_dim: int | None = None) -
     return latent, meta
 
 
-def load_cached_latent(path: str | os.PathLike, config: DataConfig) -> tuple[torch.Tensor, Bucket]:
+def load_cached_latent(path: str | os.PathLike, pipeline: PipelineConfig) -> tuple[torch.Tensor, Bucket]:
     """A checked cached latent ``[C, pt, h, w]`` and its bucket (raises :class:`CacheError`)."""
     latent, meta = validate_cache_file(path)
     h, w = int(meta["height"]), int(meta["width"])
     try:
-        bucket = bucket_for_template(float(meta["template"]), config)
+        bucket = bucket_for_template(float(meta["template"]), pipeline)
     except (KeyError, ValueError) as err:
         raise CacheError(f"{path}: no valid h/w template in the metadata ({err})") from None
     if (bucket.height, bucket.width) != (h, w):
         raise CacheError(f"{path}: bucket {h}x{w} is not the template {bucket.template}'s bucket "
-                         f"{bucket.height}x{bucket.width} for pn={config.pn!r}, num_scales={config.num_scales}")
+                         f"{bucket.height}x{bucket.width} for pn={pipeline.pn!r}, num_scales={pipeline.num_scales}")
     return latent, bucket
 
 
@@ -315,14 +316,14 @@ class ExtractionStats:
 
 
 def _write_latent(path: Path, latent: torch.Tensor, record: Record, bucket: Bucket, clip: str, tag: str,
-                  config: DataConfig, vae_id: str) -> None:
+                  config: DataConfig, pipeline: PipelineConfig, vae_id: str) -> None:
     meta = {
         "format": FEATURE_FORMAT, "clip_key": clip, "num_frames": str(record.num_frames),
         "height": str(bucket.height), "width": str(bucket.width), "template": str(bucket.template),
         "tag": tag, "shape": json.dumps(list(latent.shape)), "source": record.path, "kind": record.kind,
         "begin_frame": str(record.begin_frame), "end_frame": str(record.end_frame),
-        "native_fps": str(record.native_fps), "seconds": str(record.seconds), "fps": str(config.fps),
-        "pn": config.pn, "num_scales": str(config.num_scales), "vae_id": vae_id,
+        "native_fps": str(record.native_fps), "seconds": str(record.seconds), "fps": str(pipeline.fps),
+        "pn": pipeline.pn, "num_scales": str(pipeline.num_scales), "vae_id": vae_id,
         "latent_sampling": config.latent_sampling, "seed": str(config.seed), "record": record.source,
     }
     save_safetensors({LATENT_KEY: latent}, path, metadata=meta)
@@ -354,6 +355,7 @@ def _existing_entry(cache_dir: Path, clip: str, record: Record, tag: str, sizes:
 
 def extract_features(
     config: DataConfig,
+    pipeline: PipelineConfig,
     vae: torch.nn.Module,
     *,
     vae_id: str | None = None,
@@ -362,27 +364,29 @@ def extract_features(
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> ExtractionStats:
-    """Encode every record of ``config.jsonl`` into ``config.cache_dir`` (records ``rank::world_size``).
+    """Encode every record of ``config.jsonl`` into ``config.cache_dir`` (records ``rank::world_size``), sampled
+    and bucketed as ``pipeline`` generates (fps, pixel budget, scales per clip); ``vae`` must have its time stride.
 
     Resumable: a record whose valid cache file exists is skipped without decoding; corrupt files are
     reported and rebuilt; unreadable clips are logged with ``file:line`` and counted, never fatal.
     """
     if not config.cache_dir:
         raise ValueError("DataConfig.cache_dir is empty: where should the latents go?")
-    vae_stride = getattr(getattr(vae, "config", None), "time_stride", config.time_stride)
-    if vae_stride != config.time_stride:
-        raise ValueError(f"VAE temporal stride {vae_stride} != DataConfig.time_stride {config.time_stride}")
+    stride = pipeline.vae.time_stride
+    vae_stride = getattr(getattr(vae, "config", None), "time_stride", stride)
+    if vae_stride != stride:
+        raise ValueError(f"VAE temporal stride {vae_stride} != pipeline {pipeline.name!r}'s VAE time stride {stride}")
     if not (0 <= rank < world_size):
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     t0 = time.perf_counter()
     vae = vae.eval()
     vae_id = vae_id or vae_identity(vae)
     tag = feature_tag(vae_id, config.latent_sampling, config.seed)
-    records, parse_stats = load_records(config)
+    records, parse_stats = load_records(config, pipeline)
     mine = records[rank::world_size]
     stats = ExtractionStats(records=len(mine), bad_rows=parse_stats.bad)
     cache_dir = Path(config.cache_dir)
-    sizes = bucket_sizes(config)
+    sizes = bucket_sizes(pipeline)
     bar = tqdm(mine, desc="extract-features", unit="clip", disable=not progress)
     for record in bar:
         clip = clip_key(record)
@@ -391,7 +395,7 @@ def extract_features(
             stats.skipped += 1
             continue
         try:
-            latent, bucket = encode_record(vae, record, config, device)
+            latent, bucket = encode_record(vae, record, config, pipeline, device)
         except (OSError, ValueError, RuntimeError) as err:
             stats.failed += 1
             msg = f"{record.source}: {record.path}: {err}"
@@ -399,7 +403,7 @@ def extract_features(
             logger.warning("cannot extract features: %s", msg)
             continue
         path = cache_path(cache_dir, clip, record.num_frames, bucket, tag)
-        _write_latent(path, latent, record, bucket, clip, tag, config, vae_id)
+        _write_latent(path, latent, record, bucket, clip, tag, config, pipeline, vae_id)
         stats.written += 1
         if corrupt:
             stats.rebuilt += 1

@@ -31,6 +31,7 @@ from torch import nn
 
 from infinitystar.config import QuantizerConfig
 from infinitystar.generation.schedules import FRAMES_INNER_CLIP, Scale
+from infinitystar.text import guidance_dropout_mask
 from infinitystar.train.loss import LossOutput, LossWeighting, bit_loss_per_token, reduce_loss
 from infinitystar.train.scale_subsets import ScaleSubsetConfig, plan_packed_step
 from infinitystar.train.self_correction import RandomBitFlips, TrainingTokens, tokenize_for_training
@@ -218,15 +219,6 @@ def packed_loss(
     return reduced, layout
 
 
-def draw_condition_dropout(n: int, rate: float, generator: torch.Generator | None = None) -> list[bool]:
-    """Per sample, True (use the unconditional text) with probability ``rate``."""
-    if not 0 <= rate <= 1:
-        raise ValueError(f"cond_drop_rate must be in [0, 1], got {rate}")
-    if rate == 0:
-        return [False] * n
-    return (torch.rand(n, generator=generator) < rate).tolist()
-
-
 def train_step(
     model: InfinityStarTransformer,
     optimizer: torch.optim.Optimizer | None,
@@ -256,7 +248,9 @@ def train_step(
     """
     weighting = weighting if weighting is not None else LossWeighting()
     if uncond is None:
-        uncond = draw_condition_dropout(len(samples), cond_drop_rate, generator)
+        # No draw at rate 0: the generator stream is the same as a run without condition dropout.
+        uncond = ([False] * len(samples) if cond_drop_rate == 0
+                  else guidance_dropout_mask(len(samples), cond_drop_rate, generator).tolist())
     elif len(uncond) != len(samples):
         raise ValueError(f"uncond has {len(uncond)} entries for {len(samples)} samples")
     reduced, layout = packed_loss(model, samples, weighting, uncond=uncond, backend=backend,

@@ -53,11 +53,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from infinitystar.config import ConfigError, get_preset
+from infinitystar.config import ConfigError, PipelineConfig, get_preset
 from infinitystar.fileio import atomic_write_json
 from infinitystar.generation.schedules import (
     latent_frames,
-    num_scales_for_pn,
     pixel_frames,
     scale_repetitions,
     scales_per_clip,
@@ -122,35 +121,24 @@ def load_base_pipeline(cfg: TrainConfig):
     return InfinityStarPipeline.from_preset(model.pipeline, seed=cfg.training.seed)
 
 
-def check_data_matches_pipeline(cfg: TrainConfig, pipe_cfg: Any) -> None:
-    """The data's pyramid must be the one the model generates (pixel budget, scales, clip length, VAE stride)."""
-    d = cfg.data
-    data_scales = d.num_scales if d.num_scales is not None else num_scales_for_pn(d.pn)
-    pairs = [("pn", d.pn, pipe_cfg.pn), ("num_scales", data_scales, pipe_cfg.scales_per_clip),
-             ("frames_inner_clip", d.frames_inner_clip, pipe_cfg.frames_inner_clip),
-             ("time_stride", d.time_stride, pipe_cfg.vae.time_stride), ("fps", d.fps, pipe_cfg.fps)]
-    bad = [f"data.{name}={a!r} but the pipeline has {b!r}" for name, a, b in pairs if a != b]
-    if bad:
-        raise ConfigError(f"the data does not match pipeline {cfg.model.pipeline!r}: " + "; ".join(bad))
-
-
-def scale_subset_config(cfg: TrainConfig, pipe_cfg: Any) -> ScaleSubsetConfig:
+def scale_subset_config(cfg: TrainConfig, pipe_cfg: PipelineConfig) -> ScaleSubsetConfig:
     """The run's scale-subset settings; without an explicit ``var_len_prob``, the release script's table for the
     pipeline's pixel budget (a 720p fine-tune gets train_720p.sh's, not the 480p one)."""
     subsets = cfg.scale_subsets.for_pn(pipe_cfg.pn)
     if subsets.var_len:
-        _check_table_covers_longest_clip(cfg, pipe_cfg.scales_per_clip, subsets)
+        _check_table_covers_longest_clip(cfg, pipe_cfg, subsets)
     return subsets
 
 
-def _check_table_covers_longest_clip(cfg: TrainConfig, scales_per_clip: int, subsets: ScaleSubsetConfig) -> None:
+def _check_table_covers_longest_clip(cfg: TrainConfig, pipe_cfg: PipelineConfig, subsets: ScaleSubsetConfig) -> None:
     """Fail at the start, not at the first long sample: the table needs one probability per outcome of the longest
     schedule the data makes (a 10 s clip has 11 outcomes; the 720p table, like the reference's, has 7)."""
     d = cfg.data
-    latents = latent_frames(1 + d.max_seconds * d.fps, d.time_stride)
-    pyramids = 1 + -(-(latents - 1) // d.frames_inner_clip)  # the first frame, then whole or partial clips
+    latents = latent_frames(1 + d.max_seconds * pipe_cfg.fps, pipe_cfg.vae.time_stride)
+    pyramids = 1 + -(-(latents - 1) // pipe_cfg.frames_inner_clip)  # the first frame, then whole or partial clips
     if pyramids < 2:
         return
+    scales_per_clip = pipe_cfg.scales_per_clip
     need = len(outcome_table(pyramids * scales_per_clip, scales_per_clip, subsets.drop_720p_last_scale))
     if len(subsets.var_len_prob) < need:
         raise ConfigError(f"scale_subsets.var_len_prob has {len(subsets.var_len_prob)} entries but {d.max_seconds} "
@@ -208,7 +196,6 @@ class Trainer:
 
         pipe = load_base_pipeline(cfg)
         self.pipe_cfg = pipe.config
-        check_data_matches_pipeline(cfg, pipe.config)
         self.device = info.device
         self.text_encoder = pipe.text_encoder
         _text_encoder_to(self.text_encoder, self.device)
@@ -254,7 +241,8 @@ class Trainer:
     def _build_dataset(self, vae: nn.Module) -> Any:
         # Only latents extracted with *this* pipeline's VAE (and the configured posterior mode) are used.
         tag = feature_tag(vae_identity(vae), self.cfg.data.latent_sampling, self.cfg.data.seed)
-        return LatentDataset(self.cfg.data, rank=self.info.dp_rank, world_size=self.info.dp_size, feature_tag=tag)
+        return LatentDataset(self.cfg.data, self.pipe_cfg, rank=self.info.dp_rank, world_size=self.info.dp_size,
+                             feature_tag=tag)
 
     def _resume(self, resume: str) -> None:
         if resume == "none":
@@ -288,7 +276,7 @@ class Trainer:
 
     def _prepare(self, batch: list[Any], step: int) -> tuple[list[TrainSample], list[bool], int]:
         """Tokenized samples, their dropout flags, and how many samples the token budget left out."""
-        cfg, info, run = self.cfg, self.info, self.cfg.training
+        info, run = self.info, self.cfg.training
         texts = self._encode_texts([s.caption for s in batch])
         global_batch = run.batch_size * info.dp_size
         remaining = run.max_tokens
@@ -302,7 +290,7 @@ class Trainer:
             latent = ds.latent_CTHW[None].to(self.device, torch.float32)
             [sample] = prepare_packed_batch(
                 [latent], [text], [ds.schedule], [reps], self.pipe_cfg.quantizer, self.subsets, gen,
-                max_tokens=remaining, bsc_strength=run.bsc_strength, frames_inner_clip=cfg.data.frames_inner_clip)
+                max_tokens=remaining, bsc_strength=run.bsc_strength, frames_inner_clip=self.pipe_cfg.frames_inner_clip)
             out.append(sample)
             uncond.append(bool(ds.drop_text))
             if remaining is not None:
@@ -349,7 +337,7 @@ class Trainer:
         """Loss and accuracy per (clip duration, scale index), averaged over the global batch."""
         local = []
         for b, si, scale, loss, acc, _w in rows:
-            seconds = latent_seconds(samples[b].schedule, self.cfg.data.time_stride, self.cfg.data.fps)
+            seconds = latent_seconds(samples[b].schedule, self.pipe_cfg.vae.time_stride, self.pipe_cfg.fps)
             local.append((f"t{seconds:04.1f}s/s{si:03d}", loss, acc, list(scale)))
         merged: dict[str, list] = defaultdict(lambda: [0.0, 0.0, 0, None])
         for rank_rows in gather_objects(local, self.info):

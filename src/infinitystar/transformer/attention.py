@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .rope import apply_rope
 
@@ -57,7 +58,7 @@ class SegmentMask:
     rule: torch.Tensor  # [S, S] bool
     _dense: torch.Tensor | None = field(default=None, repr=False)
     _visible_rows: torch.Tensor | None = field(default=None, repr=False)
-    _block: object | None = field(default=None, repr=False)
+    _block: BlockMask | None = field(default=None, repr=False)
 
     @property
     def length(self) -> int:
@@ -83,10 +84,8 @@ class SegmentMask:
             self._dense = dense
         return self._dense
 
-    def block_mask(self):  # -> torch.nn.attention.flex_attention.BlockMask
+    def block_mask(self) -> BlockMask:
         if self._block is None:
-            from torch.nn.attention.flex_attention import create_block_mask
-
             seg, rule = self.segment_ids, self.rule
 
             def mask_mod(b, h, q_idx, kv_idx):
@@ -119,8 +118,6 @@ def attend(
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
     scale = q_BHLD.shape[-1] ** -0.5
     if backend == "flex":
-        from torch.nn.attention.flex_attention import flex_attention
-
         block = mask.block_mask() if mask is not None else None
         return flex_attention(q_BHLD, k_BHLD, v_BHLD, block_mask=block, scale=scale, enable_gqa=heads != kv_heads)
     if backend != "sdpa":
