@@ -26,7 +26,7 @@ from torch import Tensor
 
 from infinitystar.config import QuantizerConfig
 from infinitystar.generation.schedules import FRAMES_INNER_CLIP
-from infinitystar.vae.multiscale import StepInfo, build_steps, encode_to_bits
+from infinitystar.vae.multiscale import StepInfo, encode_to_bits
 
 NOISE_APPLY_LAYERS = 1000  # the reference's noise_apply_layers: BSC on scales below min(this, last scale)
 
@@ -188,11 +188,3 @@ def tokenize_for_training(
     return TrainingTokens(x_BLC=x_BLC, gt_bits=gts, input_bits_after_bsc=flipped, scales=scales,
                           selected_repeats=[int(selected_repeats[si]) for si in scales], real_si=real_si,
                           scale_lengths=lengths)
-
-
-def training_steps(
-    schedule: Sequence[Sequence[int]], repetitions: Sequence[int], quantizer_config: QuantizerConfig,
-    frames_inner_clip: int = FRAMES_INNER_CLIP,
-) -> list[StepInfo]:
-    """The quantization steps of a schedule (BSC call k = step k for every step before the last scale)."""
-    return build_steps(schedule, repetitions, quantizer_config, frames_inner_clip)

@@ -61,19 +61,6 @@ class PackedSample:
             raise ValueError(f"text_len must be > 0, got {self.text_len}")
 
 
-def real_scale_indices(repetitions: Sequence[int], selected_repeat: Sequence[int]) -> list[int]:
-    """RoPE step index of each scale's chosen repetition: repetitions of earlier scales + the repeat index."""
-    if len(repetitions) != len(selected_repeat):
-        raise ValueError(f"{len(repetitions)} repetition counts but {len(selected_repeat)} selected repeats")
-    out, done = [], 0
-    for reps, r in zip(repetitions, selected_repeat):
-        if not 0 <= r < reps:
-            raise ValueError(f"selected repeat {r} is outside 0..{reps - 1}")
-        out.append(done + r)
-        done += reps
-    return out
-
-
 @dataclass
 class PackedLayout:
     """Everything the model needs to run one packed sequence (built by :func:`build_packed_layout`)."""
