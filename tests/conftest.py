@@ -26,6 +26,16 @@ def golden_cases(kind: str) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir())
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip on machines without a CUDA GPU (they run on the GPU machine)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     # The golden numbers were produced with 2 threads; keep tests reproducible across machines.

@@ -27,7 +27,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(layer) for layer in (
     {"fileio"},                                    # atomic file writes: stdlib only
     {"config"},                                    # model/pipeline configs and presets
     {"vae", "transformer", "text", "media"},       # the models, the text encoders, image/video I/O
-    {"checkpoints", "generation"},                 # weights on disk; the generation loop over the models
+    {"checkpoints", "generation", "memory"},       # weights on disk; the generation loop; memory modes
     {"pipeline"},                                  # InfinityStarPipeline: loading, encode, call, decode
     {"train"},                                     # the trainers (they export pipelines)
     {"demo"},                                      # the demo model: weights, loader, judge, recipe
