@@ -27,7 +27,8 @@ LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(layer) for layer in (
     {"fileio"},                                    # atomic file writes: stdlib only
     {"config"},                                    # model/pipeline configs and presets
     {"vae", "transformer", "text", "media"},       # the models, the text encoders, image/video I/O
-    {"checkpoints", "generation", "memory"},       # weights on disk; the generation loop; memory modes
+    {"checkpoints", "generation"},                 # weights on disk; the generation plan and loop
+    {"memory"},                                    # memory modes, offload, quantization, the memory model
     {"pipeline"},                                  # InfinityStarPipeline: loading, encode, call, decode
     {"train"},                                     # the trainers (they export pipelines)
     {"demo"},                                      # the demo model: weights, loader, judge, recipe

@@ -207,15 +207,23 @@ def test_bf16_generation_is_finite_and_its_logits_stay_close_to_fp32():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_default_follows_the_device_and_an_explicit_choice_sticks():
+def _pretend_cuda(monkeypatch) -> None:
+    """Make the pipeline believe a GPU is present: under model offload nothing moves to it before work starts."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_default_follows_the_device_and_an_explicit_choice_sticks(monkeypatch):
     pipe = _tiny_pipe()
     assert pipe.precision == "fp32"  # on the CPU
+    _pretend_cuda(monkeypatch)
     pipe.enable_model_cpu_offload("cuda")  # no GPU needed: the weights stay on the CPU until they work
     assert pipe.precision == "bf16"
     assert _param_dtypes(pipe.transformer)["blocks.1.attn.o_proj.weight"] == torch.bfloat16
     assert next(pipe.transformer.parameters()).device.type == "cpu"
     with pytest.warns(UserWarning, match="bf16-rounded"):
-        pipe.to("cpu")
+        pipe.set_memory_mode("plain", "cpu")
     assert pipe.precision == "fp32"
     assert _param_dtypes(pipe.transformer)["blocks.1.attn.o_proj.weight"] == torch.float32
 
@@ -223,7 +231,7 @@ def test_default_follows_the_device_and_an_explicit_choice_sticks():
     pipe.enable_model_cpu_offload("cuda")
     assert pipe.precision == "fp32"  # asked for: the device does not override it
     pipe.set_precision("bf16")
-    pipe.to("cpu")
+    pipe.set_memory_mode("plain", "cpu")
     assert pipe.precision == "bf16"
     with pytest.warns(UserWarning, match="bf16-rounded"):
         pipe.set_precision(None)  # back to following the device (the CPU here)

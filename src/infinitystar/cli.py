@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 
 from infinitystar.checkpoints import convert_vae_checkpoint, load_vae
-from infinitystar.config import get_preset, replace
+from infinitystar.config import get_preset, precision_for_dtype, replace
 from infinitystar.demo import evaluate as demo_evaluate
 from infinitystar.demo import load_pipeline
 from infinitystar.demo.recipe import DEFAULT_CONFIG_DIR, RecipeOptions, run_recipe
 from infinitystar.demo.synthetic import make_dataset
+from infinitystar.memory import MEMORY_MODES
 from infinitystar.pipeline import export_to_video, read_pipeline_config
 from infinitystar.train.commands import add_train_commands, add_train_vae_command
 from infinitystar.train.config import DataConfig, config_from_dict, read_config_file
@@ -51,12 +52,33 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, metavar="G",
                    help="guidance scale (default: the preset's; 1 disables guidance)")
     p.add_argument("--aspect", default=None, help="aspect ratio W:H, e.g. 16:9 (default: the preset's)")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
-    p.add_argument("--offload", action="store_true", help="keep components on the CPU except while they work")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                   help="bf16: the reference's policy (transformer blocks bf16, Flan-T5 fp16, under bf16 autocast); "
-                   "fp32: everything float32 (default: bf16 on CUDA, fp32 elsewhere)")
+    _add_device_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_device_options(p: argparse.ArgumentParser) -> None:
+    """Where and how the model runs: device, dtype, memory mode, compile (every command that generates)."""
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where to compute (default: auto, CUDA when present)")
+    p.add_argument("--dtype", "--precision", dest="precision", default=None, type=_precision_arg,
+                   metavar="{bf16,fp32}", help="bf16 (= bfloat16): the reference's policy (transformer blocks bf16, "
+                   "Flan-T5 fp16, under bf16 autocast); fp32 (= float32): everything float32 "
+                   "(default: bf16 on CUDA, fp32 elsewhere)")
+    p.add_argument("--memory-mode", default="plain", choices=list(MEMORY_MODES),
+                   help="plain: all on the GPU; model_offload: each component on the GPU only while it works; "
+                   "block_offload: transformer blocks streamed in groups; int8/fp8: weight-only quantized blocks "
+                   "(torchao); smallest: block offload + int8 + tiled VAE decode (README: which mode for which card)")
+    p.add_argument("--offload", action="store_const", const="model_offload", dest="memory_mode",
+                   help=argparse.SUPPRESS)  # the flag before memory modes existed: --memory-mode model_offload
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks (GPU; the first generation pays the compilation)")
+
+
+def _precision_arg(value: str) -> str:
+    try:
+        return precision_for_dtype(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r}: use bf16 (bfloat16) or fp32 (float32)") from exc
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -108,7 +130,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     default_name = "infinitystar.png" if is_image else "infinitystar.mp4"
     out = Path(args.output) if args.output else Path("outputs") / default_name
     _check_output(out, is_image)
-    pipe = load_pipeline(args.model, args.preset, args.device, args.offload, args.precision)
+    pipe = load_pipeline(args.model, args.preset, device=args.device, precision=args.precision,
+                         memory_mode=args.memory_mode, compile_blocks=args.compile)
     t0 = time.perf_counter()
     result = pipe(args.prompt, args.negative_prompt, image=args.image, video=args.video, num_frames=args.frames,
                   seconds=args.seconds, resolution=args.resolution, aspect=args.aspect, guidance_scale=args.guidance,
@@ -130,7 +153,8 @@ def _run_interactive(args: argparse.Namespace) -> int:
         raise ValueError(f"prompts file {path} holds no prompt (one per line)")
     out = Path(args.output)
     _check_output(out, is_image=False)
-    pipe = load_pipeline(args.model, args.preset, args.device, args.offload, args.precision)
+    pipe = load_pipeline(args.model, args.preset, device=args.device, precision=args.precision,
+                         memory_mode=args.memory_mode, compile_blocks=args.compile)
     result = pipe.interactive(prompts, video=args.video, aspect=args.aspect, guidance_scale=args.guidance,
                               seed=args.seed, progress=not args.quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +260,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         if args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         prompts = {g: ps[: args.limit] for g, ps in prompts.items()}
-    pipe = load_pipeline(args.model, args.preset, args.device, args.offload, args.precision)
+    pipe = load_pipeline(args.model, args.preset, device=args.device, precision=args.precision,
+                         memory_mode=args.memory_mode, compile_blocks=args.compile)
     kwargs = {k: v for k, v in (("guidance_scale", args.guidance), ("aspect", args.aspect)) if v is not None}
     out = Path(args.out)
     total = sum(len(ps) for ps in prompts.values()) * args.clips_per_prompt
@@ -378,8 +403,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     p.add_argument("--output-dir", default=None, metavar="DIR",
                    help="where results are written (default: a new temporary folder)")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
-    p.add_argument("--offload", action="store_true", help="keep components on the CPU except while they work")
+    _add_device_options(p)
     p.set_defaults(func=_run_serve)
 
 
@@ -392,8 +416,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         print("infinitystar serve: error: the web page needs Gradio: pip install 'infinitystar[web]' "
               "(or ./dev, which installs it)", file=sys.stderr)
         return 2
-    serve(args.model, args.preset, host=args.host, port=args.port, device=args.device, offload=args.offload,
-          output_dir=args.output_dir)
+    serve(args.model, args.preset, host=args.host, port=args.port, device=args.device, precision=args.precision,
+          memory_mode=args.memory_mode, compile_blocks=args.compile, output_dir=args.output_dir)
     return 0
 
 
@@ -405,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as exc:
         # Bad input: a one-line message that names the problem, not a traceback.
         print(f"infinitystar {args.command}: error: {exc}", file=sys.stderr)
         return 2

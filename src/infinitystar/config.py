@@ -571,7 +571,48 @@ def precision_policy(name: str, *, interactive: bool = False) -> PrecisionPolicy
                            text_autocast="bfloat16")
 
 
-__all__ += ["PRECISIONS", "PrecisionPolicy", "check_precision", "default_precision", "precision_policy"]
+# The dtypes ``pipe.to(dtype)`` / ``torch_dtype=`` accept, and the precision each one means.
+_PRECISION_OF_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def precision_for_dtype(dtype: Any) -> str:
+    """The precision a torch dtype (or its name, ``"bfloat16"``/``"float32"``, or a precision name) asks for."""
+    if isinstance(dtype, str):
+        if dtype in PRECISIONS:
+            return dtype
+        dtype = getattr(torch, dtype, dtype)
+    if dtype not in _PRECISION_OF_DTYPE:
+        raise ConfigError(f"dtype must be torch.bfloat16 (the reference's bf16 policy) or torch.float32, got {dtype!r}"
+                          f" (float16 is not a precision of InfinityStar: its Flan-T5 runs in fp16 under bf16 anyway)")
+    return _PRECISION_OF_DTYPE[dtype]
+
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: Any) -> torch.device:
+    """``"auto"`` -> CUDA when present, else the CPU; any other device as a ``torch.device``. Asking for CUDA where
+    there is none is one ConfigError line (not torch's deep traceback at the first move)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} was asked for, but this machine has no CUDA GPU that PyTorch can use "
+                              f"(torch {torch.__version__}); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s)")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+__all__ += ["PRECISIONS", "PrecisionPolicy", "check_precision", "default_precision", "precision_policy",
+            "precision_for_dtype", "resolve_device", "DEVICE_CHOICES"]
 
 
 # ----------------------------------------------------------------------------------------------

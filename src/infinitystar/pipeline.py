@@ -21,7 +21,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,9 @@ from .config import (
     config_to_dict,
     default_precision,
     get_preset,
+    precision_for_dtype,
     precision_policy,
+    resolve_device,
 )
 from .fileio import atomic_write_json
 from .generation import schedules
@@ -63,6 +65,10 @@ from .generation.plan import (
     resolve_size,
     whole_pixel_frames,
 )
+from .memory import MEMORY_MODES, MemoryMode, memory_mode
+from .memory.materialize import random_pipeline_components
+from .memory.offload import BlockOffload
+from .memory.quantize import quantize_blocks
 from .text import (
     ByteTextEncoder,
     FlanT5Encoder,
@@ -74,6 +80,8 @@ from .text import (
 )
 from .transformer.model import InfinityStarTransformer
 from .vae.model import VideoVAE
+
+_KEEP = object()  # "leave as it is" for a keyword whose None means something
 
 MODEL_INDEX = "model_index.json"
 OFFICIAL_VAE_FILE = "infinitystar_videovae.pth"
@@ -201,6 +209,24 @@ def interactive_reference_frames(cfg: PipelineConfig, path: str | os.PathLike) -
     return media.read_video_clip(path, frames_of_clips(cfg, 1), clip_seconds(cfg), at_end=True)[0]
 
 
+def _to_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """(device, dtype) of a ``to(...)`` call in any of ``nn.Module.to``'s forms."""
+    unknown = set(kwargs) - {"device", "dtype"}
+    if unknown:
+        raise TypeError(f"to() got unexpected keyword arguments {sorted(unknown)}")
+    device, dtype = kwargs.get("device"), kwargs.get("dtype")
+    if len(args) > 2:
+        raise TypeError(f"to() takes a device and/or a dtype, got {len(args)} positional arguments")
+    for a in args:
+        if isinstance(a, torch.dtype):
+            dtype = a
+        else:
+            device = a
+    if device is None and dtype is None:
+        raise TypeError("to() needs a device, a dtype or both")
+    return device, dtype
+
+
 def _frame_hw(video: Tensor | np.ndarray) -> tuple[int, int]:
     """(H, W) of uint8 frames [T, H, W, 3] or of a float video [..., H, W]."""
     if isinstance(video, np.ndarray):
@@ -224,8 +250,11 @@ class InfinityStarPipeline:
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder
         self.config = config
-        self._offload_device: torch.device | None = None
-        self.vae_tile_size: int | None = None
+        # Where the components are given (a pipeline built from modules already on a GPU computes there).
+        self._device = next(transformer.parameters()).device
+        self._memory: MemoryMode = MEMORY_MODES["plain"]
+        self._block_offload: BlockOffload | None = None
+        self._quantized: str | None = None  # "int8"/"fp8" once the blocks' linear weights were quantized
         # None: the precision follows the device (see set_precision); the weights arrive in float32.
         self._precision_request: str | None = None
         self._policy: PrecisionPolicy = precision_policy("fp32", interactive=config.interactive)
@@ -235,9 +264,24 @@ class InfinityStarPipeline:
     # ------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_preset(cls, name: str | PipelineConfig, seed: int = 0) -> InfinityStarPipeline:
-        """A pipeline with randomly initialised weights (tests, benchmarks, training from scratch)."""
+    def from_preset(cls, name: str | PipelineConfig, seed: int = 0, *, device: torch.device | str | None = None,
+                    torch_dtype: torch.dtype | None = None) -> InfinityStarPipeline:
+        """A pipeline with randomly initialised weights (tests, benchmarks, training from scratch).
+
+        Without ``device`` the weights are made on the CPU with the reference's initialisation, seeded by
+        ``seed``. With ``device`` they are built on the meta device and materialized straight on ``device`` in
+        ``torch_dtype`` (default: the device's precision), never held in host memory: the official 8B presets run
+        with nothing downloaded (random weights, and a random stand-in of Flan-T5-XL for their text encoder).
+        """
         cfg = get_preset("pipeline", name) if isinstance(name, str) else name
+        if device is not None:
+            dev = resolve_device(device)
+            precision = precision_for_dtype(torch_dtype) if torch_dtype is not None else default_precision(dev.type)
+            policy = precision_policy(precision, interactive=cfg.interactive)
+            transformer, vae, text = random_pipeline_components(cfg, dev, policy.block_dtype, seed=seed)
+            pipe = cls(transformer, vae, text, cfg)
+            pipe._precision_request = precision if torch_dtype is not None else None
+            return pipe.to(dev)
         torch.manual_seed(seed)
         transformer = InfinityStarTransformer(cfg.transformer)
         vae = VideoVAE(cfg.vae)
@@ -259,14 +303,21 @@ class InfinityStarPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, preset: str | PipelineConfig | None = None,
-                        precision: str | None = None) -> InfinityStarPipeline:
+                        precision: str | None = None, torch_dtype: torch.dtype | None = None,
+                        ) -> InfinityStarPipeline:
         """Load our layout (``model_index.json``) or the official download layout from a local folder.
 
         For the official layout ``preset`` picks the transformer folder when several are present (a preset name),
         or gives the whole configuration (a :class:`PipelineConfig`, e.g. for a small stand-in of that layout).
         ``precision`` (see :meth:`set_precision`): ``"bf16"`` reads the block weights straight into bf16 (half the
         host memory of loading float32 first); None follows the device the pipeline is later moved to.
+        ``torch_dtype`` (diffusers' name) says the same as a dtype: ``torch.bfloat16`` or ``torch.float32``.
         """
+        if torch_dtype is not None:
+            asked = precision_for_dtype(torch_dtype)
+            if precision is not None and check_precision(precision) != asked:
+                raise ValueError(f"precision={precision!r} contradicts torch_dtype={torch_dtype}")
+            precision = asked
         if precision is not None:
             check_precision(precision)
         root = Path(path)
@@ -335,31 +386,143 @@ class InfinityStarPipeline:
 
     @property
     def device(self) -> torch.device:
-        if self._offload_device is not None:
-            return self._offload_device
-        return next(self.transformer.parameters()).device
+        """Where the pipeline computes (the GPU also under the offload modes, whose weights wait in host memory)."""
+        return self._device
 
-    def to(self, device: torch.device | str) -> InfinityStarPipeline:
-        """Move every component to ``device``; without an explicit precision, apply that device's default."""
-        device = torch.device(device)
-        self._offload_device = None
-        self._apply_precision(device)  # before the move: a bf16 copy moves half the bytes
-        self._move_all(device)
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformer blocks' weight dtype (float32, or bfloat16 under ``bf16``; see :meth:`set_precision`)."""
+        return self._blocks_dtype() or torch.float32
+
+    @property
+    def memory_mode(self) -> MemoryMode:
+        """The memory mode in effect (see :meth:`set_memory_mode`)."""
+        return self._memory
+
+    def to(self, *args: Any, **kwargs: Any) -> InfinityStarPipeline:
+        """Move the pipeline to a device and/or precision, as ``nn.Module.to``: ``to("cuda")``,
+        ``to(torch.bfloat16)``, ``to("cuda", torch.bfloat16)`` or ``to(device=..., dtype=...)``.
+
+        A dtype is a precision (:meth:`set_precision`): ``torch.bfloat16`` -> ``"bf16"``, ``torch.float32`` ->
+        ``"fp32"``. Without one, the device's default applies (bf16 on CUDA) unless a precision was asked for.
+        The memory mode stays: under an offload mode the weights stay in host memory and ``device`` is where they
+        work.
+        """
+        device, dtype = _to_arguments(args, kwargs)
+        return self._change(device=None if device is None else resolve_device(device),
+                            precision=self._precision_request if dtype is None else precision_for_dtype(dtype))
+
+    def set_memory_mode(self, mode: str | MemoryMode, device: torch.device | str | None = None,
+                        ) -> InfinityStarPipeline:
+        """Choose how the components use GPU memory (:data:`~infinitystar.memory.MEMORY_MODES` names them).
+
+        ``plain`` keeps everything on ``device``; ``model_offload`` moves each component there only while it works;
+        ``block_offload`` streams the transformer's blocks in groups; ``int8``/``fp8`` quantize the blocks' linear
+        weights; ``smallest`` combines block offload, int8, tiled VAE decode and releasing the text encoder. Every mode
+        but the quantized ones and the tiled decode gives ``plain``'s video for the same seed. ``device`` (default:
+        the pipeline's device, or CUDA when that is the CPU and a GPU is present) is where the work happens.
+        Quantization cannot be undone in place (the float weights are gone): leaving it needs a reload.
+        """
+        mode = memory_mode(mode)
+        if device is None and self._device.type == "cpu" and torch.cuda.is_available():
+            device = "cuda"
+        return self._change(device=None if device is None else resolve_device(device), memory=mode)
+
+    def enable_model_cpu_offload(self, device: torch.device | str = "cuda") -> InfinityStarPipeline:
+        """Keep components in host memory and move each to ``device`` only while it works (memory mode
+        ``model_offload``, keeping the current quantization and VAE decode)."""
+        return self.set_memory_mode(replace(self._memory, name="model_offload", offload="model"), device)
+
+    def enable_block_offload(self, group_size: int = 4, device: torch.device | str = "cuda") -> InfinityStarPipeline:
+        """Stream the transformer blocks onto ``device`` ``group_size`` at a time (memory mode ``block_offload``)."""
+        return self.set_memory_mode(replace(self._memory, name="block_offload", offload="block",
+                                            block_group_size=group_size), device)
+
+    def enable_vae_tiling(self, tile_size: int = 32) -> InfinityStarPipeline:
+        """Decode frames in overlapping spatial tiles of ``tile_size`` latent cells (bounded memory, approximate near
+        tile borders: see :meth:`VideoVAE.decode`)."""
+        return self.set_memory_mode(replace(self._memory, name="custom", vae_decode="tiled", vae_tile_size=tile_size),
+                                    self._device)
+
+    @property
+    def vae_tile_size(self) -> int | None:
+        """Tile size of the VAE decode in latent cells, None for whole frames."""
+        return self._memory.vae_tile_size if self._memory.vae_decode == "tiled" else None
+
+    def compile_blocks(self, mode: str | None = None) -> InfinityStarPipeline:
+        """``torch.compile`` the transformer blocks (opt-in; worth it on a GPU). The first generation of each new
+        shape pays the compilation (``benchmarks/bench_gpu.py --compile`` reports that warm-up apart)."""
+        if self._memory.offload == "block":
+            raise ConfigError("compiled blocks and block offload do not combine (the offload hooks move weights "
+                              "under the compiled code): pick another memory mode or leave compile off")
+        self.transformer.compile_blocks(mode=mode)
         return self
 
-    def enable_model_cpu_offload(self, device: torch.device | str = "cuda") -> None:
-        """Keep components on the CPU and move each to ``device`` only while it works; the precision follows
-        ``device`` (not the CPU) unless one was set."""
-        device = torch.device(device)
+    def _change(self, *, device: torch.device | None = None, precision: str | None | object = _KEEP,
+                memory: MemoryMode | None = None) -> InfinityStarPipeline:
+        """Apply a new device / precision request / memory mode, all checked first: a refused change leaves the
+        pipeline as it was (no half-moved state)."""
+        device = self._device if device is None else device
+        request = self._precision_request if precision is _KEEP else precision
+        memory = self._memory if memory is None else memory
+        name = request or default_precision(device.type)
+        block_dtype = precision_policy(name, interactive=self.config.interactive).block_dtype
+        if self._quantized is not None:
+            if memory.quantize != self._quantized:
+                raise ConfigError(f"the transformer blocks are quantized to {self._quantized}; memory mode "
+                                  f"{memory.name!r} needs {memory.quantize or 'their float weights'}: reload the "
+                                  "pipeline first")
+            if block_dtype != self._policy.block_dtype:
+                raise ConfigError(f"the transformer blocks are quantized to {self._quantized} from "
+                                  f"{self._policy.block_weights} weights; precision {name!r} needs a reload")
+        if memory.offload == "block" and getattr(self.transformer, "compiled_blocks", False):
+            raise ConfigError("block offload and compiled blocks do not combine: reload the pipeline without "
+                              "compile_blocks() to stream blocks")
+        self._device, self._precision_request, self._memory = device, request, memory
+        self._place()
+        return self
+
+    def _place(self) -> None:
+        """Put every component where the memory mode and device say, in the precision in effect.
+
+        Order: undo block streaming, cast (before any move: a bf16 copy moves half the bytes), quantize, then
+        place. Under an offload mode the host (CPU) keeps the weights that are not working.
+        """
+        mode, device = self._memory, self._device
+        if self._block_offload is not None:
+            self._block_offload.detach(torch.device("cpu"))
+            self._block_offload = None
         self._apply_precision(device)
-        self._move_all(torch.device("cpu"))
-        self._offload_device = device
+        if mode.quantize is not None and self._quantized is None:
+            quantize_blocks(self.transformer.blocks, mode.quantize, device=device)
+            self._quantized = mode.quantize
+        self._move_all(device if mode.offload == "none" else torch.device("cpu"))
+        if self._offloaded(self.text_encoder):
+            self.text_encoder.to("cpu")
+        if mode.offload == "block":
+            # The small modules (embeddings, heads, the learned unconditional text) stay on the device; the blocks
+            # live in host memory and come over a group at a time while they run.
+            for name, child in self.transformer.named_children():
+                if name != "blocks":
+                    child.to(device)
+            self.transformer.uncond_text.data = self.transformer.uncond_text.data.to(device)
+            self._block_offload = BlockOffload(self.transformer.blocks, device, mode.block_group_size).attach()
 
     def _move_all(self, device: torch.device) -> None:
         self.transformer.to(device)
         self.vae.to(device)
         if _movable(self.text_encoder):
             self.text_encoder.to(device)
+
+    def _offloaded(self, module: Any) -> bool:
+        """Whether ``module`` waits in host memory and visits the device only while it works."""
+        if not _movable(module):
+            return False
+        offload = self._memory.offload
+        if offload == "none":
+            return module is self.text_encoder and self._memory.release_text_encoder
+        # Under block offload the transformer stays put: its blocks stream on their own.
+        return not (offload == "block" and module is self.transformer)
 
     # ------------------------------------------------------------------------------------------
     # Precision
@@ -384,9 +547,7 @@ class InfinityStarPipeline:
         """
         if precision is not None:
             check_precision(precision)
-        self._precision_request = precision
-        self._apply_precision(self.device)
-        return self
+        return self._change(precision=precision)
 
     def _apply_precision(self, device: torch.device) -> None:
         """Cast the components to the precision asked for, or to ``device``'s default when none was."""
@@ -396,7 +557,7 @@ class InfinityStarPipeline:
             return
         if self._blocks_dtype() == torch.bfloat16 and policy.block_dtype == torch.float32:
             warnings.warn("transformer blocks go back from bf16 to float32 but keep their bf16-rounded values; "
-                          "reload the model for the exact float32 weights", stacklevel=3)
+                          "reload the model for the exact float32 weights", stacklevel=5)
         self.transformer.set_precision(policy)
         set_text = getattr(self.text_encoder, "set_precision", None)
         if set_text is not None:  # the built-in byte/word encoders are tiny and always float32
@@ -407,21 +568,20 @@ class InfinityStarPipeline:
         params = list(self.transformer.blocks.parameters())
         return params[0].dtype if params else None
 
-    def enable_vae_tiling(self, tile_size: int = 32) -> None:
-        """Decode frames in overlapping spatial tiles of ``tile_size`` latent cells (bounded memory)."""
-        self.vae_tile_size = tile_size
-
     @contextlib.contextmanager
     def _working(self, module: Any) -> Iterator[Any]:
-        """``module`` on the working device for the duration (with CPU offload; else it already is there)."""
-        if self._offload_device is None or not _movable(module):
+        """``module`` on the working device for the duration: moved there and back under an offload mode (or, for
+        the text encoder, when it is released after encoding), else it already is there."""
+        if not self._offloaded(module):
             yield module
             return
-        module.to(self._offload_device)
+        module.to(self._device)
         try:
             yield module
         finally:
             module.to("cpu")
+            if self._device.type == "cuda":
+                torch.cuda.empty_cache()  # hand the freed memory back before the next component arrives
 
     # ------------------------------------------------------------------------------------------
     # Inputs
@@ -623,7 +783,8 @@ class InfinityStarPipeline:
         if video is not None and num_frames == 1:
             raise ValueError("video extension needs num_frames longer than the given video, got num_frames=1")
         if generator is None:
-            generator = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+            # On the device that samples: the same seed on the same device gives the same video.
+            generator = torch.Generator(device=self.device).manual_seed(cfg.seed if seed is None else seed)
         _, pyramid, size = self.resolve_size(resolution=resolution, aspect=aspect, height=height, width=width)
         plan = GenerationPlan(cfg, num_frames, pyramid, sampling)
         condition = self._load_condition(image, video, size, total_latents=plan.latent_frames)

@@ -40,6 +40,7 @@ __all__ = [
     "QUALITY_SUFFIX",
     "VIDEO_FPS",
     "FlanT5Encoder",
+    "RandomT5Encoder",
     "TextEmbeddings",
     "TextEncoder",
     "TextEncoderFilesError",
@@ -47,6 +48,7 @@ __all__ = [
     "build_prompt",
     "duration_prefix",
     "duration_seconds_for_frames",
+    "flan_t5_xl_config",
     "guidance_dropout_mask",
     "interactive_prompt",
     "maybe_truncate_sentences",
@@ -527,3 +529,80 @@ class WordTextEncoder(TextEncoder, torch.nn.Module):
             vecs = vecs.to(self.positions.device)
             feats.append(vecs + self.positions[: vecs.shape[0]])
         return TextEmbeddings.from_features(feats)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A random stand-in of Flan-T5-XL's encoder (benchmarks and 8B runs with nothing downloaded)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def flan_t5_xl_config(d_model: int = 2048, num_layers: int = 24):
+    """A ``transformers.T5Config`` shaped like Flan-T5-XL's encoder (d_model 2048, 24 layers, 32 heads of 64, gated-GELU
+    feed-forward of 5120, vocabulary 32128); ``d_model`` follows the transformer's ``text_channels``."""
+    from transformers import T5Config
+
+    return T5Config(d_model=d_model, d_kv=64, d_ff=5120, num_layers=num_layers, num_heads=32, vocab_size=32128,
+                    feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+
+
+class _ByteTokenizer:
+    """UTF-8 bytes -> ids (pad 0, ``</s>`` 1, bytes from 3 on, modulo the vocabulary) with the slice of the
+    Hugging Face tokenizer interface :class:`FlanT5Encoder` calls: deterministic, no vocabulary file."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.padding_side = "right"
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __call__(self, prompts: Sequence[str], **_: object) -> dict[str, list[list[int]]]:
+        return {"input_ids": [[(3 + b) % self.vocab_size for b in p.encode("utf-8")] + [self.eos_token_id]
+                              for p in prompts]}
+
+
+class RandomT5Encoder(FlanT5Encoder):
+    """A ``T5EncoderModel`` of ``config``'s shape with random weights and a byte tokenizer, used exactly like
+    :class:`FlanT5Encoder` (``encode``, ``to``, ``set_precision``, ``device``).
+
+    For benchmarks and memory checks of the official presets without the Flan-T5-XL download: the features mean
+    nothing, but the weights, their dtype and the encoder's compute match the real one's. The model is built on the
+    meta device and allocated straight on ``device`` in ``dtype`` (no host copy). Init (seeded): linear weights
+    N(0, 1/fan_in), token embeddings N(0, 1), relative position biases N(0, 1/d_model), norm gains 1: every
+    activation stays of unit scale, finite in fp16.
+    """
+
+    def __init__(self, config, device: torch.device | str = "cpu", *, dtype: torch.dtype = torch.float32,
+                 max_length: int = DEFAULT_MAX_LENGTH, pad_to_max_length: bool = True,
+                 autocast_dtype: torch.dtype | None = None, seed: int = 0) -> None:
+        from transformers import T5EncoderModel
+
+        with torch.device("meta"):
+            model = T5EncoderModel(config)
+        model.to(dtype)
+        model.to_empty(device=device)
+        # to_empty gives each module its own storage, which unties the encoder's token embedding from ``shared``
+        # (one table in T5, 66M parameters at XL): tie them again before anything is initialised.
+        model.encoder.embed_tokens.weight = model.shared.weight
+        self._init_weights(model, seed)
+        super().__init__(_ByteTokenizer(config.vocab_size), model, max_length=max_length,
+                         pad_to_max_length=pad_to_max_length, autocast_dtype=autocast_dtype)
+
+    @staticmethod
+    @torch.no_grad()
+    def _init_weights(model: torch.nn.Module, seed: int) -> None:
+        device = next(model.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        d_model = model.config.d_model
+        for name, p in model.named_parameters():  # tied parameters are listed once
+            if name.endswith("relative_attention_bias.weight"):
+                p.normal_(0.0, d_model ** -0.5, generator=gen)
+            elif p.ndim == 1:
+                p.fill_(1.0)
+            elif "embed" in name or name.startswith("shared"):
+                p.normal_(0.0, 1.0, generator=gen)
+            else:
+                p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)

@@ -535,10 +535,13 @@ def weights_note(model: str | None, preset: str | None) -> str:
 
 
 def serve(model: str | None = None, preset: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          device: str = "cpu", offload: bool = False, output_dir: str | None = None) -> None:
-    """``infinitystar serve``: load the pipeline once and serve the page until interrupted."""
+          device: str = "auto", precision: str | None = None, memory_mode: str = "plain", compile_blocks: bool = False,
+          output_dir: str | None = None) -> None:
+    """``infinitystar serve``: load the pipeline once (see :func:`load_pipeline` for the device options) and serve
+    the page until interrupted."""
     _require_gradio()
-    pipe = load_pipeline(model, preset, device, offload)
+    pipe = load_pipeline(model, preset, device=device, precision=precision, memory_mode=memory_mode,
+                         compile_blocks=compile_blocks)
     app = WebApp(pipe, output_dir, note=weights_note(model, preset))
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}: anyone who can reach this address can run the model and see its "

@@ -18,7 +18,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..config import check_precision
+from ..config import check_precision, precision_policy, resolve_device
+from ..memory import memory_mode as memory_mode_named
 from ..pipeline import InfinityStarPipeline
 
 __all__ = ["DEMO_WEIGHTS", "demo_weights_shipped", "load_pipeline", "random_weights"]
@@ -32,22 +33,30 @@ def demo_weights_shipped() -> bool:
     return (DEMO_WEIGHTS / "model_index.json").is_file()
 
 
-def load_pipeline(model: str | None, preset: str | None, device: str = "cpu", offload: bool = False,
-                  precision: str | None = None) -> InfinityStarPipeline:
+def load_pipeline(model: str | None, preset: str | None, *, device: str = "auto", precision: str | None = None,
+                  memory_mode: str = "plain", compile_blocks: bool = False) -> InfinityStarPipeline:
     """The pipeline a front door runs: ``model`` (a folder), else the demo model, else random weights.
 
     ``preset`` with ``model`` picks the transformer of an official download; without ``model`` it asks for random
-    weights of that preset (a note on stderr says the output is noise). ``precision`` None follows ``device`` (bf16
-    on CUDA, fp32 elsewhere); see :meth:`InfinityStarPipeline.set_precision`. ``offload`` keeps the components on
-    the CPU except while they work on ``device``.
+    weights of that preset (a note on stderr says the output is noise; on a GPU they are made there, never in host
+    memory). ``device``: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``/``"cuda:N"``; asking for CUDA without
+    one fails in one line before anything loads. ``precision`` None follows the device (bf16 on CUDA, fp32
+    elsewhere; see :meth:`InfinityStarPipeline.set_precision`). ``memory_mode``: a name of
+    :data:`~infinitystar.memory.MEMORY_MODES`. ``compile_blocks``: torch.compile the transformer blocks.
     """
+    dev = resolve_device(device)  # before loading any weights
+    mode = memory_mode_named(memory_mode)
     if precision is not None:
-        check_precision(precision)  # before loading any weights
+        check_precision(precision)
     if model is not None:
         pipe = InfinityStarPipeline.from_pretrained(model, preset=preset, precision=precision)
     elif preset is not None:
         print(f"note: preset {preset!r} with RANDOM weights (no --model given): the output is noise", file=sys.stderr)
-        pipe = InfinityStarPipeline.from_preset(preset)
+        if dev.type == "cpu":
+            pipe = InfinityStarPipeline.from_preset(preset)
+        else:
+            dtype = None if precision is None else precision_policy(precision).block_dtype
+            pipe = InfinityStarPipeline.from_preset(preset, device=dev, torch_dtype=dtype)
     elif demo_weights_shipped():
         pipe = InfinityStarPipeline.from_pretrained(DEMO_WEIGHTS)
     else:
@@ -56,10 +65,9 @@ def load_pipeline(model: str | None, preset: str | None, device: str = "cpu", of
         pipe = InfinityStarPipeline.from_preset("tiny-test")
     if precision is not None:
         pipe.set_precision(precision)
-    if offload:
-        pipe.enable_model_cpu_offload(device)
-    else:
-        pipe.to(device)
+    pipe.set_memory_mode(mode, dev)
+    if compile_blocks:
+        pipe.compile_blocks()
     return pipe
 
 

@@ -154,12 +154,16 @@ def sample_bits(logits_Bnd2: torch.Tensor, generator: torch.Generator | None = N
     ``torch.multinomial(probs.view(-1, 2), 1, replacement=True, generator=generator)`` for all bits
     of the step. PyTorch draws the single-sample case as ``argmax(p / E)`` with ``E ~ Exp(1)``
     from the generator, so the same seed, shapes, device and call sequence give the same bits.
-    ``generator=None`` draws from the global RNG, as the reference does without a seed.
+    ``generator=None`` draws from the global RNG, as the reference does without a seed. A generator on another
+    device than the logits (a CPU generator for CUDA logits) draws on its own device: the probabilities go there
+    and the bits come back (``torch.multinomial`` takes only a generator of its input's device).
     """
     logits = _as_bit_pairs(logits_Bnd2).float()
-    probs = logits.softmax(dim=-1)
-    idx = torch.multinomial(probs.reshape(-1, 2), 1, replacement=True, generator=generator)
-    return idx.view(logits.shape[:-1])
+    probs = logits.softmax(dim=-1).reshape(-1, 2)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    idx = torch.multinomial(probs, 1, replacement=True, generator=generator)
+    return idx.to(logits.device).view(logits.shape[:-1])
 
 
 def advance_like_sample_bits(
@@ -173,7 +177,8 @@ def advance_like_sample_bits(
     still draws there, and every later draw depends on it. ``torch.multinomial(p, 1)`` takes
     ``argmax(p / q)`` with ``q = empty_like(p).exponential_(1, generator)`` (ATen ``multinomial_out``,
     shared by CPU and CUDA), so what it consumes depends on the shape, dtype and device of ``p``, never on
-    its values: the same call on uniform logits leaves the generator where the real draw would.
+    its values: the same call on uniform logits leaves the generator where the real draw would. (A generator of
+    another device draws on its own device, as in :func:`sample_bits`.)
     """
     shape = tuple(int(v) for v in bits_shape)
     if not shape or any(v <= 0 for v in shape):

@@ -8,7 +8,8 @@
 * :mod:`.materialize`: random weights built on the meta device and materialized on the target device and dtype
   (an 8B run with nothing downloaded).
 
-Sits beside :mod:`infinitystar.generation` (it uses the configs and the models); the pipeline applies a mode.
+Sits above :mod:`infinitystar.generation` (the memory model replays its plans) and below the pipeline, which
+applies a mode.
 """
 
 from .modes import MEMORY_MODES, MemoryMode, memory_mode

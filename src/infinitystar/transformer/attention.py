@@ -8,20 +8,41 @@ Backends of :func:`attend` (the model calls nothing else):
   own key so the softmax stays finite (a fully masked row is NaN in SDPA, and NaN leaks through
   ``0 * NaN`` in both the forward and the backward), then zeroed, which is FlexAttention's result.
 * ``"flex"``: ``torch.nn.attention.flex_attention`` with a block mask from the same rule (GPU
-  training). It is used eagerly here; compiling it is the caller's business (on CPU, compiled flex
-  with this data-dependent mask crashes, so don't).
+  training). On CUDA it goes through one ``torch.compile``d flex_attention (:func:`compiled_flex_attention`):
+  eager flex materializes the full score matrix and is the slow reference path. On CPU it stays eager
+  (compiled flex with this data-dependent mask crashes there, and would cost minutes of compilation).
+
+GQA: SDPA's ``enable_gqa`` serves kv head j to query heads ``j*g .. j*g+g-1`` without materializing the
+repeated K/V. Flash, cuDNN and memory-efficient SDPA accept it on CUDA (PyTorch's ``sdp_utils.cpp`` of the
+2.13 era; on ROCm memory-efficient does not); a kernel that refuses it only passes the call to the next one.
+On CPU its forward is bit-identical to the explicit ``repeat_interleave`` (tests/test_attention_kernels.py),
+but its K/V gradients sum the group's contributions in another order, so CPU *training* keeps the
+explicit repeat (the training golden numbers stay bit-identical); see :func:`_kv_groups_in_kernel`.
+
+Kernel choice at inference (:func:`inference_attention_kernels`): on CUDA, SDPA tries flash, then cuDNN,
+then memory-efficient, then math. A KV-cached step has no causal mask (the query sees every cached key),
+which flash takes even though the query is shorter than the keys. The one case flash cannot take is a
+key-padding mask: guidance with a negative prompt of another length than the prompt pads the shorter text
+row. Avoiding it (each row's text cached unpadded, one SDPA per row) would be the same mathematics but not
+the same bits as the reference's padded batch of 2 (other blocking of the sums, two GEMM shapes instead of
+one), and twice the kernel launches per block. So that case runs on cuDNN or the memory-efficient kernel
+(both take a boolean mask and GQA); the common cases (no negative prompt, one of the prompt's length, or no
+guidance) have no mask and run on flash.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+import contextlib
+import functools
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .rope import apply_rope
 
@@ -85,15 +106,102 @@ class SegmentMask:
         return self._dense
 
     def block_mask(self) -> BlockMask:
+        """FlexAttention's block mask of the rule, on the device of the segment ids.
+
+        Built from per-tile segment counts (:func:`segment_block_mask`), the same block mask as
+        ``create_block_mask`` without its dense ``[L, L]`` mask (and the int64 gather indices behind it: ~9 L^2
+        bytes, 9 GB at 32k tokens).
+        """
         if self._block is None:
             seg, rule = self.segment_ids, self.rule
 
             def mask_mod(b, h, q_idx, kv_idx):
                 return rule[seg[q_idx], seg[kv_idx]]
 
-            self._block = create_block_mask(mask_mod, B=None, H=None, Q_LEN=self.length, KV_LEN=self.length,
-                                            device=seg.device)
+            self._block = segment_block_mask(seg, rule, mask_mod)
         return self._block
+
+
+FLEX_TILE = 128  # FlexAttention's default sparse block size
+
+
+def segment_block_mask(segment_ids: torch.Tensor, rule: torch.Tensor, mask_mod: Callable,
+                       tile: int = FLEX_TILE) -> BlockMask:
+    """The block mask ``create_block_mask(mask_mod, ...)`` would build for "q sees k iff rule[seg[q], seg[k]]".
+
+    The visible (query, key) pairs of tile pair (i, j) are ``sum_{s,t} n[i,s] rule[s,t] n[j,t]`` with ``n[i,s]``
+    the tokens of segment s in tile i: one small matrix product instead of the ``[L, L]`` mask. It runs in
+    float64 (exact integers far beyond tile^2, and never TF32). A tile pair is full when all tile^2 pairs are
+    visible (a last, short tile never is: torch pads it with invisible pairs), partial when some are.
+    """
+    L = int(segment_ids.shape[0])
+    dev = segment_ids.device
+    tiles = -(-L // tile)
+    counts = torch.zeros(tiles, rule.shape[0], dtype=torch.float64, device=dev)
+    tile_of = torch.arange(L, device=dev) // tile
+    counts.index_put_((tile_of, segment_ids), torch.ones(L, dtype=torch.float64, device=dev), accumulate=True)
+    visible = counts @ rule.to(torch.float64) @ counts.T
+    full = visible == tile * tile
+    partial = (visible > 0) & ~full
+
+    def ordered(dense_TT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Per query tile: how many kv tiles, and their indices first (ascending), as create_block_mask orders them.
+        dense = dense_TT.to(torch.int32)[None, None]
+        order = torch.argsort(dense, dim=-1, descending=True, stable=True)
+        return dense.sum(dim=-1).to(torch.int32), order.to(torch.int32)
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=tile, mask_mod=mask_mod,
+                                    seq_lengths=(L, L))
+
+
+# Inference SDPA kernels on CUDA, best first; math last so that anything the fused kernels refuse still runs.
+CUDA_INFERENCE_KERNELS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                          SDPBackend.MATH)
+
+
+def inference_attention_kernels(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """Context for the KV-cached forwards: on CUDA, SDPA tries flash, cuDNN, memory-efficient, math in that order.
+
+    torch's own order on Hopper/Blackwell puts cuDNN first; flash is preferred here because it takes every
+    unpadded step shape (query shorter than the keys, no mask, GQA) and needs no per-shape plan. The caller
+    enters it around the block loop, outside any compiled region, so a compiled block traces its SDPA under it.
+    Only the order changes: a backend the caller switched off (``sdpa_kernel(SDPBackend.FLASH_ATTENTION)`` around a
+    generation, say) stays off. Elsewhere (CPU) nothing changes.
+    """
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    enabled = {
+        SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
+        SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled(),
+        SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
+        SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled(),
+    }
+    return sdpa_kernel([b for b in CUDA_INFERENCE_KERNELS if enabled[b]], set_priority=True)
+
+
+@functools.cache
+def compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    """``flex_attention`` under ``torch.compile``, built once per process on first use (CUDA training).
+
+    Compiled, flex generates one fused kernel that skips the masked blocks of the block mask; eager flex
+    computes and materializes the full score matrix. Shapes change from step to step (packed lengths), so
+    torch's automatic dynamic shapes recompile once for a new length and then generalize.
+    """
+    return torch.compile(flex_attention)
+
+
+def _kv_groups_in_kernel(q_BHLD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor) -> bool:
+    """Whether SDPA should expand the kv heads itself (``enable_gqa``) rather than take repeated K/V.
+
+    Always on accelerators (no repeated K/V in memory). On CPU only when no K/V gradient will be taken: the
+    forward is bit-identical either way, but the backward of the repeat sums a group's K/V gradients in
+    another order than the kernel does, which would move the CPU training numbers by a rounding.
+    """
+    if q_BHLD.device.type != "cpu":
+        return True
+    return not (torch.is_grad_enabled() and (k_BHLD.requires_grad or v_BHLD.requires_grad))
 
 
 def attend(
@@ -119,21 +227,31 @@ def attend(
     scale = q_BHLD.shape[-1] ** -0.5
     if backend == "flex":
         block = mask.block_mask() if mask is not None else None
-        return flex_attention(q_BHLD, k_BHLD, v_BHLD, block_mask=block, scale=scale, enable_gqa=heads != kv_heads)
+        if not q_BHLD.is_cuda:
+            return flex_attention(q_BHLD, k_BHLD, v_BHLD, block_mask=block, scale=scale, enable_gqa=heads != kv_heads)
+        # The fused kernel gets one dtype (the blocks' autocast already made q/k/v bf16; it accumulates in
+        # float32 itself) and no ambient autocast: autocast around compiled flex is a known source of dtype-mixing
+        # failures in its backward.
+        with torch.autocast("cuda", enabled=False):
+            return compiled_flex_attention()(q_BHLD, k_BHLD.to(q_BHLD.dtype), v_BHLD.to(q_BHLD.dtype),
+                                             block_mask=block, scale=scale, enable_gqa=heads != kv_heads)
     if backend != "sdpa":
         raise ValueError(f"unknown attention backend {backend!r}; expected 'sdpa' or 'flex'")
     groups = heads // kv_heads
-    if groups > 1:
+    gqa = groups > 1
+    if gqa and not _kv_groups_in_kernel(q_BHLD, k_BHLD, v_BHLD):
         k_BHLD = k_BHLD.repeat_interleave(groups, dim=1)
         v_BHLD = v_BHLD.repeat_interleave(groups, dim=1)
+        gqa = False
     if key_mask_BL is not None:
         if mask is not None:
             raise ValueError("key_mask_BL is for cached inference; packed training uses the segment mask")
         return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLD, attn_mask=key_mask_BL[:, None, None, :],
-                                              scale=scale)
+                                              scale=scale, enable_gqa=gqa)
     if mask is None:
-        return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLD, scale=scale)
-    out = F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLD, attn_mask=mask.dense(), scale=scale)
+        return F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLD, scale=scale, enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(q_BHLD, k_BHLD, v_BHLD, attn_mask=mask.dense(), scale=scale,
+                                         enable_gqa=gqa)
     keep = mask.visible_rows().to(out.dtype)[:, None]
     return out * keep
 
@@ -263,14 +381,28 @@ class SelfAttention(nn.Module):
         q, k = apply_rope(q, rope_2LD), apply_rope(k, rope_2LD)
         key_mask = None
         if cache_step is not None:
-            key_mask = cache_step.cache.key_mask(cache_step.context, cache_step.key_mask, L, B)
-            if cache_step.store_as is not None:
-                cache_step.cache.put(layer, cache_step.store_as, k, v)
-                if cache_step.key_mask is not None and layer == 0:
-                    cache_step.cache.set_key_mask(cache_step.store_as, cache_step.key_mask)
-            if cache_step.context:
-                ks, vs = cache_step.cache.get(layer, cache_step.context)
-                k = torch.cat([*ks, k], dim=2)
-                v = torch.cat([*vs, v], dim=2)
+            k, v, key_mask = _exchange_with_cache(cache_step, layer, k, v)
         o = attend(q, k, v, mask, backend, key_mask_BL=key_mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))
+
+
+@torch.compiler.disable
+def _exchange_with_cache(step: CacheStep, layer: int, k_BHLD: torch.Tensor,
+                         v_BHLD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Store this step's K/V (if asked), and return ``[cached context ; own]`` K/V and their key mask.
+
+    Kept out of ``torch.compile`` (one clean graph break per block): it is dictionary bookkeeping on Python
+    objects whose keys and lengths change every step; the compute on either side of it stays compiled.
+    """
+    B, L = k_BHLD.shape[0], k_BHLD.shape[2]
+    cache = step.cache
+    key_mask = cache.key_mask(step.context, step.key_mask, L, B)
+    if step.store_as is not None:
+        cache.put(layer, step.store_as, k_BHLD, v_BHLD)
+        if step.key_mask is not None and layer == 0:
+            cache.set_key_mask(step.store_as, step.key_mask)
+    if step.context:
+        ks, vs = cache.get(layer, step.context)
+        k_BHLD = torch.cat([*ks, k_BHLD], dim=2)
+        v_BHLD = torch.cat([*vs, v_BHLD], dim=2)
+    return k_BHLD, v_BHLD, key_mask

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import PrecisionPolicy, TransformerConfig
-from .attention import Backend, CacheStep, KVCache, RMSNorm, SegmentMask, SelfAttention
+from .attention import Backend, CacheStep, KVCache, RMSNorm, SegmentMask, SelfAttention, inference_attention_kernels
 from .rope import rope_table, text_positions, visual_positions
 from .sequence import PackedLayout
 
@@ -246,7 +246,7 @@ class InfinityStarTransformer(nn.Module):
         rope = rope_table(text_positions(L), self.cfg.head_dim, self.cfg.rope_theta).to(x.device)
         step = CacheStep(cache, (), KVCache.TEXT, key_mask=key_mask)
         x = x.to(self._stream_dtype(x))
-        with self._blocks_autocast(x.device):
+        with self._blocks_autocast(x.device), inference_attention_kernels(x.device):
             for i, blk in enumerate(self.blocks):
                 x = blk(x, rope, None, "sdpa", step, i)
 
@@ -277,14 +277,39 @@ class InfinityStarTransformer(nn.Module):
             raise ValueError(f"step input must be [1, tokens, {self.cfg.d_vae}], got {tuple(codes_1LC.shape)}")
         if rope_2LD.shape[1] != codes_1LC.shape[1]:
             raise ValueError(f"RoPE table has {rope_2LD.shape[1]} rows for {codes_1LC.shape[1]} tokens")
-        x = self.embed_codes(codes_1LC).expand(batch, -1, -1)
+        # Materialized rows (not a stride-0 expand): every block then sees the same strides, which compiled blocks
+        # guard on (an expanded input would compile block 0 apart). The values, and so the results, are the same.
+        x = self.embed_codes(codes_1LC).expand(batch, -1, -1).contiguous()
         x = x.to(self._stream_dtype(x))
         rope = rope_2LD.to(x.device)
         cstep = CacheStep(cache, (*refs, KVCache.TEXT) if attend_text else tuple(refs), store_as)
-        with self._blocks_autocast(x.device):
+        with self._blocks_autocast(x.device), inference_attention_kernels(x.device):
             for i, blk in enumerate(self.blocks):
                 x = blk(x, rope, None, "sdpa", cstep, i)
         return self.bit_logits(x, semantic)
+
+    # ------------------------------------------------------------------ compilation
+
+    def compile_blocks(self, mode: str | None = None, dynamic: bool | None = True) -> None:
+        """Opt-in ``torch.compile`` of every block's forward (``Block.compile``), for inference on a GPU.
+
+        Only the blocks: the Python loop over them, the embeddings, the heads and the KV-cache bookkeeping
+        stay eager. Inside a block the cache exchange is a ``torch.compiler.disable``d helper, so each block
+        compiles to two graphs (norm, projections, QK-norm, RoPE | attention, output projection, MLP) around
+        one clean break. The token count changes from scale to scale and the key count from step to step:
+        ``dynamic=True`` compiles shape-generic graphs at once instead of one per scale. All blocks share
+        one code object and, with torch's module inlining, the same compiled graphs. ``mode`` is
+        torch.compile's (e.g. ``"max-autotune-no-cudagraphs"``; CUDA graphs do not suit a cache whose
+        tensors change every step). The first forward of each new kind of call pays the compilation.
+        """
+        for blk in self.blocks:
+            blk.compile(mode=mode, dynamic=dynamic)
+
+    @property
+    def compiled_blocks(self) -> bool:
+        """Whether :meth:`compile_blocks` compiled the blocks (every one of them)."""
+        return len(self.blocks) > 0 and all(getattr(b, "_compiled_call_impl", None) is not None
+                                            for b in self.blocks)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,163 @@
+"""Attention kernels on the CPU: SDPA's in-kernel GQA, the CUDA kernel priority, eager flex, compiled blocks.
+
+The CUDA side of the same features (flash in bf16, compiled flex training, compiled blocks on a GPU) is in
+tests/test_cuda_transformer.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from conftest import float32_rounding_tolerance, transformer_rounding_path
+from infinitystar.config import get_preset
+from infinitystar.generation.schedules import clip_layout
+from infinitystar.transformer import attention
+from infinitystar.transformer.attention import (
+    CUDA_INFERENCE_KERNELS,
+    SegmentMask,
+    attend,
+    inference_attention_kernels,
+)
+from infinitystar.transformer.model import InfinityStarTransformer
+
+TINY = get_preset("transformer", "tiny-test")  # 4 query heads over 2 kv heads: GQA with groups of 2
+VIDEO = [(1, 1, 1), (1, 2, 2), (1, 4, 4), (2, 1, 1), (2, 2, 2), (2, 4, 4)]
+EAGER_FLEX = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
+
+
+def _model(seed: int = 0) -> InfinityStarTransformer:
+    """Weights of fan-in gain 1 (realistic activations), norm gains near 1, small biases."""
+    model = InfinityStarTransformer(TINY)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.dim() == 2 and name != "uncond_text":
+                p.copy_(noise / math.sqrt(p.shape[1]))
+            elif "norm" in name:
+                p.copy_(1 + 0.2 * noise)
+            elif p.dim() == 1:
+                p.copy_(0.1 * noise)
+    return model.eval()
+
+
+def _generate(model: InfinityStarTransformer, negative_len: int | None, seed: int = 1) -> list[torch.Tensor]:
+    """Prefill (guidance, optionally a negative prompt of another length: padded keys) and every step of a
+    two-clip video (the second clip attends the first clip's last scale), as the generation loop drives them."""
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.randn(5, TINY.text_channels, generator=gen)
+    negative = None if negative_len is None else torch.randn(negative_len, TINY.text_channels, generator=gen)
+    info = clip_layout(VIDEO)
+    out = []
+    with torch.no_grad():
+        cache = model.new_cache()
+        model.prefill_text(text, cache, negative_LC=negative)
+        for si, scale in enumerate(VIDEO):
+            x = torch.randn(1, math.prod(scale), TINY.d_vae, generator=gen) * 0.3
+            rope = model.step_rope(scale, si, info[si].frame_ss, VIDEO[-1][1:])
+            out.append(model.step(x, rope, cache, refs=info[si].ref_sids, store_as=si))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# SDPA with the kv heads expanded in the kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("negative_len", [None, 9], ids=["no-mask", "padded-negative"])
+def test_in_kernel_gqa_is_bit_identical_to_repeated_kv_on_cpu(monkeypatch, negative_len) -> None:
+    """The golden parity rests on this: without gradients, SDPA's enable_gqa gives the very bits of the explicit
+    repeat_interleave it replaces, with and without a key-padding mask."""
+    model = _model()
+    in_kernel = _generate(model, negative_len)
+    monkeypatch.setattr(attention, "_kv_groups_in_kernel", lambda q, k, v: False)
+    repeated = _generate(model, negative_len)
+    for a, b in zip(in_kernel, repeated):
+        assert torch.equal(a, b)
+
+
+def test_cpu_training_keeps_the_explicit_repeat() -> None:
+    """K/V that need a gradient take the repeat on CPU (its backward sums a group in the order the training
+    golden numbers were made with); without autograd, and on accelerators, the kernel expands the heads."""
+    q, k, v = (torch.randn(1, h, 8, 16) for h in (4, 2, 2))
+    assert attention._kv_groups_in_kernel(q, k, v)
+    k.requires_grad_(True)
+    assert not attention._kv_groups_in_kernel(q, k, v)
+    with torch.no_grad():
+        assert attention._kv_groups_in_kernel(q, k, v)
+    assert attention._kv_groups_in_kernel(q.to("meta"), k.to("meta"), v.to("meta"))
+
+
+def test_cuda_kernel_priority_is_scoped_and_cpu_untouched() -> None:
+    before = torch._C._get_sdp_priority_order()
+    flags = [torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()]
+    with inference_attention_kernels("cpu"):
+        assert torch._C._get_sdp_priority_order() == before
+    with inference_attention_kernels(torch.device("cuda", 0)):
+        order = torch._C._get_sdp_priority_order()
+        assert order[:len(CUDA_INFERENCE_KERNELS)] == [int(b) for b in CUDA_INFERENCE_KERNELS]
+        assert order[0] == int(SDPBackend.FLASH_ATTENTION)
+        assert torch.backends.cuda.math_sdp_enabled()  # the fallback stays available
+    assert torch._C._get_sdp_priority_order() == before
+    assert [torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()] == flags
+    # A caller's choice of kernels stands: only the order among the enabled ones is set.
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), inference_attention_kernels("cuda"):
+        assert torch.backends.cuda.flash_sdp_enabled()
+        assert not (torch.backends.cuda.math_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
+                    or torch.backends.cuda.cudnn_sdp_enabled())
+    assert [torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()] == flags
+
+
+def test_compiled_flex_is_built_once() -> None:
+    assert attention.compiled_flex_attention() is attention.compiled_flex_attention()
+
+
+# ----------------------------------------------------------------------------------------------
+# FlexAttention on the CPU: eager (its forward equals the dense path's: test_transformer.py; torch has no CPU
+# backward for flex, so the gradients are compared on CUDA in test_cuda_transformer.py)
+# ----------------------------------------------------------------------------------------------
+
+
+@EAGER_FLEX
+def test_flex_stays_eager_on_cpu(monkeypatch) -> None:
+    def refuse():
+        raise AssertionError("compiled flex requested on the CPU")
+
+    monkeypatch.setattr(attention, "compiled_flex_attention", refuse)
+    seg = torch.tensor([0] * 64 + [1] * 64)
+    mask = SegmentMask(seg, torch.tensor([[True, False], [True, True]]))
+    q, k, v = (torch.randn(1, h, 128, 16) for h in (4, 2, 2))
+    assert torch.isfinite(attend(q, k, v, mask, "flex")).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Opt-in compiled blocks
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # ~10 s with a warm inductor cache, ~45 s cold (the C++ compiler): the tiny model's graphs
+def test_compiled_blocks_match_eager_steps() -> None:
+    model = _model()
+    eager = _generate(model, negative_len=9)
+    eager_plain = _generate(model, negative_len=None)
+    keys = list(model.state_dict())
+    assert not model.compiled_blocks
+    model.compile_blocks()
+    assert model.compiled_blocks
+    # Compiled in place: checkpoints save and load under the same names.
+    assert list(model.state_dict()) == keys
+    compiled = _generate(model, negative_len=9)
+    compiled_plain = _generate(model, negative_len=None)
+    # Inductor fuses the elementwise chains (norms, RoPE, SwiGLU) and may reorder float32 sums: the same formula
+    # rounded differently along the whole path; the longest key list is the text (9 padded rows), the first
+    # clip's last scale (16) and the own 32 tokens.
+    path = transformer_rounding_path(model, 9 + 16 + 32)
+    for a, b in zip(eager + eager_plain, compiled + compiled_plain):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() <= float32_rounding_tolerance(a.abs().max().item(), path)
