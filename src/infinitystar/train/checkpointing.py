@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from infinitystar.fileio import atomic_write_json
 
+from . import safe_dcp
 from .distributed import DistInfo, barrier, broadcast_object, gather_objects
 
 COMPLETE_FILE = "complete.json"
@@ -282,10 +283,10 @@ def load_checkpoint(
                          f"{info.world_size}: the per-rank data positions and RNG states cannot be mapped; resume with "
                          f"{record['world_size']} processes, or start a new run (another out_dir, or --resume none)")
     state = _state(model, optimizer, ema, parts)
-    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    saved = set(safe_dcp.read_metadata(path).state_dict_metadata)
     partial = _keep_saved_optimizer_state(state, saved)
     with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not info.distributed)
+        safe_dcp.load(state, path, no_dist=not info.distributed)
     _set_state(model, optimizer, state, parts, strict=not partial)
     if restore_rng:
         restore_rng_state(record["rng"][info.rank], generators)
@@ -306,7 +307,9 @@ def load_model_weights(path: str | os.PathLike, model: nn.Module, *, use_ema: bo
     state = {key: target}
     try:
         with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path), no_dist=True)
+            safe_dcp.load(state, path, no_dist=True)
+    except safe_dcp.UnsafeCheckpointError:
+        raise
     except Exception as exc:  # DCP raises a generic CheckpointException listing the missing keys
         raise ValueError(f"cannot load {key!r} weights from {path}: {exc}") from exc
     model.load_state_dict(state[key], strict=True)
