@@ -106,3 +106,36 @@ def test_garbage_metadata_is_one_clear_error(tmp_path):
     (path / ".metadata").write_bytes(b"\x80\x05garbage")
     with pytest.raises(ValueError, match=r"\.metadata is not a readable checkpoint metadata file"):
         load_model_weights(path, nn.Linear(4, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN/inf weights (issue 16, item 5): refused at load and at save, named
+# ----------------------------------------------------------------------------------------------
+
+
+def test_nonfinite_weights_are_refused_at_load_and_save(tmp_path):
+    from safetensors.torch import save_file
+
+    from infinitystar.checkpoints import load_transformer, save_transformer
+    from infinitystar.config import get_preset
+    from infinitystar.transformer.model import InfinityStarTransformer
+
+    cfg = get_preset("transformer", "tiny-test")
+    model = InfinityStarTransformer(cfg)
+    good = tmp_path / "good.safetensors"
+    save_transformer(model, good)
+    assert load_transformer(good, cfg) is not None
+    with torch.no_grad():
+        model.blocks[1].mlp.up_proj.weight[0, :3] = float("nan")
+        model.detail_head.bias[0] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN/inf weights: .*blocks\.1\.mlp\.up_proj\.weight \(3 values\)"):
+        save_transformer(model, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
+    # A file that holds them anyway (written by another tool): the load names the tensors.
+    from infinitystar.checkpoints import read_safetensors_metadata
+
+    bad = tmp_path / "planted.safetensors"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(bad), metadata=read_safetensors_metadata(good))
+    with pytest.raises(ValueError, match=r"planted\.safetensors has NaN/inf weights: .*detail_head\.bias \(1 values\)"):
+        load_transformer(bad, cfg)

@@ -214,6 +214,35 @@ def test_loss_falls_and_checkpoints_are_kept_and_resumed(tiny_data, tmp_path):
         assert torch.equal(p, ref.state_dict()[name]), name
 
 
+def test_bad_resume_leaves_the_run_and_damaged_checkpoints_are_skipped(tiny_data, tmp_path, capsys):
+    """Issue 16 items 3-4: ``--resume <missing>`` into an existing run fails before the run's saved config is
+    touched; a truncated newest checkpoint is skipped (and named) for the newest loadable one."""
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    cfg = _train_config(tiny_data, run, {"training.steps": 8, "checkpoint.every": 4, "checkpoint.keep_last_k": 2})
+    Trainer(cfg, progress=False).run()
+    saved_config = (run / "train_config.json").read_bytes()
+    other = with_overrides(cfg, {"optimizer.lr": 0.5})
+    with pytest.raises(ValueError, match=r"cannot resume from .*nowhere: .*does not exist"):
+        Trainer(other, resume=str(tmp_path / "nowhere"), progress=False)
+    assert (run / "train_config.json").read_bytes() == saved_config
+
+    (_, ckpt4), (_, ckpt8) = checkpointing.complete_checkpoints(run / "checkpoints")
+    shard = next(f for f in ckpt8.iterdir() if f.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    capsys.readouterr()
+    resumed = Trainer(with_overrides(cfg, {"training.steps": 10}), progress=False)
+    assert resumed.step == 4
+    err = capsys.readouterr().err
+    assert f"skipped checkpoint {ckpt8}: its shard {shard.name} is truncated" in err
+    record = [r for r in read_log(run / "train_log.jsonl") if r.get("event") == "resume"][-1]
+    assert record["checkpoint"] == str(ckpt4) and record["skipped"][0]["checkpoint"] == str(ckpt8)
+
+    (ckpt4 / ".metadata").write_bytes(b"")
+    with pytest.raises(ValueError, match="every checkpoint in .* is damaged"):
+        Trainer(cfg, progress=False)
+
+
 # ----------------------------------------------------------------------------------------------
 # SIGKILL mid-run, then resume: the same later losses as an uninterrupted run
 # ----------------------------------------------------------------------------------------------

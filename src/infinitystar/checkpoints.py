@@ -73,10 +73,36 @@ def load_state_dict_strict(
     the meta device).
     """
     missing, unexpected, mismatched = state_dict_mismatches(module, state_dict)
+    name = f"checkpoint {source}" if source else "checkpoint"
     if missing or unexpected or mismatched:
-        name = f"checkpoint {source}" if source else "checkpoint"
         raise ValueError(f"{name} is not a {what}: " + _mismatch_report(missing, unexpected, mismatched))
+    check_finite(state_dict, name)
     module.load_state_dict(dict(state_dict), strict=True, assign=assign)
+
+
+def nonfinite_tensors(state_dict: Mapping[str, Tensor]) -> dict[str, int]:
+    """Name -> count of NaN/inf values, for every floating-point tensor that has any."""
+    bad = {}
+    for key, t in state_dict.items():
+        if not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
+            continue
+        # A float32 sum is finite iff every value is (NaN and inf propagate; weights never sum past 3e38) and
+        # allocates nothing model-sized: loading stays at one copy of the weights. Only a bad tensor is counted.
+        if not torch.isfinite(t.sum(dtype=torch.float32)):
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad[key] = n
+    return bad
+
+
+def check_finite(state_dict: Mapping[str, Tensor], what: str) -> None:
+    """Refuse weights with NaN or inf (a diverged run, a corrupted file): they would only fail later, deep inside
+    sampling, or be copied on. The error names the tensors."""
+    bad = nonfinite_tensors(state_dict)
+    if bad:
+        listed = ", ".join(f"{k} ({n} values)" for k, n in list(bad.items())[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(f"{what} has NaN/inf weights: {listed}{more}")
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -105,6 +131,7 @@ def save_safetensors(
     refuses aliases).
     """
     path = Path(path)
+    check_finite({k: v for k, v in state_dict.items() if isinstance(v, Tensor)}, f"the state dict for {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     seen_storages: set[int] = set()

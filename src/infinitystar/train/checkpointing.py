@@ -121,6 +121,66 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why checkpoint folder ``path`` cannot be loaded (None when it can): ``complete.json`` readable with its step,
+    the metadata readable (safely), and every byte range the metadata names present in its shard file. Reads
+    metadata and file sizes only, so every checkpoint of a run can be checked in well under a second."""
+    p = Path(path)
+    if not p.is_dir():
+        return f"{p} is not a folder" if p.exists() else f"{p} does not exist"
+    try:
+        record = json.loads((p / COMPLETE_FILE).read_text())
+        int(record["step"])
+    except FileNotFoundError:
+        return f"it is not a complete checkpoint (no {COMPLETE_FILE})"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its {COMPLETE_FILE} is unreadable ({type(exc).__name__})"
+    try:
+        meta = safe_dcp.read_metadata(p)
+    except FileNotFoundError:
+        return "its .metadata is missing"
+    except (OSError, ValueError) as exc:
+        return str(exc).splitlines()[0]
+    sizes: dict[str, int] = {}
+    for info in (meta.storage_data or {}).values():
+        name = str(info.relative_path)
+        if name not in sizes:
+            shard = p / name
+            sizes[name] = shard.stat().st_size if shard.is_file() else -1
+        if sizes[name] < 0:
+            return f"its shard {name} is missing"
+        if info.offset + info.length > sizes[name]:
+            return f"its shard {name} is truncated ({sizes[name]} bytes, needs {info.offset + info.length})"
+    return None
+
+
+def resume_checkpoint(ckpt_dir: str | os.PathLike, resume: str) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The checkpoint a run resumes from, and the (folder, reason) of each newer one skipped as unloadable.
+
+    ``"none"``: none. ``"auto"``: the newest complete checkpoint of ``ckpt_dir`` that :func:`checkpoint_problem`
+    finds loadable, skipping damaged newer ones; when every one is damaged, a ValueError (starting over would
+    overwrite them). Anything else is a checkpoint folder, checked the same way. Called before a run writes
+    anything into its folder, so a bad ``--resume`` leaves the run as it was.
+    """
+    if resume == "none":
+        return None, []
+    if resume != "auto":
+        why = checkpoint_problem(resume)
+        if why is not None:
+            raise ValueError(f"cannot resume from {resume}: {why}")
+        return Path(resume), []
+    skipped: list[tuple[Path, str]] = []
+    for _, path in reversed(complete_checkpoints(ckpt_dir)):
+        why = checkpoint_problem(path)
+        if why is None:
+            return path, skipped
+        skipped.append((path, why))
+    if skipped:
+        raise ValueError(f"every checkpoint in {ckpt_dir} is damaged (newest: {skipped[0][0].name}: {skipped[0][1]}); "
+                         "resume from a copy with --resume PATH, or start over with --resume none")
+    return None, []
+
+
 def read_complete(path: str | os.PathLike) -> dict[str, Any]:
     """The ``complete.json`` of a checkpoint folder (error if the folder is not a complete checkpoint)."""
     p = Path(path) / COMPLETE_FILE

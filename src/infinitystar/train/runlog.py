@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,10 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run folder (no {CONFIG_FILE})")
     return json.loads(p.read_text(encoding="utf-8"))
+
+
+def report_skipped_checkpoints(skipped: list[tuple[Path, str]]) -> None:
+    """One stderr line per damaged checkpoint a resume passed over (newest first), so the user knows what was
+    lost and why; the ``resume`` log record lists them too."""
+    for path, why in skipped:
+        print(f"note: skipped checkpoint {path}: {why}", file=sys.stderr)

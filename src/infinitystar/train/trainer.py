@@ -219,10 +219,13 @@ class Trainer:
         self.step = 0
         self.position: Any = None
         self.resumed_from: int | None = None
+        # Which checkpoint, checked before anything is written: a bad --resume leaves the run folder untouched.
+        resume_from, skipped = checkpointing.resume_checkpoint(self.ckpt_dir, resume)
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             runlog.write_config(self.run_dir, config_to_dict(cfg))
-        self._resume(resume)
+            runlog.report_skipped_checkpoints(skipped)
+        self._resume(resume_from, skipped)
 
     # -- construction helpers ----------------------------------------------------------------------
 
@@ -244,22 +247,17 @@ class Trainer:
         return LatentDataset(self.cfg.data, self.pipe_cfg, rank=self.info.dp_rank, world_size=self.info.dp_size,
                              feature_tag=tag)
 
-    def _resume(self, resume: str) -> None:
-        if resume == "none":
+    def _resume(self, path: Path | None, skipped: list[tuple[Path, str]]) -> None:
+        if path is None:
             return
-        if resume == "auto":
-            path = checkpointing.latest_checkpoint(self.ckpt_dir)
-            if path is None:
-                return
-        else:
-            path = Path(resume)
         record = checkpointing.load_checkpoint(path, self.info, self.model, self.optimizer,
                                                ema=self.ema.state_dict() if self.ema is not None else None)
         self.step = int(record["step"])
         self.resumed_from = self.step
         state = record["data_position"]
         self.position = self.dataset.resume_position(state) if state is not None else None
-        self._log({"event": "resume", "step": self.step, "checkpoint": str(path)})
+        self._log({"event": "resume", "step": self.step, "checkpoint": str(path),
+                   "skipped": [{"checkpoint": str(p), "reason": why} for p, why in skipped]})
 
     # -- logging -----------------------------------------------------------------------------------
 

@@ -465,22 +465,19 @@ class VAETrainer:
             runlog.append_record(self.out_dir / runlog.LOG_FILE, record)
 
     def _resume(self, resume: str) -> None:
-        """``"auto"``: the newest checkpoint of ``out_dir`` if any; ``"none"``: start fresh (older checkpoints are
-        overwritten step by step); else a checkpoint folder. Step records after the checkpoint's step are dropped
-        from the log: the resumed run logs them again."""
-        if resume == "none":
+        """``"auto"``: the newest loadable checkpoint of ``out_dir`` if any (damaged newer ones are skipped and
+        reported); ``"none"``: start fresh (older checkpoints are overwritten step by step); else a checkpoint
+        folder. Step records after the checkpoint's step are dropped from the log: the resumed run logs them again."""
+        path, skipped = checkpointing.resume_checkpoint(self.out_dir / runlog.CHECKPOINT_DIR, resume)
+        if self.info.is_main:
+            runlog.report_skipped_checkpoints(skipped)
+        if path is None:
             return
-        if resume == "auto":
-            found = list_checkpoints(self.out_dir)
-            if not found:
-                return
-            path = found[-1][1]
-        else:
-            path = Path(resume)
         self.load_checkpoint(path)
         if self.info.is_main:
             runlog.drop_steps_after(self.out_dir / runlog.LOG_FILE, self.step)
-        self._log({"event": "resume", "step": self.step, "checkpoint": str(path)})
+        self._log({"event": "resume", "step": self.step, "checkpoint": str(path),
+                   "skipped": [{"checkpoint": str(p), "reason": why} for p, why in skipped]})
 
     def run(self, *, resume: str = "auto", progress: bool = True) -> TrainResult:
         cfg = self.config
