@@ -145,7 +145,8 @@ def save_safetensors(
         seen_storages.add(storage)
         tensors[k] = t
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    with atomic_output(path) as tmp:
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_output(path, size_hint=size) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
 
