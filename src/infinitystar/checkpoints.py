@@ -8,10 +8,11 @@ information). Pickled official checkpoints are read with ``torch.load(weights_on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +119,24 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata stored in a safetensors header (empty dict if none)."""
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         return dict(f.metadata() or {})
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike, device: str | None = None) -> Iterator[Any]:
+    """``safe_open`` with its errors (a truncated file, a bad or huge header, not safetensors at all) turned
+    into one ValueError naming the file; a missing file is a FileNotFoundError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"safetensors file {p} does not exist" if not p.exists() else f"{p} is not a file")
+    kwargs = {} if device is None else {"device": device}
+    try:
+        handle = safe_open(str(p), framework="pt", **kwargs)
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"{p} is not a readable safetensors file: {exc}") from None
+    with handle as f:
+        yield f
 
 
 def save_safetensors(
@@ -425,7 +442,7 @@ def load_official_transformer(
     shapes: dict[str, tuple[int, ...]] = {}
     owner: dict[str, Path] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as handle:
+        with open_safetensors(f) as handle:
             names = handle.keys()  # a safe_open handle is not iterable itself
             for k in names:
                 if k in owner:
@@ -435,7 +452,7 @@ def load_official_transformer(
     _check_official_shapes(shapes, config, str(path))
     ours: dict[str, Tensor] = {}
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as handle:
+        with open_safetensors(f, device="cpu") as handle:
             names = handle.keys()
             for k in names:
                 name = transformer_key_from_official(k, config)

@@ -214,13 +214,30 @@ def shape_coverage(shape: str, cx: float, cy: float, size: float, height: int, w
     return cov_HW
 
 
+# Upper bounds of make-demo-data, checked before anything is rendered: a typo (--size 100000) is one line, not an
+# attempt to allocate hundreds of GiB. A clip is rendered whole in memory (uint8), hence the byte cap.
+MAX_SIZE = 1024
+MAX_FRAMES = 1025
+MAX_CLIPS = 1_000_000
+MAX_CLIP_BYTES = 1 << 30
+
+
+def check_clip_shape(size: int, frames: int) -> None:
+    """One-line ValueError unless a ``frames``-frame ``size`` x ``size`` clip is within the bounds above."""
+    if not isinstance(size, int) or not 16 <= size <= MAX_SIZE:
+        raise ValueError(f"clip size must be 16..{MAX_SIZE} pixels, got {size}")
+    if not isinstance(frames, int) or not 2 <= frames <= MAX_FRAMES:
+        raise ValueError(f"a clip needs 2..{MAX_FRAMES} frames (2 to show motion), got {frames}")
+    clip_bytes = frames * size * size * 3
+    if clip_bytes > MAX_CLIP_BYTES:
+        raise ValueError(f"a {frames}-frame {size}x{size} clip takes {clip_bytes / 2**30:.1f} GiB in memory while "
+                         f"it is rendered; the limit is {MAX_CLIP_BYTES >> 30} GiB (fewer frames or a smaller size)")
+
+
 def render_clip(spec: ClipSpec, size: int = 64, frames: int = 33) -> np.ndarray:
     """The clip of ``spec`` as uint8 RGB frames ``[frames, size, size, 3]``: the shape's pure colour times
     its anti-aliased coverage, on black."""
-    if size < 16:
-        raise ValueError(f"clip size must be >= 16 pixels, got {size}")
-    if frames < 2:
-        raise ValueError(f"a clip needs at least 2 frames to show motion, got {frames}")
+    check_clip_shape(size, frames)
     rgb = np.asarray(COLOURS[spec.colour], np.float32)
     out_THW3 = np.empty((frames, size, size, 3), np.uint8)
     for t in range(frames):
@@ -286,10 +303,9 @@ def sample_clips(n_clips: int, seed: int, split: str = "train", size: int = 64, 
         raise ValueError(f"n_clips must be a positive integer, got {n_clips!r}")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if size < 16:
-        raise ValueError(f"clip size must be >= 16 pixels, got {size}")
-    if frames < 2:
-        raise ValueError(f"a clip needs at least 2 frames to show motion, got {frames}")
+    if n_clips > MAX_CLIPS:
+        raise ValueError(f"at most {MAX_CLIPS} clips per split, got {n_clips}")
+    check_clip_shape(size, frames)
     clips = []
     for i, triple in enumerate(_triple_order(seed, split, n_clips)):
         rng = np.random.default_rng([seed, _split_seed(split), 1, i])

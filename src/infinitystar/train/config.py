@@ -353,6 +353,13 @@ class VAEModelConfig:
             get_preset("vae", self.vae_preset)  # raises with the list of presets
 
 
+# Bounds of a VAE training clip, checked when the config is read: the reference trains its tokenizer at up to 720p
+# on 5 s clips; 2048 px and 257 frames leave room for more while refusing typos (65536 x 65536 would be hundreds
+# of GiB per clip) before any data is read.
+MAX_VAE_CLIP_SIDE = 2048
+MAX_VAE_CLIP_FRAMES = 257
+
+
 @dataclass(frozen=True)
 class VAEDataConfig:
     """Training and held-out media and the clip shape.
@@ -390,7 +397,10 @@ class VAEDataConfig:
         _require(_is_number(self.fps) and self.fps > 0, f"data.fps must be a number > 0, got {self.fps!r}")
         for name in ("height", "width"):
             v = getattr(self, name)
-            _require(_is_int(v, 16) and v % 16 == 0, f"data.{name} must be a positive multiple of 16, got {v!r}")
+            _require(_is_int(v, 16) and v % 16 == 0 and v <= MAX_VAE_CLIP_SIDE,
+                     f"data.{name} must be a multiple of 16 in 16..{MAX_VAE_CLIP_SIDE}, got {v!r}")
+        _require(self.num_frames <= MAX_VAE_CLIP_FRAMES,
+                 f"data.num_frames must be at most {MAX_VAE_CLIP_FRAMES}, got {self.num_frames}")
         _require(_is_int(self.eval_clips, 1), f"data.eval_clips must be an int >= 1, got {self.eval_clips!r}")
         _require(_is_int(self.eval_every, 0), f"data.eval_every must be an int >= 0, got {self.eval_every!r}")
 
@@ -596,7 +606,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {err.start} is not): give a .toml or .json "
+                          "file") from None
     suffix = p.suffix.lower()
     try:
         if suffix == ".toml":
