@@ -216,9 +216,18 @@ def test_media_sources_and_clip_sampling(tmp_path):
     long = MediaClipDataset(items, num_frames=13, fps=16, height=16, width=16)
     with pytest.raises(ValueError, match="a.npy holds 9 frames"):
         long.clip(0, np.random.default_rng(0))
-    with pytest.raises(FileNotFoundError, match="missing.mp4"):
-        (tmp_path / "bad.txt").write_text("missing.mp4\n")
-        list_media([str(tmp_path / "bad.txt")])
+    # Bad rows are skipped and reported, as the transformer's reader does (issue 16); only no usable item at all
+    # is an error.
+    (tmp_path / "bad.txt").write_text("missing.mp4\nmedia/a.npy\n")
+    (tmp_path / "bad.jsonl").write_text('{"video_path": "v.mp4"}\nnot json\n{"image_path": 3}\n')
+    bad_rows: list[str] = []
+    kept = list_media([str(tmp_path / "bad.txt"), str(tmp_path / "bad.jsonl")], bad_rows)
+    assert [i.path.name for i in kept] == ["a.npy", "v.mp4"]
+    assert len(bad_rows) == 3 and "bad.txt:1" in bad_rows[0] and "missing.mp4" in bad_rows[0]
+    assert "bad.jsonl:2: not a JSON object" in bad_rows[1] and "bad.jsonl:3" in bad_rows[2]
+    with pytest.raises(ValueError, match=r"no media found .*1 bad rows; the first: .*missing\.mp4"):
+        (tmp_path / "worse.txt").write_text("missing.mp4\n")
+        list_media([str(tmp_path / "worse.txt")])
 
 
 # ---------------------------------------------------------------------------------------------

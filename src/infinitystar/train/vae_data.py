@@ -20,8 +20,9 @@ so a resumed run sees exactly the clips an uninterrupted run would.
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -39,6 +40,8 @@ from infinitystar.media import (
     read_video,
     resize_and_center_crop,
 )
+
+logger = logging.getLogger(__name__)
 
 ARRAY_SUFFIXES = (".npy",)
 MEDIA_SUFFIXES = (*VIDEO_READ_SUFFIXES, *IMAGE_SUFFIXES, *ARRAY_SUFFIXES)
@@ -80,50 +83,65 @@ def _item(path: Path, where: str) -> MediaItem:
     return MediaItem(path, kind)
 
 
-def _read_jsonl(path: Path) -> list[MediaItem]:
-    items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
+def _jsonl_item(path: Path, line: str, where: str) -> MediaItem:
+    """One reference-format jsonl row -> its media item; a bad row raises ValueError/FileNotFoundError/MediaError
+    naming ``where`` (file:line)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not a JSON object ({err})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    key = "video_path" if "video_path" in row else "image_path" if "image_path" in row else None
+    if key is None or not isinstance(row[key], str) or not row[key]:
+        raise ValueError(f"{where}: the record has no 'video_path' or 'image_path' string")
+    media = Path(row[key])
+    media = media if media.is_absolute() else path.parent / media
+    item = _item(media, where)
+    if key == "video_path" and "begin_frame_id" in row and "fps" in row:
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not a JSON object ({err})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        key = "video_path" if "video_path" in row else "image_path" if "image_path" in row else None
-        if key is None or not isinstance(row[key], str) or not row[key]:
-            raise ValueError(f"{where}: the record has no 'video_path' or 'image_path' string")
-        media = Path(row[key])
-        media = media if media.is_absolute() else path.parent / media
-        item = _item(media, where)
-        if key == "video_path" and "begin_frame_id" in row and "fps" in row:
-            try:
-                fps = float(row["fps"])
-                begin = int(row["begin_frame_id"])
-                end = int(row["end_frame_id"]) if "end_frame_id" in row else None
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"{where}: bad begin_frame_id/end_frame_id/fps ({err})") from None
-            if not fps > 0 or begin < 0 or (end is not None and end <= begin):
-                raise ValueError(f"{where}: bad clip range begin_frame_id={begin}, end_frame_id={end}, fps={fps}")
-            item = MediaItem(item.path, item.kind, begin / fps, None if end is None else end / fps)
-        items.append(item)
-    return items
+            fps = float(row["fps"])
+            begin = int(row["begin_frame_id"])
+            end = int(row["end_frame_id"]) if "end_frame_id" in row else None
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: bad begin_frame_id/end_frame_id/fps ({err})") from None
+        if not fps > 0 or begin < 0 or (end is not None and end <= begin):
+            raise ValueError(f"{where}: bad clip range begin_frame_id={begin}, end_frame_id={end}, fps={fps}")
+        item = MediaItem(item.path, item.kind, begin / fps, None if end is None else end / fps)
+    return item
 
 
-def _read_list(path: Path) -> list[MediaItem]:
+def _list_item(path: Path, line: str, where: str) -> MediaItem:
+    media = Path(line)
+    return _item(media if media.is_absolute() else path.parent / media, where)
+
+
+def _read_rows(path: Path, parse: Callable[[Path, str, str], MediaItem], bad_rows: list[str]) -> list[MediaItem]:
+    """The items of a jsonl or txt list; each bad row is logged (``file:line: reason``), kept in ``bad_rows`` and
+    skipped, as the transformer's data reader does (one bad row never stops a run over thousands)."""
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        entry = line.split("#", 1)[0].strip()
-        if entry:
-            media = Path(entry)
-            items.append(_item(media if media.is_absolute() else path.parent / media, f"{path}:{n}"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start} is not)") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        entry = line.split("#", 1)[0].strip() if parse is _list_item else line.strip()
+        if not entry:
+            continue
+        try:
+            items.append(parse(path, entry, f"{path}:{n}"))
+        except (ValueError, FileNotFoundError) as err:  # MediaError is a ValueError
+            bad_rows.append(str(err))
+            logger.warning("skipping bad row %s", err)
     return items
 
 
-def list_media(sources: Sequence[str | Path]) -> list[MediaItem]:
-    """Every media item of the given folders / jsonl / txt lists / files, in a stable (sorted) order."""
+def list_media(sources: Sequence[str | Path], bad_rows: list[str] | None = None) -> list[MediaItem]:
+    """Every media item of the given folders / jsonl / txt lists / files, in a stable (sorted) order.
+
+    Bad rows of a jsonl or txt list are skipped, logged and appended to ``bad_rows`` (when given); a source that is
+    itself missing or empty, or no usable item at all, is an error."""
+    bad_rows = [] if bad_rows is None else bad_rows
     items: list[MediaItem] = []
     for src in sources:
         p = Path(src)
@@ -135,15 +153,18 @@ def list_media(sources: Sequence[str | Path]) -> list[MediaItem]:
         elif p.suffix.lower() == ".jsonl":
             if not p.is_file():
                 raise FileNotFoundError(f"jsonl file {p} does not exist")
-            items += _read_jsonl(p)
+            items += _read_rows(p, _jsonl_item, bad_rows)
         elif p.suffix.lower() == ".txt":
             if not p.is_file():
                 raise FileNotFoundError(f"file list {p} does not exist")
-            items += _read_list(p)
+            items += _read_rows(p, _list_item, bad_rows)
         else:
             items.append(_item(p, "data"))
+    if bad_rows:
+        logger.warning("%d bad row(s) skipped", len(bad_rows))
     if not items:
-        raise ValueError(f"no media found in {[str(s) for s in sources]}")
+        first = f" ({len(bad_rows)} bad rows; the first: {bad_rows[0]})" if bad_rows else ""
+        raise ValueError(f"no media found in {[str(s) for s in sources]}{first}")
     return items
 
 
