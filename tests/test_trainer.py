@@ -280,6 +280,65 @@ def test_sigkill_then_resume_gives_identical_losses(tiny_data, tmp_path):
     assert [got[s] for s in range(1, killed_at + 1)] == [ref_losses[s] for s in range(1, killed_at + 1)]
 
 
+# The moments of a run a SIGKILL can hit, each injected in the victim process itself (the training code is not
+# touched): the victim runs the real CLI after patching one function to kill its own process at that moment.
+_KILL_HOOKS = {
+    # After step 6's log record, between two steps (the step-4 checkpoint is the one to resume from).
+    "between steps": ("infinitystar.train.runlog", "append_record",
+                      "lambda args, kw: args[1].get('event') == 'step' and args[1].get('step') == 6"),
+    # Mid-checkpoint: step 8's shards are written, its complete.json is not (the .tmp folder stays behind).
+    "shards written, no marker": ("infinitystar.train.checkpointing", "atomic_write_json",
+                                  "lambda args, kw: 'step_00000008' in str(args[0])"),
+    # Mid-checkpoint: the marker is written, the folder not yet renamed from .tmp.
+    "marker written, not renamed": ("infinitystar.train.checkpointing.os", "replace",
+                                    "lambda args, kw: str(args[0]).endswith('step_00000008.tmp')"),
+}
+_VICTIM = """
+import importlib, os, signal, sys
+module = importlib.import_module({module!r})
+real = getattr(module, {name!r})
+when = {when}
+def hooked(*args, **kw):
+    if when(args, kw):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kw)
+setattr(module, {name!r}, hooked)
+from infinitystar.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_data, tmp_path_factory):
+    """Step losses of an uninterrupted 12-step run (checkpoints every 4 steps)."""
+    root = tmp_path_factory.mktemp("reference_run")
+    cfg = _write_config(root / "full.json", _config(tiny_data, root / "full", {"training.steps": 12}))
+    _finish(_cli_train(cfg))
+    return step_losses(root / "full" / "train_log.jsonl")
+
+
+@pytest.mark.parametrize("moment", list(_KILL_HOOKS))
+def test_sigkill_at_any_moment_then_resume_is_exact(moment, tiny_data, reference_run, tmp_path):
+    """Issue 16: kill -9 between steps and at two points inside a checkpoint write; the same command resumes from
+    the newest complete checkpoint (step 4 or 8) and every later loss equals the uninterrupted run's."""
+    cfg = _write_config(tmp_path / "kill.json", _config(tiny_data, tmp_path / "kill", {"training.steps": 12}))
+    module, name, when = _KILL_HOOKS[moment]
+    if module.endswith(".os"):  # patch os.replace as the checkpointing module sees it
+        module = "os"
+    victim = subprocess.run([PY, "-c", _VICTIM.format(module=module, name=name, when=when), "train", str(cfg),
+                             "--quiet"], env=_env(), capture_output=True, text=True, timeout=240)
+    assert victim.returncode == -signal.SIGKILL, victim.stdout + victim.stderr
+    ckpts = tmp_path / "kill" / "checkpoints"
+    assert [s for s, _ in checkpointing.complete_checkpoints(ckpts)] == [4]  # 8 never completed
+    out = _finish(_cli_train(cfg))
+    assert "trained to step 12" in out
+    resumes = [r for r in read_log(tmp_path / "kill" / "train_log.jsonl") if r.get("event") == "resume"]
+    assert [r["step"] for r in resumes] == [4]
+    got = step_losses(tmp_path / "kill" / "train_log.jsonl")
+    assert [got[s] for s in range(1, 13)] == [reference_run[s] for s in range(1, 13)]
+    assert not list(ckpts.glob("*.tmp")), "the interrupted checkpoint's .tmp folder was left behind"
+
+
 # ----------------------------------------------------------------------------------------------
 # Two processes with FSDP2 (gloo) == one process on the same global batch; then export -> generate
 # ----------------------------------------------------------------------------------------------
