@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +18,18 @@ import pytest
 import torch
 from PIL import Image
 
-from infinitystar import media
+from infinitystar import cli, media
 from infinitystar.cli import main
 from infinitystar.config import get_preset
+from infinitystar.outputs import read_record
 from infinitystar.pipeline import InfinityStarPipeline
 
 SIZE = 96
 FPS = 16
-# Two-latent-frame clips: a segment / clip is 8 frames, so interactive and extension runs stay short.
-SHORT_CLIPS = dataclasses.replace(get_preset("pipeline", "tiny-test"), name="tiny-short-clips", frames_inner_clip=2)
+# Two-latent-frame clips: a segment / clip is 8 frames, so interactive and extension runs stay short; an interactive
+# model (``interactive`` needs one), which does every other video task too.
+SHORT_CLIPS = dataclasses.replace(get_preset("pipeline", "tiny-test"), name="tiny-short-clips", frames_inner_clip=2,
+                                  interactive=True)
 CONSOLE_SCRIPT = Path(sys.executable).parent / "infinitystar"
 
 
@@ -182,3 +186,189 @@ def test_console_script_entry_point(tmp_path):
                          timeout=300)
     assert bad.returncode == 2 and "got 6" in bad.stderr
     assert not (tmp_path / "y.mp4").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# --version, seeds, names, run records, --from-json, --overwrite
+# ----------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_PROMPT = "a red circle moving left"
+
+
+def _pyproject_version() -> str:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+
+
+def test_version_names_the_package_and_torch(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"infinitystar {_pyproject_version()} (torch {torch.__version__})"
+
+
+def _wrote(stdout: str) -> tuple[Path, int]:
+    """The output path and the seed of a ``wrote ...`` line."""
+    m = re.search(r"^wrote (\S+) \(.*seed (\d+),", stdout, flags=re.M)
+    assert m, stdout
+    return Path(m.group(1)), int(m.group(2))
+
+
+def test_without_seed_a_random_one_is_drawn_named_printed_and_recorded(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seeds = []
+    for _ in range(2):
+        code, stdout, err = _run(["generate", DEMO_PROMPT, "--frames", "5", "--quiet"], capsys)
+        assert code == 0, err
+        out, seed = _wrote(stdout)
+        assert 0 <= seed < 2**31
+        assert out.parent == Path("outputs")
+        assert re.fullmatch(rf"\d{{8}}-\d{{6}}_a-red-circle-moving-left_s{seed}\.mp4", out.name), out.name
+        record = read_record(out)
+        assert (record.seed, record.prompt, record.model, record.task) == (seed, DEMO_PROMPT, "infinitystar-demo",
+                                                                           "text-to-video")
+        assert f"run record {out.with_suffix('.json')}" in stdout
+        seeds.append(seed)
+    assert seeds[0] != seeds[1]  # drawn afresh (equal with probability 2**-31)
+
+
+def test_seed_is_drawn_from_the_os_entropy_below_2_31(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.secrets, "randbelow", lambda n: calls.append(n) or 12345)
+    out = tmp_path / "x.mp4"
+    code, stdout, err = _run(["generate", DEMO_PROMPT, "--frames", "5", "-o", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    assert calls == [2**31]
+    assert _wrote(stdout) == (out, 12345) and read_record(out).seed == 12345
+
+
+def test_existing_output_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "x.mp4"
+    out.write_bytes(b"keep me")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output check")
+
+    monkeypatch.setattr(cli, "load_pipeline", no_load)
+    code, _, err = _run(["generate", DEMO_PROMPT, "-o", str(out), "--quiet"], capsys)
+    assert code == 2
+    assert err.strip() == f"infinitystar generate: error: {out} already exists; pass --overwrite to replace it"
+    assert out.read_bytes() == b"keep me"
+    # The record beside it counts too, and interactive checks the same way.
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n", encoding="utf-8")
+    (tmp_path / "story.json").write_text("{}", encoding="utf-8")
+    code, _, err = _run(["interactive", str(prompts), "-o", str(tmp_path / "story.mp4")], capsys)
+    assert code == 2 and "story.json already exists; pass --overwrite" in err and err.count("\n") == 1
+
+
+def test_overwrite_replaces_the_output(tmp_path, capsys):
+    out = tmp_path / "x.mp4"
+    out.write_bytes(b"old")
+    code, stdout, err = _run(["generate", DEMO_PROMPT, "--frames", "5", "-o", str(out), "--seed", "4",
+                              "--overwrite", "--quiet"], capsys)
+    assert code == 0, err
+    assert read_record(out).seed == 4
+    _check_demo_video(out, 5)
+
+
+def _check_demo_video(path: Path, frames: int) -> np.ndarray:
+    decoded, _ = media.read_video(path)
+    assert decoded.shape[0] == frames
+    return decoded
+
+
+def test_from_json_reproduces_the_run_frame_for_frame(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = _run(["generate", DEMO_PROMPT, "--frames", "9", "--guidance", "2", "--quiet"], capsys)
+    assert code == 0, err
+    first, seed = _wrote(stdout)
+    # Same second, same prompt, same seed: the default name moves aside instead of failing or replacing.
+    code, stdout, err = _run(["generate", "--from-json", str(first.with_suffix(".json")), "--quiet"], capsys)
+    assert code == 0, err
+    again, again_seed = _wrote(stdout)
+    assert again != first and again_seed == seed
+    assert np.array_equal(_check_demo_video(first, 9), _check_demo_video(again, 9))
+    a, b = read_record(first).to_dict(), read_record(again).to_dict()
+    a.pop("created"), b.pop("created")
+    assert a == b and a["guidance_scale"] == 2.0
+    # The mp4 alone is a run record too.
+    third = tmp_path / "third.mp4"
+    code, _, err = _run(["generate", "--from-json", str(first), "-o", str(third), "--quiet"], capsys)
+    assert code == 0, err
+    assert np.array_equal(_check_demo_video(first, 9), _check_demo_video(third, 9))
+
+
+def test_from_json_options_given_override_the_file(tmp_path, capsys):
+    run = tmp_path / "run.mp4"
+    code, _, err = _run(["generate", DEMO_PROMPT, "--frames", "9", "--seed", "11", "-o", str(run), "--quiet"],
+                        capsys)
+    assert code == 0, err
+    out = tmp_path / "changed.mp4"
+    code, stdout, err = _run(["generate", "a blue square moving up", "--from-json", str(tmp_path / "run.json"),
+                              "--seed", "12", "--frames", "5", "-o", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    record = read_record(out)
+    assert (record.prompt, record.seed, record.num_frames) == ("a blue square moving up", 12, 5)
+    _check_demo_video(out, 5)
+    # --seconds replaces the recorded frame count too (they are one choice).
+    out2 = tmp_path / "seconds.mp4"
+    code, _, err = _run(["generate", "--from-json", str(tmp_path / "run.json"), "--seconds", "0.25", "-o", str(out2),
+                         "--quiet"], capsys)
+    assert code == 0, err
+    assert read_record(out2).num_frames == 5 and read_record(out2).seed == 11
+
+
+def test_from_json_of_a_random_weights_run_reproduces_it(tmp_path, capsys):
+    run = tmp_path / "r.mp4"
+    code, _, err = _run(["generate", "a red ball", "--preset", "tiny-test", "--frames", "5", "-o", str(run),
+                         "--quiet"], capsys)
+    assert code == 0, err
+    assert read_record(run).model == "random:tiny-test"
+    again = tmp_path / "again.mp4"
+    code, _, err = _run(["generate", "--from-json", str(tmp_path / "r.json"), "-o", str(again), "--quiet"], capsys)
+    assert code == 0, err
+    assert np.array_equal(media.read_video(run)[0], media.read_video(again)[0])
+
+
+def test_interactive_records_its_prompts_and_reproduces(tmp_path, capsys, short_model):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball on the floor\nthe ball rolls away\n", encoding="utf-8")
+    out = tmp_path / "story.mp4"
+    code, stdout, err = _run(["interactive", str(prompts), "--model", str(short_model), "-o", str(out), "--quiet"],
+                             capsys)
+    assert code == 0, err
+    _, seed = _wrote(stdout)
+    record = read_record(out)
+    assert record.task == "interactive" and record.seed == seed and record.model == str(short_model)
+    assert record.prompts == ("a red ball on the floor", "the ball rolls away")
+    again = tmp_path / "again.mp4"
+    code, _, err = _run(["interactive", "--from-json", str(tmp_path / "story.json"), "-o", str(again), "--quiet"],
+                        capsys)
+    assert code == 0, err
+    assert np.array_equal(media.read_video(out)[0], media.read_video(again)[0])
+    # generate cannot redo an interactive run; it says which command can, in one line.
+    code, _, err = _run(["generate", "--from-json", str(tmp_path / "story.json")], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "records a interactive run: run it again with infinitystar interactive --from-json" in err
+
+
+def test_from_json_and_prompt_errors_are_one_line(tmp_path, capsys):
+    code, _, err = _run(["generate"], capsys)
+    assert code == 2 and "no PROMPT given (or --from-json RUN.json" in err and err.count("\n") == 1
+    code, _, err = _run(["generate", "--from-json", str(tmp_path / "none.json")], capsys)
+    assert code == 2 and "none.json" in err and err.count("\n") == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"prompt": "x", "seed": 1, "sampler": "ddim"}', encoding="utf-8")
+    code, _, err = _run(["generate", "--from-json", str(bad)], capsys)
+    assert code == 2 and "unknown keys 'sampler'" in err and err.count("\n") == 1
+
+
+def test_writing_a_video_shows_a_progress_bar(tmp_path, capsys):
+    out = tmp_path / "x.mp4"
+    code, _, err = _run(["generate", DEMO_PROMPT, "--frames", "9", "-o", str(out)], capsys)
+    assert code == 0, err
+    assert re.search(r"write: 100%\|.*\| 9/9", err), err

@@ -27,7 +27,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(layer) for layer in (
     {"fileio"},                                    # atomic file writes: stdlib only
     {"config"},                                    # model/pipeline configs and presets
     {"vae", "transformer", "text", "media"},       # the models, the text encoders, image/video I/O
-    {"checkpoints", "generation"},                 # weights on disk; the generation plan and loop
+    {"checkpoints", "generation", "outputs"},      # weights on disk; the generation plan and loop; run records
     {"memory"},                                    # memory modes, offload, quantization, the memory model
     {"pipeline"},                                  # InfinityStarPipeline: loading, encode, call, decode
     {"train"},                                     # the trainers (they export pipelines)

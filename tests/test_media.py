@@ -665,3 +665,47 @@ def test_writers_create_parent_directories(tmp_path):
     path = write_video(_grey_frames(2), tmp_path / "a" / "b" / "v.mp4")
     assert path.is_file()
     assert _dir_listing(path.parent) == ["v.mp4"]
+
+
+# ----------------------------------------------------------------------------------------- tags and progress
+
+
+def test_video_metadata_round_trip_read_with_pyav(tmp_path):
+    text = '{"prompt": "a red ball \\u00e9", "seed": 7}'
+    p = write_video(_grey_frames(3), tmp_path / "tagged.mp4", 16, metadata={"comment": text})
+    with av.open(str(p)) as container:  # read with PyAV directly, not with read_video_metadata
+        assert container.metadata["comment"] == text
+    assert media.read_video_metadata(p)["comment"] == text
+
+
+def test_video_progress_reports_every_frame_then_the_total(tmp_path):
+    events = []
+    write_video(_grey_frames(5), tmp_path / "p.mp4", 16, progress=lambda done, total: events.append((done, total)))
+    assert events == [(0, 5), (1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+
+
+def test_video_progress_exception_aborts_the_write(tmp_path):
+    def stop(done: int, total: int) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_video(_grey_frames(5), tmp_path / "stopped.mp4", 16, progress=stop)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_png_text_chunks_round_trip_read_with_pillow(tmp_path):
+    p = write_image(_grey_frames(1)[0], tmp_path / "t.png", text={"infinitystar": '{"seed": 3}', "other": "x"})
+    with Image.open(p) as img:  # Pillow's own reading of the tEXt chunks
+        assert img.text == {"infinitystar": '{"seed": 3}', "other": "x"}
+    assert media.read_image_text(p) == {"infinitystar": '{"seed": 3}', "other": "x"}
+    assert media.read_image_text(write_image(_grey_frames(1)[0], tmp_path / "plain.png")) == {}
+
+
+def test_image_text_is_png_and_latin1_only(tmp_path):
+    frame = _grey_frames(1)[0]
+    with pytest.raises(MediaError, match="only png"):
+        write_image(frame, tmp_path / "t.jpg", text={"k": "v"})
+    with pytest.raises(MediaError, match="Latin-1"):
+        write_image(frame, tmp_path / "t.png", text={"k": "snow \u2603"})
+    assert list(tmp_path.iterdir()) == []

@@ -32,9 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(("cls", "path"), [
     (TrainConfig, "configs/train_tiny.toml"),
-    (TrainConfig, "configs/demo/transformer.toml"),
-    (VAETrainConfig, "configs/demo/vae.toml"),
-    (VAETrainConfig, "configs/demo/vae_decoder.toml"),
+    (TrainConfig, "src/infinitystar/demo/configs/transformer.toml"),
+    (VAETrainConfig, "src/infinitystar/demo/configs/vae.toml"),
+    (VAETrainConfig, "src/infinitystar/demo/configs/vae_decoder.toml"),
 ])
 def test_shipped_configs_load_and_round_trip_through_json(cls, path):
     cfg = load_config(cls, REPO / path)

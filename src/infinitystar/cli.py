@@ -4,26 +4,48 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from infinitystar import __version__
 from infinitystar.checkpoints import convert_vae_checkpoint, load_vae
 from infinitystar.config import get_preset, precision_for_dtype, replace
 from infinitystar.demo import evaluate as demo_evaluate
-from infinitystar.demo import load_pipeline
+from infinitystar.demo import load_pipeline, random_weights
 from infinitystar.demo.recipe import DEFAULT_CONFIG_DIR, RecipeOptions, run_recipe
 from infinitystar.demo.synthetic import make_dataset
 from infinitystar.memory import MEMORY_MODES
-from infinitystar.pipeline import export_to_video, read_pipeline_config
+from infinitystar.outputs import RunRecord, now_iso, output_name, read_record, record_path, save_output_with_record
+from infinitystar.pipeline import InfinityStarPipeline, read_pipeline_config
 from infinitystar.train.commands import add_train_commands, add_train_vae_command
 from infinitystar.train.config import DataConfig, config_from_dict, read_config_file
 from infinitystar.train.features import extract_features
 from infinitystar.web import serve
 
+# Where generate and interactive write when no -o is given (relative to the working directory).
+OUTPUT_DIR = Path("outputs")
+# Seeds drawn for runs without --seed lie in [0, SEED_LIMIT): any tool (and any other framework's RNG) takes them.
+SEED_LIMIT = 2**31
+# The record's ``model`` for the shipped demo model (``infinitystar.demo.DEMO_MODEL_ID``, its public name).
+DEMO_MODEL_NAME = "infinitystar-demo"
+
+
+def version_text() -> str:
+    """``infinitystar <version> (torch <version>)``: what ``--version`` prints (bug reports want both)."""
+    return f"infinitystar {__version__} (torch {torch.__version__})"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infinitystar", description=__doc__)
+    parser.add_argument("--version", action="version", version=version_text())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_convert(subparsers)
     _add_generate(subparsers)
@@ -42,13 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 # generate / interactive
 # ----------------------------------------------------------------------------------------------
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, seed_help: str = "sampling seed (default: the preset's)") -> None:
     p.add_argument("--model", metavar="DIR", help="model folder: our layout (model_index.json) or the official "
                    "download (infinitystar_videovae.pth, transformer shards, text_encoder/flan-t5-xl-official); "
                    "default: the embedded demo model")
     p.add_argument("--preset", help="with --model on an official download: which transformer to load "
                    "(official-720p, official-480p, interactive-480p); without --model: random weights of a preset")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the preset's)")
+    p.add_argument("--seed", type=int, default=None, help=seed_help)
     p.add_argument("--guidance", type=float, default=None, metavar="G",
                    help="guidance scale (default: the preset's; 1 disables guidance)")
     p.add_argument("--aspect", default=None, help="aspect ratio W:H, e.g. 16:9 (default: the preset's)")
@@ -81,13 +103,28 @@ def _precision_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(f"{value!r}: use bf16 (bfloat16) or fp32 (float32)") from exc
 
 
+_SEED_HELP = "sampling seed (default: a random one; printed and stored in the run record)"
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """What generate and interactive share beyond the model options: the run record, re-running, overwriting."""
+    p.add_argument("--from-json", metavar="RUN.json", default=None,
+                   help="run again what this run record (the .json beside an output, or the .mp4/.png itself) "
+                   "describes: same prompt, seed and settings; options given here override it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
+    # None = "not given", so that --from-json can tell an explicit option from a default (resolved in _settings).
+    p.set_defaults(device=None, memory_mode=None)
+
+
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate an image or a video from a prompt",
                               description="Text-to-image (--frames 1), text-to-video, image-to-video (--image), "
-                              "video extension (--video).")
-    p.add_argument("prompt", metavar="PROMPT")
+                              "video extension (--video). Every output gets its run record (prompt, seed, "
+                              "settings) inside the file and as <name>.json beside it; --from-json runs it again.")
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
+                   help="what to generate (optional with --from-json)")
     p.add_argument("-o", "--output", default=None, help="output file: .mp4 for videos, .png for images "
-                   "(default: outputs/infinitystar.mp4 or .png)")
+                   f"(default: {OUTPUT_DIR}/<time>_<prompt>_s<seed>.mp4 or .png)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--image", metavar="PATH", help="image-to-video: the first frame")
     p.add_argument("--video", metavar="PATH", help="video extension: continue this video (its first whole clips, "
@@ -97,20 +134,24 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     length.add_argument("--frames", type=int, default=None, help="number of frames (1 = image, else 1 + 4k)")
     p.add_argument("--resolution", choices=["480p", "720p"], default=None,
                    help="must match the model (720p or 480p checkpoint)")
-    _add_model_options(p)
+    _add_model_options(p, _SEED_HELP)
+    _add_run_options(p)
     p.set_defaults(func=_run_generate)
 
 
 def _add_interactive(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("interactive", help="interactive long video: one prompt per segment",
                               description="PROMPTS_FILE holds one prompt per line; each line generates the next "
-                              "segment, continuing the previous one.")
-    p.add_argument("prompts_file", metavar="PROMPTS_FILE")
-    p.add_argument("-o", "--output", default="outputs/interactive.mp4", help="output .mp4 (all segments joined)")
+                              "segment, continuing the previous one. The output gets its run record like generate's.")
+    p.add_argument("prompts_file", metavar="PROMPTS_FILE", nargs="?", default=None,
+                   help="one prompt per line (optional with --from-json)")
+    p.add_argument("-o", "--output", default=None, help="output .mp4, all segments joined "
+                   f"(default: {OUTPUT_DIR}/<time>_<first prompt>_s<seed>.mp4)")
     p.add_argument("--video", metavar="PATH", help="reference video for segment 0: its last clip, at the aspect "
                    "nearest its own unless --aspect is given (default: generate segment 0)")
     p.add_argument("--save-segments", action="store_true", help="also write OUTPUT_0000.mp4, ... per segment")
-    _add_model_options(p)
+    _add_model_options(p, _SEED_HELP)
+    _add_run_options(p)
     p.set_defaults(func=_run_interactive)
 
 
@@ -121,49 +162,205 @@ def _check_output(path: Path, is_image: bool) -> None:
         raise ValueError(f"output {path} must end in {' or '.join(want)} for {kind}")
 
 
+def _check_not_there(paths: list[Path], overwrite: bool) -> None:
+    """Refuse to replace an output (or its record) before any model is loaded."""
+    if overwrite:
+        return
+    for path in paths:
+        for p in (path, record_path(path)):
+            if p.exists():
+                raise FileExistsError(f"{p} already exists; pass --overwrite to replace it")
+
+
+def _default_output(prompt: str, seed: int, created: str, ext: str) -> Path:
+    """``outputs/<time>_<prompt>_s<seed>.<ext>``; when a run of the same prompt and seed in the same second (a quick
+    ``--from-json``) already wrote that name, ``..._s<seed>-2.<ext>`` and so on: a name nobody chose never makes a
+    run fail, and never replaces a file."""
+    first = OUTPUT_DIR / output_name(prompt, seed, created, ext)
+    path, k = first, 1
+    while path.exists() or record_path(path).exists():
+        k += 1
+        path = first.with_name(f"{first.stem}-{k}{first.suffix}")
+    return path
+
+
+def _draw_seed() -> int:
+    """A fresh seed for a run without --seed: from the OS's entropy (not torch's or random's global state, which
+    a fixed seed elsewhere in the process would make repeat), in [0, 2**31) so that any tool can take it."""
+    return secrets.randbelow(SEED_LIMIT)
+
+
+def _model_name(model: str | None, preset: str | None) -> str:
+    """The record's ``model``: the folder as given, the demo model's name, or ``random:<preset>``."""
+    if model is not None:
+        return model
+    if random_weights(model, preset):
+        return f"random:{preset or 'tiny-test'}"
+    return DEMO_MODEL_NAME
+
+
+def _model_from_name(name: str, preset: str | None) -> tuple[str | None, str | None]:
+    """``(--model, --preset)`` that load what a record's ``model`` names (the inverse of :func:`_model_name`)."""
+    if name == DEMO_MODEL_NAME:
+        return None, None
+    if name.startswith("random:"):
+        return None, name.removeprefix("random:")
+    return name, preset
+
+
+def _apply_record(args: argparse.Namespace, record: RunRecord, fields: dict[str, str]) -> None:
+    """Fill every option the command line left unset (None) from ``record``; explicit options win."""
+    for arg, field_name in fields.items():
+        if getattr(args, arg) is None:
+            setattr(args, arg, getattr(record, field_name))
+    if args.model is None and args.preset is None:
+        args.model, args.preset = _model_from_name(record.model, record.preset)
+
+
+# Options of both commands and the record fields they come from under --from-json.
+_COMMON_FIELDS = {"seed": "seed", "guidance": "guidance_scale", "aspect": "aspect", "device": "device",
+                  "precision": "precision", "memory_mode": "memory_mode"}
+
+
+def _read_run(path: str, interactive: bool) -> RunRecord:
+    record = read_record(path)
+    if interactive != (record.task == "interactive"):
+        other = "interactive" if record.task == "interactive" else "generate"
+        raise ValueError(f"{path} records a {record.task} run: run it again with infinitystar {other} "
+                         f"--from-json {path}")
+    return record
+
+
+def _settle_defaults(args: argparse.Namespace) -> None:
+    """The defaults of options left unset (after --from-json filled what it holds)."""
+    if args.seed is None:
+        args.seed = _draw_seed()
+    if args.device is None:
+        args.device = "auto"
+    if args.memory_mode is None:
+        args.memory_mode = "plain"
+
+
+def _load(args: argparse.Namespace) -> InfinityStarPipeline:
+    return load_pipeline(args.model, args.preset, device=args.device, precision=args.precision,
+                         memory_mode=args.memory_mode, compile_blocks=args.compile)
+
+
+def _write_progress(quiet: bool) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    """A (done, total) callback that drives a tqdm bar while a file is written, and the bar's close."""
+    if quiet:
+        return None, lambda: None
+    bar = tqdm(desc="write", unit="frame", file=sys.stderr)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.reset(total=total)
+        bar.update(done - bar.n)
+
+    return update, bar.close
+
+
+def _save(frames: Any, out: Path, record: RunRecord, fps: int, args: argparse.Namespace) -> Path:
+    progress, close = _write_progress(args.quiet)
+    try:
+        return save_output_with_record(frames, out, record, fps=fps, overwrite=args.overwrite, progress=progress)
+    finally:
+        close()
+
+
 def _run_generate(args: argparse.Namespace) -> int:
+    if args.from_json is not None:
+        record = _read_run(args.from_json, interactive=False)
+        if args.prompt is None:
+            args.prompt = record.prompt
+        if args.frames is None and args.seconds is None:
+            args.frames = record.num_frames
+        _apply_record(args, record, {**_COMMON_FIELDS, "negative_prompt": "negative_prompt", "image": "input_image",
+                                     "video": "input_video", "resolution": "resolution"})
+    if args.prompt is None:
+        raise ValueError("no PROMPT given (or --from-json RUN.json to run a recorded one again)")
+    _settle_defaults(args)
     for name in ("image", "video"):
         value = getattr(args, name)
         if value is not None and not Path(value).is_file():
             raise FileNotFoundError(f"--{name} {value}: no such file")
     is_image = args.frames == 1 or (args.seconds == 0)
-    default_name = "infinitystar.png" if is_image else "infinitystar.mp4"
-    out = Path(args.output) if args.output else Path("outputs") / default_name
+    created = now_iso()
+    out = Path(args.output) if args.output else _default_output(args.prompt, args.seed, created,
+                                                                 "png" if is_image else "mp4")
     _check_output(out, is_image)
-    pipe = load_pipeline(args.model, args.preset, device=args.device, precision=args.precision,
-                         memory_mode=args.memory_mode, compile_blocks=args.compile)
+    _check_not_there([out], args.overwrite)
+    pipe = _load(args)
     t0 = time.perf_counter()
     result = pipe(args.prompt, args.negative_prompt, image=args.image, video=args.video, num_frames=args.frames,
                   seconds=args.seconds, resolution=args.resolution, aspect=args.aspect, guidance_scale=args.guidance,
                   seed=args.seed, progress=not args.quiet)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    export_to_video(result.frames, out, fps=result.fps)
-    frames = result.frames
-    print(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
-          f"{time.perf_counter() - t0:.1f} s)")
+    frames = _uint8_frames(result.frames)
+    t, h, w = frames.shape[:3]
+    task = ("text-to-image" if t == 1 else "image-to-video" if args.image else "video-extension" if args.video
+            else "text-to-video")
+    record = RunRecord(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, task=task,
+                       num_frames=t, fps=result.fps, height=h, width=w, guidance_scale=args.guidance,
+                       aspect=args.aspect, resolution=args.resolution, model=_model_name(args.model, args.preset),
+                       preset=args.preset, precision=pipe.precision, memory_mode=args.memory_mode,
+                       device=str(pipe.device), created=created, input_image=args.image, input_video=args.video)
+    _save(frames, out, record, result.fps, args)
+    print(f"wrote {out} ({t} frames, {w}x{h}, seed {args.seed}, {time.perf_counter() - t0:.1f} s); "
+          f"run record {record_path(out)}")
     return 0
 
 
-def _run_interactive(args: argparse.Namespace) -> int:
-    path = Path(args.prompts_file)
+def _uint8_frames(frames: Any) -> np.ndarray:
+    """The pipeline's ``np`` output as one uint8 [T, H, W, 3] array (a list of PIL images is stacked)."""
+    if isinstance(frames, list):
+        frames = np.stack([np.asarray(f) for f in frames])
+    return np.asarray(frames)
+
+
+def _read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompts file {path} holds no prompt (one per line)")
-    out = Path(args.output)
+    return prompts
+
+
+def _run_interactive(args: argparse.Namespace) -> int:
+    prompts = None if args.prompts_file is None else _read_prompts(Path(args.prompts_file))
+    if args.from_json is not None:
+        record = _read_run(args.from_json, interactive=True)
+        prompts = prompts or list(record.prompts or ())
+        _apply_record(args, record, {**_COMMON_FIELDS, "video": "input_video"})
+    if prompts is None:
+        raise ValueError("no PROMPTS_FILE given (or --from-json RUN.json to run a recorded one again)")
+    _settle_defaults(args)
+    created = now_iso()
+    out = Path(args.output) if args.output else _default_output(prompts[0], args.seed, created, "mp4")
     _check_output(out, is_image=False)
-    pipe = load_pipeline(args.model, args.preset, device=args.device, precision=args.precision,
-                         memory_mode=args.memory_mode, compile_blocks=args.compile)
+    segment_paths = [_segment_path(out, i) for i in range(len(prompts))] if args.save_segments else []
+    _check_not_there([out, *segment_paths], args.overwrite)
+    pipe = _load(args)
+    t0 = time.perf_counter()
     result = pipe.interactive(prompts, video=args.video, aspect=args.aspect, guidance_scale=args.guidance,
                               seed=args.seed, progress=not args.quiet)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    export_to_video(result.frames, out, fps=result.fps)
-    if args.save_segments:
-        for i, seg in enumerate(result.segments):
-            export_to_video(seg, out.with_name(f"{out.stem}_{i:04d}.mp4"), fps=result.fps)
-    print(f"wrote {out} ({len(prompts)} segments, {result.frames.shape[0]} frames)")
+    frames = _uint8_frames(result.frames)
+    t, h, w = frames.shape[:3]
+    record = RunRecord(prompt=prompts[0], seed=args.seed, task="interactive", num_frames=t, fps=result.fps,
+                       height=h, width=w, guidance_scale=args.guidance, aspect=args.aspect,
+                       model=_model_name(args.model, args.preset), preset=args.preset, precision=pipe.precision,
+                       memory_mode=args.memory_mode, device=str(pipe.device), created=created,
+                       input_video=args.video, prompts=tuple(prompts))
+    _save(frames, out, record, result.fps, args)
+    for path, seg in zip(segment_paths, result.segments):
+        _save(_uint8_frames(seg), path, record, result.fps, args)  # each segment names the run it belongs to
+    print(f"wrote {out} ({len(prompts)} segments, {t} frames, seed {args.seed}, "
+          f"{time.perf_counter() - t0:.1f} s); run record {record_path(out)}")
     return 0
+
+
+def _segment_path(out: Path, i: int) -> Path:
+    return out.with_name(f"{out.stem}_{i:04d}.mp4")
 
 
 def _add_convert(subparsers: argparse._SubParsersAction) -> None:
@@ -355,13 +552,14 @@ def _add_train_demo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train-demo", help="retrain the embedded demo model (the whole recipe, CPU, about 2 hours)",
         description="Run the demo model's whole recipe into OUT_DIR with the ordinary commands: make-demo-data -> "
-        "train-vae (configs/demo/vae.toml, then vae_decoder.toml) -> extract-features -> train "
-        "(configs/demo/transformer.toml) -> export (OUT_DIR/model) -> evaluate (OUT_DIR/eval). The two trainers "
-        "run as --processes data-parallel processes under torchrun. Resumable: run it again to continue. --ship "
+        "train-vae (vae.toml, then vae_decoder.toml) -> extract-features -> train (transformer.toml) -> export "
+        "(OUT_DIR/model) -> evaluate (OUT_DIR/eval); the three configs ship in the package (infinitystar/demo/"
+        "configs). The two trainers run as --processes data-parallel processes under torchrun. Resumable: run it "
+        "again to continue. --ship "
         "writes the model into the package (infinitystar/demo/weights), where `generate` without --model finds it.")
     p.add_argument("out_dir", metavar="OUT_DIR", help="working folder (data, logs, runs, model, eval)")
     p.add_argument("--config-dir", default=None, help="folder with vae.toml and transformer.toml "
-                   "(default: configs/demo of the source tree)")
+                   f"(default: {DEFAULT_CONFIG_DIR}, shipped in the package)")
     p.add_argument("--clips", type=int, default=2048, help="training clips (default: 2048)")
     p.add_argument("--feature-clips", type=int, default=1024,
                    help="training clips the transformer sees (the first N; default: 1024)")
@@ -429,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as exc:
         # Bad input: a one-line message that names the problem, not a traceback.
         print(f"infinitystar {args.command}: error: {exc}", file=sys.stderr)
         return 2

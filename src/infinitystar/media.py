@@ -10,8 +10,9 @@ leading ``B``). This module owns every step between files and those tensors:
 * the reference's pixel transform (spec vae.md 2, training.md 2.5, inference.md 3): PIL LANCZOS resize
   so the picture *covers* the target box, then centre crop -- :func:`resize_and_center_crop`;
 * uint8 frames <-> tensors: :func:`frames_to_tensor`, :func:`tensor_to_frames`;
-* output: :func:`write_video` (H.264 mp4), :func:`write_image` (png/jpg/webp), :func:`write_gif`, and
-  :func:`save_output` which picks one by the file suffix. Every writer is atomic: it writes a temp
+* output: :func:`write_video` (H.264 mp4, optional container tags), :func:`write_image` (png/jpg/webp, optional
+  png text chunks), :func:`write_gif`, and :func:`save_output` which picks one by the file suffix;
+  :func:`read_video_metadata` and :func:`read_image_text` read the tags back. Every writer is atomic: it writes a temp
   file in the target's directory and ``os.replace``-s it, so an interrupted or failed write never
   leaves a partial file at the target path (and removes its temp file).
 
@@ -40,7 +41,7 @@ import contextlib
 import functools
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -49,7 +50,7 @@ from typing import Literal
 import av
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .fileio import atomic_output as _atomic_output
 
@@ -71,8 +72,10 @@ __all__ = [
     "load_video_tensor",
     "probe_video",
     "read_image",
+    "read_image_text",
     "read_video",
     "read_video_clip",
+    "read_video_metadata",
     "resize_and_center_crop",
     "save_output",
     "tensor_to_frames",
@@ -750,12 +753,16 @@ def write_video(
     preset: str = "medium",
     codec: str | None = None,
     pad_odd: bool = True,
+    metadata: Mapping[str, str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write uint8 RGB frames ``[T, H, W, 3]`` (or PIL images) as an H.264 video (mp4/m4v/mov/mkv).
 
     * Encoder: ``codec`` or :func:`h264_encoder` (libx264 when present). ``crf`` (0-51, lower is
       better, 0 is lossless in YUV) and ``preset`` apply to libx264; other encoders get a bit rate of
-      ~0.25 bit per pixel per frame.
+      ~0.25 bit per pixel per frame. libx264 runs with frame threads and without macroblock-tree rate control,
+      so the same frames give the same encoded video in every process (a run made again from its record gives the
+      same video; with mb-tree it did not, now and then).
     * Pixels: converted to yuv420p with the BT.709 matrix, limited range, and the stream is tagged
       BT.709 so players and :func:`read_video` convert back with the same matrix. 4:2:0 needs even
       sizes: with ``pad_odd`` (default) an odd height/width is padded by one replicated row/column
@@ -763,6 +770,10 @@ def write_video(
     * Timing: constant ``fps`` (presentation time of frame i is i / fps); mp4/mov get "faststart"
       (index at the front, so browsers can start playing before the download ends).
     * Atomic: written to a temp file next to ``path`` and renamed; on failure nothing is left.
+    * ``metadata``: container tags (e.g. ``{"comment": ...}``; read back by :func:`read_video_metadata`). The mp4
+      muxer keeps only the keys it knows (``comment``, ``description``, ``title``, ...) and drops others.
+    * ``progress(done, total)``: called once before the first frame and after each encoded frame (a long video
+      takes a while to encode on a CPU; front doors show a bar). An exception it raises aborts the write.
 
     Returns ``path``.
     """
@@ -789,21 +800,34 @@ def write_video(
         try:
             with av.open(str(tmp), mode="w", format=_MUXER_BY_SUFFIX[suffix],
                          container_options=container_options) as container:
+                for key, value in (metadata or {}).items():
+                    container.metadata[key] = value
                 stream = container.add_stream(encoder, rate=rate)
                 stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
                 cc = stream.codec_context
                 cc.colorspace, cc.color_range = 1, 1  # AVCOL_SPC_BT709, AVCOL_RANGE_MPEG (limited)
                 cc.color_primaries, cc.color_trc = 1, 1  # BT.709 primaries and transfer
                 if cc.codec.name == "libx264":
-                    stream.options = {"crf": str(int(crf)), "preset": preset}
+                    # mbtree=0: with x264's macroblock-tree rate control the same frames came out as different bits
+                    # in about one process of ten (B-frames up to 15 levels apart), so a run made again from its
+                    # record did not give the same video; without it they do (frame threads are deterministic).
+                    stream.options = {"crf": str(int(crf)), "preset": preset, "x264-params": "mbtree=0"}
+                    cc.thread_type = "FRAME"
                 else:
                     stream.bit_rate = max(200_000, int(0.25 * w * h * float(rate)))
+                total = len(arr_THW3)
+                if progress is not None:
+                    progress(0, total)
                 for i, frame_HW3 in enumerate(arr_THW3):
                     frame = av.VideoFrame.from_ndarray(frame_HW3, format="rgb24")
                     frame = frame.reformat(format="yuv420p", dst_colorspace=bt709, dst_color_range=limited)
                     frame.pts, frame.time_base = i, 1 / rate
                     container.mux(stream.encode(frame))
+                    if progress is not None and i + 1 < total:
+                        progress(i + 1, total)
                 container.mux(stream.encode(None))  # flush delayed (B-)frames
+                if progress is not None:
+                    progress(total, total)
         except MediaError:
             raise
         except (av.FFmpegError, ValueError) as e:  # ValueError: e.g. an unknown codec name
@@ -811,19 +835,58 @@ def write_video(
     return p
 
 
-def write_image(frame: FramesLike, path: PathLike, *, quality: int = 95) -> Path:
+def write_image(frame: FramesLike, path: PathLike, *, quality: int = 95, text: Mapping[str, str] | None = None) -> Path:
     """Write one RGB frame (uint8 ``[H, W, 3]``, ``[1, H, W, 3]`` or a PIL image) as png/jpg/webp.
 
-    ``quality`` applies to jpg/webp. Atomic like :func:`write_video`. Returns ``path``.
+    ``quality`` applies to jpg/webp. ``text``: png only, ``tEXt`` chunks (keyword -> text, Latin-1; read back by
+    :func:`read_image_text`). Atomic like :func:`write_video`. Returns ``path``.
     """
     p = _checked_output(path, IMAGE_SUFFIXES, "image")
     arr_THW3 = _as_uint8_frames(frame, p, single_ok=True)
     img = Image.fromarray(_only_frame(arr_THW3, f"write_image {p}"), mode="RGB")
     fmt = _PIL_FORMAT_BY_SUFFIX[p.suffix.lower()]
-    kwargs = {"quality": int(quality)} if fmt in ("JPEG", "WEBP") else {}
+    kwargs: dict[str, object] = {"quality": int(quality)} if fmt in ("JPEG", "WEBP") else {}
+    if text:
+        if fmt != "PNG":
+            raise MediaError(f"cannot write text chunks to {p}: only png holds them")
+        kwargs["pnginfo"] = _png_text(text, p)
     with _atomic_output(p) as tmp:
         img.save(tmp, format=fmt, **kwargs)
     return p
+
+
+def _png_text(text: Mapping[str, str], p: Path) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        try:
+            key.encode("latin-1"), value.encode("latin-1")
+        except UnicodeEncodeError as e:
+            raise MediaError(f"png text chunk {key!r} for {p} must be Latin-1 (escape other characters)") from e
+        if not 1 <= len(key) <= 79:
+            raise MediaError(f"png text keyword {key!r} for {p} must be 1-79 characters")
+        info.add_text(key, value)
+    return info
+
+
+def read_image_text(path: PathLike) -> dict[str, str]:
+    """The text chunks (``tEXt``/``zTXt``/``iTXt``) of a png file, keyword -> text (empty for other formats)."""
+    p = _checked_input(path, IMAGE_SUFFIXES, "image")
+    try:
+        with Image.open(p) as img:
+            img.load()  # text chunks after the image data are read only when the pixels are
+            return dict(getattr(img, "text", {}) or {})
+    except (UnidentifiedImageError, OSError) as e:
+        raise MediaError(f"cannot read image {p}: {e}") from e
+
+
+def read_video_metadata(path: PathLike) -> dict[str, str]:
+    """The container-level tags of a video file (e.g. ``comment``), key -> value."""
+    p = _checked_input(path, VIDEO_READ_SUFFIXES, "video")
+    try:
+        with av.open(str(p)) as container:
+            return dict(container.metadata)
+    except av.FFmpegError as e:
+        raise MediaError(f"cannot read video {p}: {e}") from e
 
 
 def _gif_durations_ms(count: int, fps: float) -> list[int]:

@@ -8,14 +8,14 @@ machine is 1.6-2x faster than one process of two threads:
 
 1. ``make-demo-data OUT/data``: 2048 training clips (60 of the 72 colour/shape/direction triples) and 48
    clips of the 12 held-out triples, 33 frames of 64x64 at 16 fps;
-2. ``train-vae``: the demo VAE (``configs/demo/vae.toml``) on short training clips, PSNR on held-out clips;
-   then ``train-vae`` of its decoder alone on whole 33-frame clips (``configs/demo/vae_decoder.toml``;
+2. ``train-vae``: the demo VAE (``demo/configs/vae.toml``) on short training clips, PSNR on held-out clips;
+   then ``train-vae`` of its decoder alone on whole 33-frame clips (``demo/configs/vae_decoder.toml``;
    the encoder, hence every latent and bit, stays as it is);
 3. a base pipeline folder ``OUT/base``: the ``demo`` preset (random transformer, the word-level text
    encoder) with the trained VAE;
 4. ``extract-features``: the latents of the first ``feature_clips`` training clips under that VAE, in
    ``workers`` processes of one thread each;
-5. ``train``: the transformer (``configs/demo/transformer.toml``) on the cached latents;
+5. ``train``: the transformer (``demo/configs/transformer.toml``) on the cached latents;
 6. ``export``: the pipeline folder ``OUT/model``;
 7. ``evaluate``: the demo judge on seen and held-out prompts and the tokenizer's PSNR on the held-out clips
    (``OUT/eval/report.md``).
@@ -46,8 +46,9 @@ from infinitystar.train.config import read_config_file
 
 __all__ = ["DEFAULT_CONFIG_DIR", "RecipeOptions", "build_base", "run_recipe", "ship"]
 
-# configs/demo/ of the source tree (the recipe reads the committed hyper-parameters from there).
-DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "demo"
+# The recipe's committed hyper-parameters: infinitystar/demo/configs, package data (so train-demo also runs from an
+# installed wheel, not only from a source tree).
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
         timings["train_vae"] = _run(["train-vae", str(gen / "vae.json"), "--quiet"], logs / "train_vae.log",
                                     "train-vae", threads=trainer_threads, processes=opts.processes)
 
-    # 2b. the decoder alone on whole clips (configs/demo/vae_decoder.toml, optional): the encoder -- so the
+    # 2b. the decoder alone on whole clips (demo/configs/vae_decoder.toml, optional): the encoder -- so the
     # latents and the bits -- stays as it is.
     if (cfg_dir / "vae_decoder.toml").is_file():
         dec_cfg = read_config_file(cfg_dir / "vae_decoder.toml")
