@@ -24,7 +24,7 @@ PACKAGE = PACKAGE_DIR.name
 # Lowest first. A unit may import (non-leaf) modules of its own unit and of units on strictly lower layers only;
 # two units on one layer may not import each other. The __init__ docstrings say the same in words.
 LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(layer) for layer in (
-    {"fileio"},                                    # atomic file writes: stdlib only
+    {"fileio", "errors"},                          # atomic file writes; the CLI's error boundary: stdlib (+torch)
     {"config"},                                    # model/pipeline configs and presets
     {"vae", "transformer", "text", "media"},       # the models, the text encoders, image/video I/O
     {"checkpoints", "generation", "outputs"},      # weights on disk; the generation plan and loop; run records

@@ -69,6 +69,7 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], str]] = [
 @pytest.mark.parametrize(("builder", "expect"), [row[1:] for row in BAD_INPUTS], ids=[row[0] for row in BAD_INPUTS])
 def test_bad_input_is_one_line(builder, expect, tmp_path, capsys):
     argv = builder(tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     capsys.readouterr()
     code = cli_main(argv)
     err = capsys.readouterr().err
@@ -76,4 +77,90 @@ def test_bad_input_is_one_line(builder, expect, tmp_path, capsys):
     assert code == 2, err
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith(f"infinitystar {argv[0]}: error: ") and expect in lines[0], lines[0]
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.*")), "something was written"
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before, "a file was written or changed"
+
+
+def _binary_prompts(d: Path) -> list[str]:
+    (d / "story.txt").write_bytes(b"\xff\xfe\x00a cat")
+    return ["interactive", str(d / "story.txt"), "-o", str(d / "out" / "story.mp4")]
+
+
+def _output_is_a_folder(d: Path) -> list[str]:
+    (d / "out" / "x.mp4").mkdir(parents=True)
+    return ["generate", "a red circle moving right", "--frames", "5", "-o", str(d / "out" / "x.mp4"), "--overwrite"]
+
+
+BOUNDARY_INPUTS: list[tuple[str, Callable[[Path], list[str]], str]] = [
+    ("non-UTF-8 prompts file", _binary_prompts, "story.txt is not UTF-8 text"),
+    ("--device bogus", lambda d: ["generate", "a red circle", "--device", "bogus"], "unknown device 'bogus'"),
+    ("--device cuda:99", lambda d: ["generate", "a red circle", "--device", "cuda:99"], "device 'cuda:99'"),
+    ("output path is a folder", _output_is_a_folder, "x.mp4 is a folder; give a file name"),
+]
+
+
+@pytest.mark.parametrize(("builder", "expect"), [row[1:] for row in BOUNDARY_INPUTS],
+                         ids=[row[0] for row in BOUNDARY_INPUTS])
+def test_bad_input_through_the_boundary_is_one_line(builder, expect, tmp_path, capsys):
+    test_bad_input_is_one_line(builder, expect, tmp_path, capsys)
+
+
+# ----------------------------------------------------------------------------------------------
+# The boundary itself: internal errors, --debug, Ctrl+C, warnings
+# ----------------------------------------------------------------------------------------------
+
+
+def _failing_convert(exc: BaseException):
+    def run(_args):
+        raise exc
+    return run
+
+
+def test_an_internal_error_is_one_line_with_the_log_file(tmp_path, monkeypatch, capsys):
+    import infinitystar.cli as cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli, "_run_convert", _failing_convert(RuntimeError("kaboom\nsecond line")))
+    assert cli_main(["convert", "a.pth", "b.safetensors"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("infinitystar convert: internal error: RuntimeError: kaboom second line (traceback in ")
+    log = Path(err.split("(traceback in ")[1].split(";")[0])
+    assert log.parent == tmp_path / "cache" / "infinitystar" / "errors"
+    assert "Traceback" in log.read_text() and "kaboom" in log.read_text()
+    # --debug, anywhere in the arguments: the traceback on stderr instead of a log file.
+    assert cli_main(["convert", "a.pth", "b.safetensors", "--debug"]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    import infinitystar.cli as cli
+
+    monkeypatch.setattr(cli, "_run_convert", _failing_convert(KeyboardInterrupt()))
+    assert cli_main(["convert", "a.pth", "b.safetensors"]) == 130
+    assert capsys.readouterr().err == "infinitystar convert: interrupted\n"
+
+
+def test_a_full_disk_names_the_disk(monkeypatch, capsys):
+    import infinitystar.cli as cli
+    from infinitystar.fileio import DiskFullError
+
+    monkeypatch.setattr(cli, "_run_convert", _failing_convert(DiskFullError("disk full: /data could not take x "
+                                                                            "(1.0 MiB free)")))
+    assert cli_main(["convert", "a.pth", "b.safetensors"]) == 2
+    assert capsys.readouterr().err == "infinitystar convert: error: disk full: /data could not take x (1.0 MiB free)\n"
+
+
+def test_warnings_are_one_line(monkeypatch, capsys):
+    import warnings
+
+    import infinitystar.cli as cli
+
+    def warn(_args):
+        warnings.warn("the prompt has words the model never saw: 'corgi'", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "_run_convert", warn)
+    assert cli_main(["convert", "a.pth", "b.safetensors"]) == 0
+    assert capsys.readouterr().err == ("infinitystar convert: warning: the prompt has words the model never saw: "
+                                       "'corgi'\n")

@@ -22,6 +22,7 @@ from infinitystar.demo import evaluate as demo_evaluate
 from infinitystar.demo import load_pipeline, random_weights
 from infinitystar.demo.recipe import DEFAULT_CONFIG_DIR, RecipeOptions, run_recipe
 from infinitystar.demo.synthetic import make_dataset
+from infinitystar.errors import run_command
 from infinitystar.memory import MEMORY_MODES
 from infinitystar.outputs import RunRecord, now_iso, output_name, read_record, record_path, save_output_with_record
 from infinitystar.pipeline import InfinityStarPipeline, read_pipeline_config
@@ -46,6 +47,8 @@ def version_text() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infinitystar", description=__doc__)
     parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of any error (may stand anywhere in the arguments)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_convert(subparsers)
     _add_generate(subparsers)
@@ -164,12 +167,14 @@ def _check_output(path: Path, is_image: bool) -> None:
 
 def _check_not_there(paths: list[Path], overwrite: bool) -> None:
     """Refuse to replace an output (or its record) before any model is loaded."""
-    if overwrite:
-        return
     for path in paths:
         for p in (path, record_path(path)):
-            if p.exists():
+            if p.is_dir():  # not even --overwrite replaces a folder
+                raise IsADirectoryError(f"output {p} is a folder; give a file name")
+            if p.exists() and not overwrite:
                 raise FileExistsError(f"{p} already exists; pass --overwrite to replace it")
+            if p.parent.exists() and not p.parent.is_dir():
+                raise NotADirectoryError(f"cannot write {p}: {p.parent} is a file, not a folder")
 
 
 def _default_output(prompt: str, seed: int, created: str, ext: str) -> Path:
@@ -319,8 +324,16 @@ def _uint8_frames(frames: Any) -> np.ndarray:
 
 def _read_prompts(path: Path) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise FileNotFoundError(f"prompts file {path} does not exist" if not path.exists() else
+                                f"prompts file {path} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompts file {path} is not UTF-8 text (byte {err.start} is not): one prompt per "
+                         "line") from None
+    if "\x00" in text:
+        raise ValueError(f"prompts file {path} is a binary file, not text with one prompt per line")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompts file {path} holds no prompt (one per line)")
     return prompts
@@ -620,17 +633,17 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure ends as one line (see :mod:`infinitystar.errors`). ``--debug`` (anywhere in
+    the arguments) prints tracebacks instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as exc:
-        # Bad input: a one-line message that names the problem, not a traceback.
-        print(f"infinitystar {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args.command, lambda: args.func(args), debug=debug)
 
 
 if __name__ == "__main__":
