@@ -20,12 +20,13 @@ from infinitystar.pipeline import InfinityStarPipeline
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("one_thread")]
 
 TINY = get_preset("pipeline", "tiny-test")
+INTERACTIVE = get_preset("pipeline", "tiny-test-interactive")  # tiny-test as an interactive model (same weights)
 PROMPT = "a red ball bounces"
 EXACT_MODES = ["model_offload", "block_offload"]
 
 
-def _pipe(precision: str = "bf16") -> InfinityStarPipeline:
-    return InfinityStarPipeline.from_preset(TINY, seed=0).set_precision(precision).to("cuda")
+def _pipe(precision: str = "bf16", cfg=TINY) -> InfinityStarPipeline:
+    return InfinityStarPipeline.from_preset(cfg, seed=0).set_precision(precision).to("cuda")
 
 
 def _video(pipe: InfinityStarPipeline, **kwargs) -> np.ndarray:
@@ -58,11 +59,14 @@ def test_cpu_generator_drives_a_cuda_pipeline():
 def test_exact_memory_modes_give_the_plain_video_on_cuda(mode):
     plain = _pipe()
     want = _video(plain)
-    want_story = plain.interactive([PROMPT, "it rolls"], seed=1, progress=False).frames
     del plain
+    story = _pipe(cfg=INTERACTIVE)
+    want_story = story.interactive([PROMPT, "it rolls"], seed=1, progress=False).frames
+    del story
     pipe = InfinityStarPipeline.from_preset(TINY, seed=0).set_precision("bf16").set_memory_mode(mode, "cuda")
     np.testing.assert_array_equal(_video(pipe), want)
-    np.testing.assert_array_equal(pipe.interactive([PROMPT, "it rolls"], seed=1, progress=False).frames, want_story)
+    story = InfinityStarPipeline.from_preset(INTERACTIVE, seed=0).set_precision("bf16").set_memory_mode(mode, "cuda")
+    np.testing.assert_array_equal(story.interactive([PROMPT, "it rolls"], seed=1, progress=False).frames, want_story)
     # Between calls the offloaded weights wait in host memory.
     if mode == "model_offload":
         assert next(pipe.transformer.parameters()).device.type == "cpu"

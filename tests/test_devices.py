@@ -21,12 +21,13 @@ from infinitystar.pipeline import InfinityStarPipeline
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 TINY = get_preset("pipeline", "tiny-test")
+INTERACTIVE = get_preset("pipeline", "tiny-test-interactive")  # tiny-test as an interactive model (same weights)
 PROMPT = "a red ball bounces"
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
 
 
-def _pipe() -> InfinityStarPipeline:
-    return InfinityStarPipeline.from_preset(TINY, seed=0)
+def _pipe(cfg=TINY) -> InfinityStarPipeline:
+    return InfinityStarPipeline.from_preset(cfg, seed=0)
 
 
 def _video(pipe: InfinityStarPipeline, **kwargs) -> np.ndarray:
@@ -64,7 +65,8 @@ def test_bf16_pipeline_generates_after_to_dtype():
     pipe = _pipe().to(torch.bfloat16)
     out = pipe(PROMPT, num_frames=5, seed=0, progress=False, output_type="pt")
     assert out.frames.dtype == torch.float32 and torch.isfinite(out.frames).all()
-    assert pipe.interactive([PROMPT, "it rolls"], seed=0, progress=False).frames.shape[0] > 5
+    story = _pipe(INTERACTIVE).to(torch.bfloat16)  # the interactive policy: float32 blocks under bf16 autocast
+    assert story.interactive([PROMPT, "it rolls"], seed=0, progress=False).frames.shape[0] > 5
 
 
 def test_from_pretrained_takes_torch_dtype(tmp_path):
@@ -152,11 +154,12 @@ EXACT_MODES = ["model_offload", "block_offload",
 @pytest.mark.parametrize("mode", EXACT_MODES, ids=lambda m: m if isinstance(m, str) else m.name)
 @torch.no_grad()
 def test_exact_memory_modes_give_the_plain_video(mode):
-    plain = _pipe()
+    # The interactive twin of tiny-test: in float32 it computes what tiny-test computes, and it tells stories.
+    plain = _pipe(INTERACTIVE)
     image = torch.rand(3, 96, 96) * 2 - 1
     want_t2v, want_i2v = _video(plain), _video(plain, image=image)
     want_story = plain.interactive([PROMPT, "it rolls"], seed=1, progress=False).frames
-    pipe = _pipe().set_memory_mode(mode, "cpu")
+    pipe = _pipe(INTERACTIVE).set_memory_mode(mode, "cpu")
     assert pipe.memory_mode.exact
     np.testing.assert_array_equal(_video(pipe), want_t2v)
     np.testing.assert_array_equal(_video(pipe, image=image), want_i2v)

@@ -213,7 +213,7 @@ def test_pipeline_image_to_video_same_latents_whether_forced_steps_are_skipped_o
     def run() -> tuple[torch.Tensor, list[StepEvent]]:
         events: list[StepEvent] = []
         out = pipe("a red ball", image=image, num_frames=5, output_type="latent", seed=3, progress=False,
-                   callback_on_step_end=lambda _, ev: events.append(ev))
+                   callback_on_scale_step=lambda _, ev: events.append(ev))
         return out.latent, events
 
     skipped, skip_events = run()

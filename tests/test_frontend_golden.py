@@ -164,7 +164,7 @@ def test_interactive_from_a_portrait_file_keeps_its_aspect_and_the_reference_fra
     from infinitystar.pipeline import InfinityStarPipeline
 
     torch.set_num_threads(1)  # a tiny model: threads only wait for each other on a shared machine
-    cfg = dataclasses.replace(get_preset("pipeline", "tiny-test"), name="tiny-short", frames_inner_clip=2)
+    cfg = dataclasses.replace(get_preset("pipeline", "tiny-test-interactive"), name="tiny-short", frames_inner_clip=2)
     pipe = InfinityStarPipeline.from_preset(cfg, seed=0)
     levels = np.arange(16, dtype=np.uint8) * 8
     frames = np.broadcast_to(levels[:, None, None, None], (16, 96, 48, 3)).copy()

@@ -39,6 +39,8 @@ SHORT_CLIPS = dataclasses.replace(TINY, name="tiny-short-clips", frames_inner_cl
 # runs past it and uses the long-video anchoring.
 LONG = dataclasses.replace(SHORT_CLIPS, name="tiny-long",
                            transformer=dataclasses.replace(SHORT_CLIPS.transformer, rope_max_frames=5))
+# The same model as an interactive one (pipe.interactive needs config.interactive; in float32 nothing else changes).
+SHORT_INTERACTIVE = dataclasses.replace(SHORT_CLIPS, name="tiny-short-interactive", interactive=True)
 SIZE = 96  # tiny-test: 6x6 latent at the last scale, 16 pixels per cell
 PROMPT = "a red ball bounces on a wooden floor"
 # Tokenizer round trips: the pipeline and the test run the same VAE and quantizer calls on the same shapes in one
@@ -70,6 +72,12 @@ def pipe() -> InfinityStarPipeline:
 def pipe2() -> InfinityStarPipeline:
     _one_thread()
     return InfinityStarPipeline.from_preset(SHORT_CLIPS, seed=1)
+
+
+@pytest.fixture(scope="module")
+def pipe2i() -> InfinityStarPipeline:
+    _one_thread()
+    return InfinityStarPipeline.from_preset(SHORT_INTERACTIVE, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +248,7 @@ def test_long_video_past_the_rope_range(pipe_long):
     """Four video clips (9 latent frames) on a model whose RoPE covers 5: every step stays inside the range."""
     steps = []
     out = pipe_long(PROMPT, num_frames=33, output_type="pt", progress=False,
-                    callback_on_step_end=lambda p, ev: steps.append(ev.step))
+                    callback_on_scale_step=lambda p, ev: steps.append(ev.step))
     assert tuple(out.frames.shape) == (3, 33, SIZE, SIZE)
     assert max(s.clip_id for s in steps) == 4
     assert max(s.frames[1] for s in steps) <= LONG.transformer.rope_max_frames
@@ -256,9 +264,9 @@ def test_image_to_video_frame_count(pipe, tmp_path):
     assert out.frames.shape == (9, SIZE, SIZE, 3)
 
 
-def test_interactive_frame_counts(pipe2):
+def test_interactive_frame_counts(pipe2i):
     seg_frames = 1 + SHORT_CLIPS.frames_per_clip  # segment 0: first frame + one clip
-    out = pipe2.interactive(["a red ball", "the ball stops", "a cat walks in"], output_type="pt", seed=2,
+    out = pipe2i.interactive(["a red ball", "the ball stops", "a cat walks in"], output_type="pt", seed=2,
                             progress=False)
     assert [s.shape[1] for s in out.segments] == [seg_frames, SHORT_CLIPS.frames_per_clip,
                                                   SHORT_CLIPS.frames_per_clip]
@@ -267,12 +275,12 @@ def test_interactive_frame_counts(pipe2):
     assert torch.equal(out.frames[:, -SHORT_CLIPS.frames_per_clip:], out.segments[2])
 
 
-def test_interactive_from_a_reference_video(pipe2):
+def test_interactive_from_a_reference_video(pipe2i):
     video = _smooth_video(13, 8)  # longer than a segment: its last 1 + 8 frames are used
-    out = pipe2.interactive(["a red ball", "the ball stops"], video=video, output_type="pt", seed=2, progress=False)
+    out = pipe2i.interactive(["a red ball", "the ball stops"], video=video, output_type="pt", seed=2, progress=False)
     assert [s.shape[1] for s in out.segments] == [9, 8]
     # Segment 0 is the VAE round trip of the reference's last segment (no quantization).
-    expected = pipe2.vae.decode(pipe2.vae.encode(video[None, :, -9:])).clamp(-1, 1)[0]
+    expected = pipe2i.vae.decode(pipe2i.vae.encode(video[None, :, -9:])).clamp(-1, 1)[0]
     assert torch.allclose(out.segments[0], expected, atol=ATOL)
 
 
@@ -300,7 +308,7 @@ def test_image_to_video_first_frame_is_the_tokenizer_reconstruction(pipe):
     image = _smooth_video(1, 5)[:, 0]  # [3, H, W]
     events = []
     out = pipe(PROMPT, image=image, num_frames=5, output_type="pt", seed=3, progress=False,
-               callback_on_step_end=lambda p, ev: events.append(ev))
+               callback_on_scale_step=lambda p, ev: events.append(ev))
     with torch.no_grad():
         expected = _tokenizer_reconstruction(pipe, image[None, :, None])[0, :, 0]
     err = float((out.frames[:, 0] - expected).abs().max())
@@ -381,7 +389,7 @@ def test_cached_steps_equal_a_full_recompute(pipe2):
     num_frames = 17
     events = []
     pipe2(PROMPT, num_frames=num_frames, output_type="latent", seed=9, progress=False,
-          callback_on_step_end=lambda p, ev: events.append(ev))
+          callback_on_scale_step=lambda p, ev: events.append(ev))
     schedule = schedules.video_scale_schedule(_pyramid(cfg), 5, cfg.frames_inner_clip)
     reps = schedules.scale_repetitions(schedule, cfg.image_repetition, cfg.video_repetition)
     assert len(events) == sum(reps)
@@ -516,7 +524,7 @@ def test_negative_prompt_branch_equals_the_negative_prompt_alone(pipe_neg, which
     # End to end: the pipeline's first guided step is guidance over exactly these two branches.
     events = []
     out = pipe_neg(prompt, NEGATIVES[which], num_frames=5, output_type="np", seed=0, progress=False,
-                   callback_on_step_end=lambda p, ev: events.append(ev))
+                   callback_on_scale_step=lambda p, ev: events.append(ev))
     assert out.frames.shape == (5, SIZE, SIZE, 3)
     s = NO_SUFFIX.sampling
     tau = events[0].step.tau
@@ -584,13 +592,13 @@ def test_extension_from_a_longer_video_keeps_the_clips_the_output_leaves_room_fo
     assert err <= ATOL, f"kept frames differ from the tokenizer reconstruction of the first clip by {err}"
 
 
-def test_interactive_bad_input(pipe2):
+def test_interactive_bad_input(pipe2i):
     with pytest.raises(ValueError, match="at least one prompt"):
-        pipe2.interactive([])
+        pipe2i.interactive([])
     with pytest.raises(ValueError, match="prompt 1 must be a non-empty string"):
-        pipe2.interactive(["a red ball", " "])
+        pipe2i.interactive(["a red ball", " "])
     with pytest.raises(ValueError, match="needs at least 9 frames.*got 5"):
-        pipe2.interactive(["a", "b"], video=torch.zeros(3, 5, SIZE, SIZE))
+        pipe2i.interactive(["a", "b"], video=torch.zeros(3, 5, SIZE, SIZE))
 
 
 def test_corrupt_image_file_names_the_path(pipe, tmp_path):

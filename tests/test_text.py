@@ -376,3 +376,30 @@ def test_word_encoder_truncates_and_validates():
         WordTextEncoder(7)
     with pytest.raises(ValueError, match="max_length"):
         WordTextEncoder(8, max_length=1)
+
+
+def test_word_encoder_vocabulary_names_the_words_it_was_not_trained_on():
+    from infinitystar.text import WordTextEncoder, word_tokens
+
+    assert word_tokens("  A Red circle, moving LEFT!! ") == ["a", "red", "circle", ",", "moving", "left", "!!"]
+    open_vocab = WordTextEncoder(8)
+    assert open_vocab.vocabulary is None and open_vocab.unknown_words("anything goes") == []
+    enc = WordTextEncoder(8, vocabulary=["red", "a", "circle", "red"])
+    assert enc.vocabulary == ("a", "circle", "red")
+    assert enc.unknown_words("A purple circle, a PURPLE one") == ["purple", ",", "one"]
+    # The vocabulary says what the model learned; the features are the same with or without it.
+    assert torch.equal(enc(["a purple circle"]).kv_compact, open_vocab(["a purple circle"]).kv_compact)
+
+
+def test_vocabulary_file_round_trip_and_errors(tmp_path):
+    from infinitystar.text import read_vocabulary, write_vocabulary
+
+    assert read_vocabulary(tmp_path) is None  # no file: not recorded
+    path = write_vocabulary(tmp_path, ["red", "a", "red"])
+    assert path == tmp_path / "vocabulary.json" and read_vocabulary(tmp_path) == ("a", "red")
+    path.write_text("not json")
+    with pytest.raises(ValueError, match=r"vocabulary.json is not a vocabulary file"):
+        read_vocabulary(tmp_path)
+    path.write_text('{"words": ["ok", ""]}')
+    with pytest.raises(ValueError, match="'words' must be a list of non-empty strings"):
+        read_vocabulary(tmp_path)

@@ -8,12 +8,16 @@ Without Playwright or Chromium these tests skip, unless INFINITYSTAR_REQUIRE_BRO
 fail. INFINITYSTAR_WEB_SCREENSHOT=PATH also saves the screenshot there (the README's docs/web.png).
 """
 
+import json
 import os
+import re
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -46,9 +50,11 @@ def _have(module: str) -> bool:
 def server(tmp_path_factory):
     _require("gradio", _have("gradio"))
     from infinitystar.demo import load_pipeline
-    from infinitystar.web import WebApp, launch, weights_note
+    from infinitystar.web import WebApp, launch, model_label, weights_note
 
-    app = WebApp(load_pipeline(None, None), tmp_path_factory.mktemp("web-out"), note=weights_note(None, None))
+    pipe = load_pipeline(None, None)
+    app = WebApp(pipe, tmp_path_factory.mktemp("web-out"), note=weights_note(None, None),
+                 model=model_label(None, None, pipe))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -93,22 +99,30 @@ def _open(browser, url: str):
     return page, outside
 
 
-def _ask(page, prompt: str, seconds: float, seed: int) -> None:
+def _advanced(page) -> None:
+    """Open the "Advanced settings" fold (closed on a new page: its fields are not even in the page then)."""
+    if page.locator("#seed").count() == 0:
+        page.locator("#advanced").get_by_text("Advanced settings").click()
+    page.locator("#seed input").wait_for(state="visible")
+
+
+def _ask(page, prompt: str, seconds: float, seed: int | None) -> None:
     page.locator("#prompt textarea").fill(prompt)
     box = page.locator("#seconds input[type=number]")
     box.fill(str(seconds))
     box.press("Enter")
+    _advanced(page)
     seed_box = page.locator("#seed input")
-    seed_box.fill(str(seed))
+    seed_box.fill("" if seed is None else str(seed))
     seed_box.press("Tab")
 
 
-_PLAYS = """async () => {
+_SHOWN = """() => {
   const v = document.querySelector('#result-video video');
-  v.muted = true;
-  await v.play();  // rejects if the browser cannot decode the file
-  await new Promise(r => setTimeout(r, 200));
-  return {error: v.error ? v.error.code : null, width: v.videoWidth, height: v.videoHeight, paused: v.paused};
+  const box = v.getBoundingClientRect();
+  return {error: v.error ? v.error.code : null, width: v.videoWidth, height: v.videoHeight, paused: v.paused,
+          loop: v.loop, time: v.currentTime, shownWidth: box.width, shownHeight: box.height,
+          rendering: getComputedStyle(v).imageRendering};
 }"""
 
 
@@ -132,6 +146,29 @@ def _check_mp4(page, src: str, tmp_path: Path, name: str, want_frames: int, size
     assert (info.codec, len(frames), (info.height, info.width)) == ("h264", want_frames, size)
 
 
+def _output_name(slug: str, seed: int, ext: str) -> str:
+    """What a download's name looks like (the CLI's): <YYYYmmdd-HHMMSS>_<prompt slug>_s<seed>.<ext>"""
+    return rf"\d{{8}}-\d{{6}}_{re.escape(slug)}_s{seed}\.{ext}"
+
+
+def _downloads(page) -> dict[str, str]:
+    """The download box's files: name -> href."""
+    links = page.locator("#download a")
+    page.locator("#download a").first.wait_for()
+    out = {}
+    for i in range(links.count()):
+        href = links.nth(i).get_attribute("href")
+        out[href.rsplit("/", 1)[-1]] = href
+    return out
+
+
+def _no_server_paths(page, app) -> None:
+    """Nothing the page shows names where the server keeps files."""
+    text = page.inner_text("body")
+    for where in (str(app.output_dir), tempfile.gettempdir() + "/", "/gradio/"):
+        assert where not in text, f"the page shows a server path ({where})"
+
+
 def test_type_a_prompt_generate_and_play_the_video(server, browser, tmp_path):
     url, app = server
     page, outside = _open(browser, url)
@@ -141,14 +178,29 @@ def test_type_a_prompt_generate_and_play_the_video(server, browser, tmp_path):
     page.locator("#generate").click()
     src = _wait_for_video(page)
     click_to_video = time.perf_counter() - t0
-    played = page.evaluate(_PLAYS)
-    _, _, size = app.pipe.resolve_size()
-    assert played["error"] is None and not played["paused"]
-    assert (played["height"], played["width"]) == size
     page.locator("#status").get_by_text("Done in").first.wait_for()
+    # It plays by itself, over and over, enlarged by a whole factor with crisp pixels (64 px -> 256 px).
+    page.wait_for_function("() => { const v = document.querySelector('#result-video video');"
+                           " return !v.paused && v.currentTime > 0; }", timeout=10_000)
+    shown = page.evaluate(_SHOWN)
+    _, _, size = app.pipe.resolve_size()
+    scale = app.display_scale()
+    assert shown["error"] is None and shown["loop"]
+    assert (shown["height"], shown["width"]) == size
+    assert (round(shown["shownHeight"]), round(shown["shownWidth"])) == (size[0] * scale, size[1] * scale)
+    if scale > 1:
+        assert shown["rendering"] == "pixelated"
     _check_mp4(page, src, tmp_path, "result.mp4", app.num_frames(seconds), size)
-    # The download offers the same file.
-    assert page.locator("#download a").first.get_attribute("href")
+    # The download: the video named like the CLI's outputs, and its run record beside it.
+    files = _downloads(page)
+    names = sorted(files)
+    assert len(names) == 2 and names[0].endswith(".json"), names
+    assert re.fullmatch(_output_name("a-red-circle-moving-right", 0, "mp4"), names[1]), names
+    assert names[0] == names[1].replace(".mp4", ".json")
+    record = json.loads(page.request.get(files[names[0]]).body())
+    assert (record["prompt"], record["seed"], record["model"]) == ("a red circle moving right", 0,
+                                                                   app.model)
+    page.locator("#seed-used").get_by_text("0").first.wait_for()
     page.locator("#clips").scroll_into_view_if_needed()
     shot = tmp_path / "web.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -163,29 +215,91 @@ def test_type_a_prompt_generate_and_play_the_video(server, browser, tmp_path):
     page.context.close()
 
 
+def test_plain_words_examples_hints_and_modes(server, browser):
+    url, app = server
+    page, outside = _open(browser, url)
+    body = page.inner_text("body")
+    assert "pixels:" not in body and not re.search(r"\d\.\d+M\b", body)  # no "0.06M pixels: 1:1"
+    label, aspect = app.size_choices()[0]
+    assert page.locator("#aspect input").input_value() == label  # e.g. "Square, 64x64"
+    # The modes the model can do, and only those.
+    for mode in ("Text to image", "Text to video", "Image to video", "Video extension", "Interactive story"):
+        offered = page.locator("#mode").get_by_text(mode, exact=True).count() == 1
+        assert offered == (mode in app.modes()), mode
+    # A closed vocabulary: its words are on the page, and examples to click, held-out combinations among them.
+    if app.capabilities.vocabulary is not None:
+        hint = page.locator("#vocabulary").inner_text()
+        assert "red" in hint and "triangle" in hint and "left" in hint
+    groups = app.examples()
+    assert groups
+    for i, (_, prompts) in enumerate(groups):
+        page.locator(f"#examples-{i}").get_by_text(prompts[-1], exact=True).click()
+        page.wait_for_function("(want) => document.querySelector('#prompt textarea').value === want",
+                               arg=prompts[-1], timeout=10_000)
+    if app.capabilities.vocabulary is not None:
+        assert "never saw in training" in page.locator("#examples-1").inner_text()
+    # One hint per mode, and the length field says what it measures (no length for an image).
+    for mode in app.modes():
+        page.locator("#mode").get_by_text(mode, exact=True).click()
+        page.locator("#mode-hint").get_by_text(app.mode_hint(mode)).wait_for()
+        length = app.length_label(mode)
+        if length is None:
+            page.locator("#seconds").wait_for(state="hidden")
+        else:
+            page.locator("#seconds").get_by_text(length, exact=True).wait_for()
+    # Negative prompt, seed and guidance are folded away until asked for.
+    assert page.locator("#advanced").get_by_text("Advanced settings").is_visible()
+    assert page.locator("#negative textarea").count() == 0 or not page.locator("#negative textarea").is_visible()
+    _advanced(page)
+    assert page.locator("#negative textarea").is_visible() and page.locator("#guidance").is_visible()
+    assert page.locator("#seed input").input_value() == ""  # empty: a random seed
+    assert outside == []
+    page.context.close()
+
+
+def test_an_empty_seed_is_random_and_the_page_shows_the_one_used(server, browser):
+    url, app = server
+    page, outside = _open(browser, url)
+    _ask(page, "a white square moving left", app.seconds_step, seed=None)
+    page.locator("#generate").click()
+    _wait_for_video(page)
+    page.locator("#seed-used").get_by_text("Seed of this result").wait_for()
+    seed = int(re.search(r"Seed of this result: (\d+)", page.locator("#seed-used").inner_text()).group(1))
+    assert f"seed {seed}." in page.locator("#status").inner_text()
+    names = sorted(_downloads(page))
+    assert names[1].endswith(f"_s{seed}.mp4"), names
+    assert outside == []
+    page.context.close()
+
+
 def test_bad_input_is_a_message_and_the_next_request_works(server, browser, tmp_path):
     url, app = server
     page, outside = _open(browser, url)
     page.locator("#generate").click()  # no prompt
     page.locator("#status").get_by_text("the prompt is empty").first.wait_for()
     _ask(page, "a yellow circle", app.seconds_step, seed=1)
-    page.locator("#aspect input").fill("7:1")  # a size the preset cannot do (the box takes any value)
-    page.locator("#aspect input").press("Enter")
-    page.locator("#generate").click()
-    page.locator("#status").get_by_text("is not supported by preset").first.wait_for()
-    page.locator("#aspect input").fill(app.aspect_choices()[0][1])
-    page.locator("#aspect input").press("Enter")
-    # An upload that is not an image (named .png, so the picker's filter lets it through).
-    fake = tmp_path / "photo.png"
-    fake.write_bytes(b"not a picture at all")
-    page.locator("#mode").get_by_text("Image to video").click()
-    page.locator("#image input[type=file]").set_input_files(str(fake))
-    page.locator("#image").get_by_text("photo.png").first.wait_for()
-    page.locator("#generate").click()
-    page.locator("#status").get_by_text("cannot read image").first.wait_for()
-    assert "Traceback" not in page.content()
-    assert page.locator("#result-video video").count() == 0
-    page.locator("#mode").get_by_text("Text to video").click()
+    if "Image to video" in app.modes():
+        page.locator("#mode").get_by_text("Image to video").click()
+        # A real image: shown as soon as it is uploaded.
+        good = tmp_path / "first.png"
+        media.write_image(np.full((64, 64, 3), 255, np.uint8), good)
+        page.locator("#image input[type=file]").set_input_files(str(good))
+        page.locator("#image-preview img").wait_for(state="visible")
+        # An upload that is not an image (named .png, so the picker's filter lets it through): a message that
+        # names the file but not where the server keeps it, and no preview.
+        page.locator("#image").get_by_label("Clear").first.click()
+        fake = tmp_path / "photo.png"
+        fake.write_bytes(b"not a picture at all")
+        page.locator("#image input[type=file]").set_input_files(str(fake))
+        page.locator("#image").get_by_text("photo.png").first.wait_for()
+        page.locator("#status").get_by_text("cannot read image photo.png").first.wait_for()
+        page.locator("#image-preview").wait_for(state="hidden")
+        page.locator("#generate").click()
+        page.locator("#status").get_by_text("cannot read image photo.png").first.wait_for()
+        _no_server_paths(page, app)
+        assert "Traceback" not in page.content()
+        assert page.locator("#result-video video").count() == 0
+        page.locator("#mode").get_by_text("Text to video").click()
     page.locator("#generate").click()
     _wait_for_video(page)
     assert outside == []
@@ -215,15 +329,44 @@ def test_two_people_at_once_both_get_their_video(server, browser, tmp_path):
 def test_stop_a_running_request_then_generate_again(server, browser):
     url, app = server
     page, outside = _open(browser, url)
-    _ask(page, "a purple circle moving down", app.max_seconds, seed=2)  # the longest: still running when stopped
+    _ask(page, "a magenta circle moving down", app.max_seconds, seed=2)  # the longest: still running when stopped
     page.locator("#generate").click()
     page.locator("#status").get_by_text("scale step").first.wait_for(timeout=GENERATE_TIMEOUT_MS)
     page.locator("#stop").click()
     page.locator("#status").get_by_text("Stopped.").first.wait_for()
     assert page.locator("#result-video video").count() == 0
     # The stopped run let go of the model: the next request goes through.
-    _ask(page, "a purple circle moving down", app.seconds_step, seed=2)
+    _ask(page, "a magenta circle moving down", app.seconds_step, seed=2)
     page.locator("#generate").click()
     _wait_for_video(page)
+    assert outside == []
+    page.context.close()
+
+
+def test_stop_during_the_decode(server, browser, monkeypatch):
+    url, app = server
+    chunks: list[int] = []
+    real = app.pipe.vae.decode
+
+    def slow_decode(*args, on_chunk=None, **kwargs):  # each decoder chunk of a long video takes a while on a CPU
+        def chunk(done: int, total: int) -> None:
+            if done:
+                time.sleep(0.5)
+                chunks.append(done)
+            if on_chunk is not None:
+                on_chunk(done, total)
+
+        return real(*args, on_chunk=chunk, **kwargs)
+
+    monkeypatch.setattr(app.pipe.vae, "decode", slow_decode)
+    page, outside = _open(browser, url)
+    _ask(page, "a green square moving right", app.max_seconds, seed=3)
+    page.locator("#generate").click()
+    page.locator("#status").get_by_text("decoding, part 1 of").first.wait_for(timeout=GENERATE_TIMEOUT_MS)
+    total = int(re.search(r"part 1 of (\d+)", page.locator("#status").inner_text()).group(1))
+    page.locator("#stop").click()
+    page.locator("#status").get_by_text("Stopped.").first.wait_for()
+    assert total > 2 and max(chunks) < total, (chunks, total)  # the decode did not run to its end
+    assert page.locator("#result-video video").count() == 0
     assert outside == []
     page.context.close()

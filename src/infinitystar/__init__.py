@@ -19,8 +19,41 @@ What lives where, lowest layer first; each layer imports only from the layers ab
 A module that imports nothing from the package (``fileio``, ``generation.schedules``, ``generation.sampling``,
 ``vae.bsq``, ...) is a leaf and may be imported from any layer: that is how ``config``, ``vae`` and ``transformer``
 read the pure schedule tables. Imports sit at module top; only optional heavy extras (``gradio``, the Flan-T5 of
-``transformers``) are imported where they are used. This ``__init__`` imports nothing, so importing one module
-never pulls in the rest.
+``transformers``) are imported where they are used.
+
+This ``__init__`` imports nothing when it runs, so importing one module (``infinitystar.fileio``, say) never pulls
+in the rest. The public names below are resolved on first access by a module-level ``__getattr__`` (PEP 562):
+``from infinitystar import InfinityStarPipeline`` imports ``pipeline`` (and torch) then, not before.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+# Public name -> the module that defines it (imported lazily, on first access).
+_EXPORTS = {
+    "InfinityStarPipeline": "pipeline",
+    "InfinityStarPipelineOutput": "pipeline",
+    "ProgressEvent": "pipeline",
+    "Capabilities": "pipeline",
+    "export_to_video": "pipeline",
+    "MEMORY_MODES": "memory",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -483,6 +483,10 @@ register_preset("pipeline", "tiny-test", PipelineConfig(
     pn="0.06M", num_scales=6, default_aspect="1:1", aspects=("1:1",), image_repetition=(2, 2, 1, 1, 1, 1),
     video_repetition=(2, 2, 1, 1, 1, 1), sampling=SamplingConfig(guidance_scale=3.0), default_seconds=1,
     text_encoder="bytes", seed=0))
+# tiny-test as an interactive model (``pipe.interactive`` needs ``interactive=True``): interactive stories on random
+# weights in seconds. In float32 it computes exactly what tiny-test computes; only the bf16 policy differs.
+register_preset("pipeline", "tiny-test-interactive",
+                replace(get_preset("pipeline", "tiny-test"), name="tiny-test-interactive", interactive=True))
 
 __all__ += ["PipelineConfig", "SamplingConfig"]
 

@@ -1,11 +1,16 @@
 """``InfinityStarPipeline``: text/image/video in, frames out — one object for every task.
 
 Shaped like a diffusers pipeline: ``from_pretrained(local_dir)``, ``__call__`` with ``check_inputs``,
-``encode_prompt``, the loop inside a progress bar, decode, ``output_type``. The pipeline owns no
-math: every frame, clip and step count comes from :mod:`infinitystar.generation.plan`, the loop (interactive
-turns and forced steps included) is :mod:`infinitystar.generation.loop`, the tokenizer :mod:`infinitystar.vae`.
+``encode_prompt``, the loop inside a progress bar, decode, ``output_type``, ``return_dict``,
+``callback_on_step_end`` and ``interrupt``. The pipeline owns no math: every frame, clip and step count comes from
+:mod:`infinitystar.generation.plan`, the loop (interactive turns and forced steps included) is
+:mod:`infinitystar.generation.loop`, the tokenizer :mod:`infinitystar.vae`.
 
-Two folder layouts load:
+What a model can do is :attr:`InfinityStarPipeline.capabilities` (tasks, sizes, fps, the words a closed-vocabulary
+text encoder knows); a call reports its progress as :class:`ProgressEvent` s (tqdm bars by default) and always
+returns the seed it used.
+
+Two folder layouts load (and the ids of models that ship in the package, :data:`LOCAL_MODELS`):
 
 * the official download: a transformer shard folder (``infinitystar_8b_720p_weights/``,
   ``infinitystar_8b_480p_weights/`` or an interactive one), ``infinitystar_videovae.pth`` and
@@ -17,8 +22,11 @@ Two folder layouts load:
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 import json
 import os
+import secrets
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -51,7 +59,7 @@ from .config import (
 )
 from .fileio import atomic_write_json
 from .generation import schedules
-from .generation.loop import GenerationResult, ProgressCallback, StepEvent, generate_codes, run_interactive_turn
+from .generation.loop import GenerationResult, StepEvent, generate_codes, run_interactive_turn
 from .generation.plan import (
     GenerationPlan,
     InteractivePlan,
@@ -77,6 +85,9 @@ from .text import (
     build_prompt,
     duration_seconds_for_frames,
     interactive_prompt,
+    read_vocabulary,
+    word_tokens,
+    write_vocabulary,
 )
 from .transformer.model import InfinityStarTransformer
 from .vae.model import VideoVAE
@@ -92,18 +103,179 @@ OFFICIAL_TRANSFORMER_DIRS = {
     "infinitystar_8b_480p_weights": "official-480p",
     "InfinityStarInteract_24K_iters": "interactive-480p",
 }
+# Model ids ``from_pretrained`` resolves to pipeline folders that ship inside the package. The path is computed from
+# this file's location, not imported: ``demo`` (which owns the folder and exposes the id as ``DEMO_MODEL_ID``) sits
+# above ``pipeline`` in the layering.
+LOCAL_MODELS: dict[str, Path] = {"infinitystar-demo": Path(__file__).resolve().parent / "demo" / "weights"}
+# Seeds drawn for calls without one lie in [0, SEED_LIMIT): every tool (and any other framework's RNG) takes them.
+SEED_LIMIT = 2**31
+# Every task a model may offer, in the order capabilities list them.
+TASKS = ("text-to-image", "text-to-video", "image-to-video", "video-extension", "interactive")
+PROGRESS_STAGES = ("encode_prompt", "generate", "decode", "write")
 
 
 @dataclass
 class InfinityStarPipelineOutput:
-    """``frames``: uint8 [T, H, W, 3] (np), a list of PIL images (pil), a float tensor [3, T, H, W] in [-1, 1]
-    (pt), or the summed-code latent [1, 64, T', h, w] (latent). ``segments`` holds the per-prompt pieces of an
-    interactive generation."""
+    """What a call returns.
+
+    ``frames``: uint8 [T, H, W, 3] (np), a list of PIL images (pil), a float tensor [3, T, H, W] in [-1, 1]
+    (pt), or the summed-code latent [1, 64, T', h, w] (latent). A call with a list of prompts or
+    ``num_videos_per_prompt > 1`` gives a list with one such entry per video (prompt-major), ``latent`` likewise.
+    ``segments`` holds the per-prompt pieces of an interactive generation. ``seed`` is the seed of the (first)
+    video, ``seeds`` those of every video (the pipeline always sets both, drawing a random seed when none was
+    given). ``interrupted``: the call stopped early (:attr:`InfinityStarPipeline.interrupt`); the frames are those
+    of the steps done."""
 
     frames: Any
     fps: int
-    latent: Tensor | None = None
+    latent: Tensor | list[Tensor] | None = None
     segments: list[Any] = field(default_factory=list)
+    seed: int | None = None
+    seeds: list[int] = field(default_factory=list)
+    interrupted: bool = False
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One progress report of a call (see ``progress`` of :meth:`InfinityStarPipeline.__call__`).
+
+    ``stage``: ``"encode_prompt"`` (``done`` texts of ``total``: the prompt and the negative prompt),
+    ``"generate"`` (scale steps), ``"decode"`` (VAE decoder chunks) or ``"write"`` (the front doors' file writing).
+    Every stage reports ``done=0`` when it starts, then after each unit of work. ``clip``: the 1-based clip of the
+    step just done (``"generate"`` of a call) or the segment (every stage of an interactive story); else None.
+    """
+
+    stage: str
+    done: int
+    total: int
+    clip: int | None = None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a loaded model can do, derived from its configuration and text encoder (never promised by hand).
+
+    ``tasks``: a subset of :data:`TASKS`; ``aspects`` the "W:H" ratios the preset generates and ``sizes`` their
+    pixel (height, width); ``fps`` the frame rate it generates at; ``max_seconds`` the longest video (None: no limit,
+    long videos continue past the RoPE range by anchoring; 0 for an image-only model); ``vocabulary`` the words a
+    closed-vocabulary text encoder was trained on (None: an open vocabulary, e.g. Flan-T5 or the byte encoder).
+    """
+
+    tasks: tuple[str, ...]
+    aspects: tuple[str, ...]
+    sizes: dict[str, tuple[int, int]]
+    fps: int
+    max_seconds: float | None
+    vocabulary: tuple[str, ...] | None
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """The distinct words of ``prompt`` outside :attr:`vocabulary` (tokenised as the word encoder does:
+        lower-cased words and punctuation runs), in order of appearance; none for an open vocabulary."""
+        if self.vocabulary is None:
+            return []
+        known = set(self.vocabulary)
+        return list(dict.fromkeys(w for w in word_tokens(prompt) if w not in known))
+
+
+class _Reporter:
+    """Where one call's progress goes: tqdm bars (``True``), nowhere (``False``) or a callable of ProgressEvent."""
+
+    _LABELS = {"encode_prompt": "text encoder", "generate": "scales", "decode": "VAE decode", "write": "writing"}
+
+    def __init__(self, progress: bool | Callable[[ProgressEvent], None]) -> None:
+        if not isinstance(progress, bool) and not callable(progress):
+            raise TypeError(f"progress must be True, False or a callable taking a ProgressEvent, got {progress!r}")
+        self._callback = None if isinstance(progress, bool) else progress
+        self._bars = progress is True
+        self.prefix = ""  # e.g. "video 2/4 " when a call makes several
+
+    @contextlib.contextmanager
+    def stage(self, stage: str, total: int | None = None, clip: int | None = None,
+              ) -> Iterator[Callable[..., None]]:
+        """``update(done, total=None, clip=None)`` for one stage; the start event (done=0) is sent here when
+        ``total`` is known, else by the first update. The bar closes however the stage ends."""
+        bars: list[Any] = []
+
+        def update(done: int, total_now: int | None = None, clip_now: int | None = None) -> None:
+            n = total if total_now is None else total_now
+            assert n is not None
+            if self._callback is not None:
+                self._callback(ProgressEvent(stage, done, n, clip if clip_now is None else clip_now))
+            if self._bars:
+                if not bars:
+                    bars.append(tqdm(total=n, desc=self.prefix + self._LABELS[stage], leave=False))
+                bars[0].update(done - bars[0].n)
+
+        try:
+            if total is not None:
+                update(0)
+            yield update
+        finally:
+            for bar in bars:
+                bar.close()
+
+
+# diffusers arguments that have no meaning here, each with the reason (a call naming one fails in one line).
+_NO_SCHEDULE = "InfinityStar generates scale by scale; its steps are the preset's schedule (scales x repetitions)"
+_TEXT_ONLY = "pass the prompt text: the pipeline adds its template (duration tag, quality suffix) and encodes it"
+_NOT_DIFFUSION = ("InfinityStar samples bits scale by scale from the empty first scale, there is no noise latent; "
+                  "condition on image= or video= instead")
+DIFFUSERS_ONLY_ARGUMENTS: dict[str, str] = {
+    "num_inference_steps": _NO_SCHEDULE,
+    "timesteps": _NO_SCHEDULE,
+    "sigmas": _NO_SCHEDULE,
+    "denoising_end": _NO_SCHEDULE,
+    "eta": "there is no DDIM noise to scale: bits are sampled per scale (the preset's temperatures set how)",
+    "latents": _NOT_DIFFUSION,
+    "strength": _NOT_DIFFUSION,
+    "prompt_embeds": _TEXT_ONLY,
+    "negative_prompt_embeds": _TEXT_ONLY,
+    "pooled_prompt_embeds": _TEXT_ONLY,
+    "negative_pooled_prompt_embeds": _TEXT_ONLY,
+    "prompt_attention_mask": _TEXT_ONLY,
+    "negative_prompt_attention_mask": _TEXT_ONLY,
+    "max_sequence_length": "the text encoder's maximum length is part of the model (text_maxlen)",
+    "cross_attention_kwargs": "the transformer's attention takes no extra arguments",
+    "attention_kwargs": "the transformer's attention takes no extra arguments",
+    "joint_attention_kwargs": "the transformer's attention takes no extra arguments",
+    "guidance_rescale": "guidance is the preset's CFG/APG (sampling.guidance_method); only guidance_scale is set "
+                        "per call",
+    "true_cfg_scale": "guidance is the preset's CFG/APG; set its strength with guidance_scale",
+    "clip_skip": "the text encoder is Flan-T5 or a built-in encoder, not CLIP: there are no layers to skip",
+    "num_images_per_prompt": "use num_videos_per_prompt (an image is a one-frame video, num_frames=1)",
+    "decode_chunk_size": "the VAE decodes in the model's own temporal chunks; bound its memory with "
+                         "enable_vae_tiling() or a memory mode",
+    "fps": "the model generates at the frame rate it was trained at (config.fps); output.fps reports it",
+    "frame_rate": "the model generates at the frame rate it was trained at (config.fps); output.fps reports it",
+    "callback": "the old diffusers callback is gone; use callback_on_step_end",
+    "callback_steps": "the old diffusers callback is gone; use callback_on_step_end",
+    "ip_adapter_image": "there are no IP-adapters; give an image= for image-to-video",
+    "ip_adapter_image_embeds": "there are no IP-adapters; give an image= for image-to-video",
+}
+
+
+def _reject_keywords(kwargs: dict[str, Any], valid: Sequence[str]) -> None:
+    """One line for the first keyword ``__call__`` does not take: why, for a diffusers argument, else the nearest
+    valid name."""
+    for name in kwargs:
+        reason = DIFFUSERS_ONLY_ARGUMENTS.get(name)
+        if reason is not None:
+            raise TypeError(f"{name} does not apply to InfinityStarPipeline: {reason}")
+        near = difflib.get_close_matches(name, valid, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise TypeError(f"InfinityStarPipeline.__call__() got an unexpected keyword argument {name!r}{hint}")
+
+
+def _check_seed(seed: Any, count: int = 1) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= 2**63 - count:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - {count}] (seeds seed .. seed+{count - 1} are used), "
+                         f"got {seed!r}")
+    return int(seed)
+
+
+def _step_count(steps: Any) -> int:
+    """Steps of a plan's ``steps`` (a StepPlan or a list of steps)."""
+    return len(getattr(steps, "steps", steps))
 
 
 def _pipeline_config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:
@@ -151,10 +323,23 @@ def _not_a_pipeline_folder(root: Path) -> FileNotFoundError:
                              f"({OFFICIAL_VAE_FILE} + transformer shard folder + {OFFICIAL_T5_DIR})")
 
 
-def read_pipeline_config(source: str | os.PathLike, preset: str | None = None) -> PipelineConfig:
-    """The configuration of a pipeline preset name or model folder (our layout or the official download, where
-    ``preset`` picks the transformer as in ``from_pretrained``), read without loading any weights."""
+def _model_folder(source: str | os.PathLike) -> Path:
+    """The folder of ``source``: a folder as given, else the shipped folder of a :data:`LOCAL_MODELS` id."""
     root = Path(source)
+    if root.is_dir() or str(source) not in LOCAL_MODELS:
+        return root
+    shipped = LOCAL_MODELS[str(source)]
+    if not (shipped / MODEL_INDEX).is_file():
+        raise FileNotFoundError(f"model {str(source)!r} is not shipped in this installation ({shipped} holds no "
+                                f"{MODEL_INDEX}); `infinitystar train-demo OUT --ship` builds it")
+    return shipped
+
+
+def read_pipeline_config(source: str | os.PathLike, preset: str | None = None) -> PipelineConfig:
+    """The configuration of a pipeline preset name, local model id (:data:`LOCAL_MODELS`) or model folder (our
+    layout or the official download, where ``preset`` picks the transformer as in ``from_pretrained``), read without
+    loading any weights."""
+    root = _model_folder(source)
     if not root.is_dir():
         return get_preset("pipeline", str(source))  # the error lists the presets
     if (root / MODEL_INDEX).is_file():
@@ -197,7 +382,8 @@ def extension_frames(cfg: PipelineConfig, path: str | os.PathLike, total_latents
     clips = condition_clips(cfg, clips_in_seconds(cfg, num_frames / fps), total_latents)
     if clips == 0:
         warnings.warn(f"{path} lasts {num_frames / fps:.2f} s, less than one clip ({clip_seconds(cfg):g} s): "
-                      f"only its first frame conditions the video", stacklevel=4)
+                      f"only its first frame conditions the video",
+                      stacklevel=5)  # here, _load_condition, __call__, torch.no_grad's wrapper, the caller
         return media.read_video(path, max_frames=1)[0]
     return media.read_video_clip(path, frames_of_clips(cfg, clips), clips * clip_seconds(cfg))[0]
 
@@ -246,6 +432,7 @@ class InfinityStarPipeline:
         # take another kernel (other rounding, ~1e-7) when a weight requires grad, even under no_grad; so a
         # pipeline built from a preset and one loaded from its save_pretrained folder compute the same bits.
         # The trainer turns gradients back on for the module it trains.
+        self._interrupt = False  # diffusers' interrupt flag: the loop stops at the next step (see ``interrupt``)
         self.transformer = transformer.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder
@@ -293,6 +480,8 @@ class InfinityStarPipeline:
         if cfg.text_encoder in ("bytes", "words"):
             cls_ = ByteTextEncoder if cfg.text_encoder == "bytes" else WordTextEncoder
             enc = cls_(cfg.transformer.text_channels, max_length=cfg.transformer.text_maxlen)
+            if isinstance(enc, WordTextEncoder) and folder is not None:
+                enc.vocabulary = read_vocabulary(folder)  # the words of its training captions, when recorded
             if folder is not None and enc.state_dict():
                 checkpoints.load_state_dict_strict(enc, checkpoints.load_safetensors(folder / "model.safetensors"),
                                                    cls_.__name__, source=str(folder))
@@ -305,7 +494,9 @@ class InfinityStarPipeline:
     def from_pretrained(cls, path: str | os.PathLike, *, preset: str | PipelineConfig | None = None,
                         precision: str | None = None, torch_dtype: torch.dtype | None = None,
                         ) -> InfinityStarPipeline:
-        """Load our layout (``model_index.json``) or the official download layout from a local folder.
+        """Load our layout (``model_index.json``) or the official download layout from a local folder, or a model
+        that ships in the package by its id (``"infinitystar-demo"``, :data:`LOCAL_MODELS`; a folder of that name
+        wins, as a local folder wins over a hub id in diffusers).
 
         For the official layout ``preset`` picks the transformer folder when several are present (a preset name),
         or gives the whole configuration (a :class:`PipelineConfig`, e.g. for a small stand-in of that layout).
@@ -320,9 +511,10 @@ class InfinityStarPipeline:
             precision = asked
         if precision is not None:
             check_precision(precision)
-        root = Path(path)
+        root = _model_folder(path)
         if not root.is_dir():
-            raise FileNotFoundError(f"model folder {root} does not exist")
+            known = ", ".join(repr(name) for name in LOCAL_MODELS)
+            raise FileNotFoundError(f"model folder {root} does not exist (nor is it a shipped model id: {known})")
         if (root / MODEL_INDEX).is_file():
             pipe = cls._from_own_layout(root, precision)
         elif (root / OFFICIAL_VAE_FILE).is_file():
@@ -371,6 +563,9 @@ class InfinityStarPipeline:
             state = self.text_encoder.state_dict()
             if state:
                 checkpoints.save_safetensors(state, root / "text_encoder" / "model.safetensors")
+            vocabulary = getattr(self.text_encoder, "vocabulary", None)
+            if vocabulary is not None:
+                write_vocabulary(root / "text_encoder", vocabulary)
         elif isinstance(self.text_encoder, FlanT5Encoder):
             # A Flan-T5 folder (tokenizer + encoder weights) that FlanT5Encoder.from_pretrained reads back.
             self.text_encoder.tokenizer.save_pretrained(str(root / "text_encoder"))
@@ -393,6 +588,53 @@ class InfinityStarPipeline:
     def dtype(self) -> torch.dtype:
         """The transformer blocks' weight dtype (float32, or bfloat16 under ``bf16``; see :meth:`set_precision`)."""
         return self._blocks_dtype() or torch.float32
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The pipeline's parts by name, as diffusers' ``components``: ``transformer``, ``vae``, ``text_encoder``."""
+        return {"transformer": self.transformer, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this model can do (:class:`Capabilities`), derived from its configuration and text encoder.
+
+        The RoPE frame axis decides the lengths (:func:`~infinitystar.generation.plan.plan_steps`): a model whose
+        axis holds only the first frame makes images; one that holds the first frame and a whole clip makes videos of
+        any length (later clips reuse the last covered clip's positions), and only such a model extends a video (a
+        kept clip plus a generated one) or tells interactive stories (which also need ``config.interactive``); in
+        between, videos up to the axis's length. The sizes are those :func:`resolve_size` gives the preset's aspects
+        (an aspect whose pyramid the model cannot split is left out).
+        """
+        cfg = self.config
+        rope = cfg.transformer.rope_max_frames
+        unlimited = rope - 1 >= cfg.frames_inner_clip
+        tasks = ["text-to-image"]
+        if rope > 1:
+            tasks += ["text-to-video", "image-to-video"]
+        if unlimited:
+            tasks.append("video-extension")
+            if cfg.interactive:
+                tasks.append("interactive")
+        sizes: dict[str, tuple[int, int]] = {}
+        for aspect in cfg.aspects:
+            with contextlib.suppress(ValueError):
+                sizes[aspect] = resolve_size(cfg, aspect=aspect)[2]
+        # Latent frame L > 0 lies time_stride pixel frames after the first frame: L = rope - 1 is the last covered.
+        longest = (rope - 1) * cfg.vae.time_stride / cfg.fps
+        return Capabilities(tasks=tuple(tasks), aspects=tuple(sizes), sizes=sizes, fps=cfg.fps,
+                            max_seconds=None if unlimited else longest,
+                            vocabulary=getattr(self.text_encoder, "vocabulary", None))
+
+    @property
+    def interrupt(self) -> bool:
+        """diffusers' interrupt flag: set it (``pipe.interrupt = True``, or ``pipe._interrupt``) from a callback or
+        another thread and the running call stops after the current scale step, returning what it has (the output's
+        ``interrupted`` is set). Every call starts with it cleared."""
+        return self._interrupt
+
+    @interrupt.setter
+    def interrupt(self, value: bool) -> None:
+        self._interrupt = bool(value)
 
     @property
     def memory_mode(self) -> MemoryMode:
@@ -605,14 +847,20 @@ class InfinityStarPipeline:
             seconds = duration_seconds_for_frames(num_frames, cfg.fps)
         return build_prompt(prompt, duration_s=seconds, quality_suffix=cfg.quality_suffix)
 
-    def encode_prompt(self, prompt: str, negative_prompt: str | None = None) -> tuple[Tensor, Tensor | None]:
+    def encode_prompt(self, prompt: str, negative_prompt: str | None = None, *,
+                      on_progress: Callable[[int, int], None] | None = None) -> tuple[Tensor, Tensor | None]:
         """Text features of the (templated) prompt and of the negative prompt, if any. The prompt was checked by
-        :meth:`check_inputs`."""
+        :meth:`check_inputs`. ``on_progress(done, total)`` after each text (a large Flan-T5 takes a while)."""
+        total = 2 if negative_prompt else 1
         with self._working(self.text_encoder):
             text = self.text_encoder([prompt]).kv_compact
+            if on_progress is not None:
+                on_progress(1, total)
             negative = None
             if negative_prompt:
                 negative = self.text_encoder([negative_prompt]).kv_compact
+                if on_progress is not None:
+                    on_progress(2, total)
         return text, negative
 
     def _load_condition(self, image: Any, video: Any, size: tuple[int, int], *,
@@ -664,6 +912,11 @@ class InfinityStarPipeline:
     # Generation
     # ------------------------------------------------------------------------------------------
 
+    # The tensors ``callback_on_step_end`` may ask for (diffusers' ``_callback_tensor_inputs``): the step's sampled
+    # bits (1, t, h, w, d), the guided logits it sampled from (1, t*h*w, d, 2; None for a forced step that was not
+    # run) and the running sum of codes after it (1, 64, T', H, W), what the VAE would decode now.
+    _callback_tensor_inputs = ("bits", "logits", "summed_codes")
+
     def check_inputs(self, prompts: Sequence[str], output_type: str, guidance_scale: float | None,
                      ) -> SamplingConfig:
         """Check what every task shares, once, before any work: the prompts (non-empty strings), the output type
@@ -682,40 +935,136 @@ class InfinityStarPipeline:
             return vae.encode(video.to(self.device), sample=False)
 
     @staticmethod
-    def _progress(enabled: bool) -> contextlib.AbstractContextManager[ProgressCallback | None]:
-        """A tqdm bar over the loop's steps, fed by its progress callback (None when disabled)."""
+    def _prompt_batch(prompt: Any, negative_prompt: Any, per_prompt: Any) -> tuple[list[str], list[str | None]]:
+        """The prompts and their negative prompts, one each, after checking their types and ``per_prompt``."""
+        if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be an integer >= 1, got {per_prompt!r}")
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, (list, tuple)) and prompt:
+            prompts = list(prompt)
+        else:
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            return prompts, [negative_prompt] * len(prompts)
+        if not isinstance(negative_prompt, (list, tuple)) or len(negative_prompt) != len(prompts):
+            raise ValueError(f"negative_prompt must be a string, None or a list of one per prompt ({len(prompts)}), "
+                             f"got {negative_prompt!r}")
+        for i, n in enumerate(negative_prompt):
+            if n is not None and not isinstance(n, str):
+                raise ValueError(f"negative_prompt {i} must be a string or None, got {n!r}")
+        return prompts, list(negative_prompt)
 
-        @contextlib.contextmanager
-        def bar() -> Iterator[ProgressCallback | None]:
-            if not enabled:
-                yield None
-                return
-            shown: list[tqdm] = []  # opened at the first report, when the total is known
+    def _check_tensor_inputs(self, names: Any) -> tuple[str, ...]:
+        if isinstance(names, str) or not isinstance(names, (list, tuple)):
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be a list of names, got {names!r}")
+        bad = [n for n in names if n not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs names {bad}, which the pipeline does not have; "
+                             f"valid: {list(self._callback_tensor_inputs)}")
+        return tuple(names)
 
-            def update(done: int, total: int) -> None:
-                if not shown:
-                    shown.append(tqdm(total=total, desc="scales", leave=False))
-                shown[0].update(done - shown[0].n)
+    def _generators(self, generator: Any, seed: int | None, count: int) -> list[tuple[torch.Generator, int]]:
+        """(generator, seed) of each of ``count`` videos: the given generators (their ``initial_seed()`` reported),
+        else seeds ``seed``, ``seed + 1``, ... (a random ``seed`` when none is given) on the sampling device."""
+        if generator is not None:
+            if seed is not None:
+                raise ValueError("give seed or generator, not both")
+            gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+            for g in gens:
+                if not isinstance(g, torch.Generator):
+                    raise ValueError(f"generator must be a torch.Generator or a list of them, got {g!r}")
+            if len(gens) != count:
+                raise ValueError(f"{len(gens)} generator(s) for {count} videos: pass one torch.Generator per video, "
+                                 f"or seed= (the videos then use seed, seed+1, ...)")
+            return [(g, g.initial_seed()) for g in gens]
+        base = secrets.randbelow(SEED_LIMIT - count + 1) if seed is None else _check_seed(seed, count)
+        # On the device that samples: the same seed on the same device gives the same video.
+        return [(torch.Generator(device=self.device).manual_seed(base + k), base + k) for k in range(count)]
 
-            try:
-                yield update
-            finally:
-                for b in shown:
-                    b.close()
+    def _warn_unknown_words(self, prompts: Sequence[str | None]) -> None:
+        """One UserWarning naming the prompts' words a closed-vocabulary text encoder was not trained on."""
+        caps = Capabilities((), (), {}, self.config.fps, None, getattr(self.text_encoder, "vocabulary", None))
+        words = list(dict.fromkeys(w for p in prompts if p for w in caps.unknown_words(p)))
+        if words:
+            # stacklevel 4: this helper, the public method, torch.no_grad's wrapper, the caller.
+            warnings.warn(f"the model's text encoder was not trained on {', '.join(map(repr, words))}: those words "
+                          f"condition it on vectors it never saw (capabilities.vocabulary lists the words it knows)",
+                          UserWarning, stacklevel=4)
 
-        return bar()
+    def _step_callbacks(self, callback_on_step_end: Callable[..., Any] | None, tensor_inputs: tuple[str, ...],
+                        callback_on_scale_step: Callable[[InfinityStarPipeline, StepEvent], None] | None,
+                        ) -> Callable[[StepEvent], None] | None:
+        """The loop's per-step hook that feeds both step callbacks."""
+        if callback_on_step_end is None and callback_on_scale_step is None:
+            return None
+
+        def on_step(ev: StepEvent) -> None:
+            if callback_on_scale_step is not None:
+                callback_on_scale_step(self, ev)
+            if callback_on_step_end is not None:
+                have = {"bits": ev.bits_BthwD, "logits": ev.logits_Bnd2, "summed_codes": ev.summed_codes_B64THW}
+                given = {name: have[name] for name in tensor_inputs}
+                returned = callback_on_step_end(self, ev.index, ev.step, given)
+                if returned is None:
+                    return
+                if not isinstance(returned, dict):
+                    raise TypeError(f"callback_on_step_end must return a dict (diffusers' convention), got "
+                                    f"{type(returned).__name__}")
+                for name, value in returned.items():
+                    if name in given and value is not given[name]:
+                        raise ValueError(f"callback_on_step_end returned a new {name!r}: the step tensors are "
+                                         f"read-only here (the step's bits are already in the codes)")
+
+        return on_step
+
+    def _encode(self, prompt: str, negative: str | None, reporter: _Reporter,
+                clip: int | None = None) -> tuple[Tensor, Tensor | None]:
+        with reporter.stage("encode_prompt", 2 if negative else 1, clip) as update:
+            return self.encode_prompt(prompt, negative, on_progress=update)
+
+    def _generate(self, plan: GenerationPlan, text: Tensor, negative: Tensor | None, forced: Sequence[Tensor],
+                  sampling: SamplingConfig, generator: torch.Generator, reporter: _Reporter,
+                  on_step: Callable[[StepEvent], None] | None, *, segment: int | None = None,
+                  summed_codes_in_events: bool = False) -> GenerationResult:
+        """The loop over ``plan``: progress per step (its clip, or the interactive ``segment``), stopping when
+        :attr:`interrupt` is set."""
+        clip = [1 if segment is None else segment]
+
+        def step_hook(ev: StepEvent) -> None:
+            if segment is None:
+                clip[0] = ev.step.clip_id + 1
+            if on_step is not None:
+                on_step(ev)
+
+        with reporter.stage("generate", plan.num_steps, clip[0]) as update, \
+                self._working(self.transformer) as transformer:
+            return generate_codes(
+                transformer, self.config.quantizer, text, plan.schedule, plan.steps, plan.repetitions, sampling,
+                generator=generator, negative_LC=negative, forced_bits=forced,
+                frames_inner_clip=self.config.frames_inner_clip, on_step=step_hook,
+                on_progress=lambda done, total: update(done, total, clip[0]),
+                summed_codes_in_events=summed_codes_in_events, should_stop=lambda: self._interrupt,
+            )
+
+    def _decode(self, latent: Tensor, reporter: _Reporter, clip: int | None = None) -> Tensor:
+        with reporter.stage("decode", clip=clip) as update:
+            return self.decode_latent(latent, on_chunk=update)
 
     @torch.no_grad()
     def reconstruct(self, video: Any, *, resolution: str | None = None, aspect: str | None = None,
-                    height: int | None = None, width: int | None = None, output_type: str = "np") -> Any:
+                    height: int | None = None, width: int | None = None, output_type: str = "np",
+                    progress: bool | Callable[[ProgressEvent], None] = False) -> Any:
         """``video`` through the tokenizer alone: VAE encode, multi-scale BSQ bits along the schedule generation
         uses, their summed codes, VAE decode. The best any generated video can look with these weights.
 
         ``video``: a file path or a [3, T, H, W] / [1, 3, T, H, W] tensor in [-1, 1] at the bucket size; it is
-        resized and centre-cropped like a conditioning video and cut to 1 + 4k frames.
+        resized and centre-cropped like a conditioning video and cut to 1 + 4k frames. ``progress`` reports the
+        decode as :meth:`__call__` does (off by default: evaluations reconstruct many clips).
         """
         if output_type not in ("np", "pil", "pt"):
             raise ValueError(f"unknown output_type {output_type!r}; valid: 'np', 'pil', 'pt'")
+        reporter = _Reporter(progress)
         cfg = self.config
         _, pyramid, size = self.resolve_size(resolution=resolution, aspect=aspect, height=height, width=width)
         x = self._load_condition(None, video, size)
@@ -723,12 +1072,13 @@ class InfinityStarPipeline:
         plan = GenerationPlan(cfg, whole_pixel_frames(x.shape[2], cfg.vae.time_stride), pyramid, cfg.sampling)
         latent = self._encode_video(x[:, :, :plan.num_frames])
         codes = encode_latent_bits(cfg, latent, plan.schedule).summed_codes
-        return self._format(self.decode_latent(codes), output_type)
+        return self._format(self._decode(codes, reporter), output_type)
 
-    def decode_latent(self, latent: Tensor) -> Tensor:
-        """Summed codes [1, 64, T', h, w] -> video [1, 3, T, H, W] clamped to [-1, 1]."""
+    def decode_latent(self, latent: Tensor, on_chunk: Callable[[int, int], None] | None = None) -> Tensor:
+        """Summed codes [1, 64, T', h, w] -> video [1, 3, T, H, W] clamped to [-1, 1]; ``on_chunk(done, total)``
+        as :meth:`VideoVAE.decode` reports it (0 first, then after every decoder chunk)."""
         with self._working(self.vae) as vae, torch.no_grad():
-            video = vae.decode(latent.to(self.device).float(), tile_size=self.vae_tile_size)
+            video = vae.decode(latent.to(self.device).float(), tile_size=self.vae_tile_size, on_chunk=on_chunk)
         return video.clamp(-1, 1)
 
     @staticmethod
@@ -747,8 +1097,8 @@ class InfinityStarPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str,
-        negative_prompt: str | None = None,
+        prompt: str | list[str],
+        negative_prompt: str | list[str | None] | None = None,
         *,
         image: Any = None,
         video: Any = None,
@@ -759,32 +1109,60 @@ class InfinityStarPipeline:
         height: int | None = None,
         width: int | None = None,
         guidance_scale: float | None = None,
-        generator: torch.Generator | None = None,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | None = None,
         output_type: str = "np",
-        callback_on_step_end: Callable[[InfinityStarPipeline, StepEvent], None] | None = None,
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[InfinityStarPipeline, int, schedules.ScaleStep, dict[str, Any]],
+                                       dict[str, Any] | None] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("summed_codes",),
+        callback_on_scale_step: Callable[[InfinityStarPipeline, StepEvent], None] | None = None,
         callback_on_clip_end: Callable[[int, Any], None] | None = None,
-        progress: bool = True,
-    ) -> InfinityStarPipelineOutput:
-        """Generate an image (``num_frames=1``) or a video.
+        progress: bool | Callable[[ProgressEvent], None] = True,
+        **kwargs: Any,
+    ) -> InfinityStarPipelineOutput | tuple[Any]:
+        """Generate an image (``num_frames=1``) or a video per prompt and seed.
 
         ``image`` makes it image-to-video (the image is the first frame); ``video`` makes it a video
         extension: its first whole clips, at most all but the output's last, are kept (a file's frames picked as
         the reference picks them, :func:`extension_frames`; a tensor's frame for frame), the rest generated.
-        ``callback_on_clip_end(index, frames)`` receives each finished clip's frames (``output_type`` format) as
-        soon as it is decoded.
+
+        Several videos (a list of prompts, ``num_videos_per_prompt > 1``) are generated one after the other, not
+        as a batch: the transformer's batch holds the guidance pair, and batching videos would change the
+        order of the generator's draws. Video k of the call uses seed ``seed + k`` (prompt-major), so each equals
+        the single call with that seed; each prompt is encoded once. Without ``seed`` and ``generator`` a random
+        seed is drawn; the output reports every seed. ``generator`` instead: one per video.
+
+        Callbacks: ``callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict`` as in diffusers, after
+        every scale step (``timestep`` is that :class:`~infinitystar.generation.schedules.ScaleStep`: scale, clip,
+        repeat; ``callback_kwargs`` holds the tensors ``callback_on_step_end_tensor_inputs`` names, of
+        ``_callback_tensor_inputs``; they are read-only). Setting :attr:`interrupt` there stops the call after that
+        step. ``callback_on_scale_step(pipe, event)`` receives the loop's full
+        :class:`~infinitystar.generation.loop.StepEvent`. ``callback_on_clip_end(index, frames)`` receives each
+        finished clip's frames (``output_type`` format) after the decode.
+
+        ``progress``: True draws tqdm bars (text encoding, scale steps, VAE decode per chunk), False is silent, a
+        callable receives :class:`ProgressEvent` s instead; whatever it raises aborts the call at once, during the
+        decode too. ``return_dict=False`` returns ``(frames,)``. diffusers arguments that do not apply here
+        (``num_inference_steps``, ``latents``, ``prompt_embeds``, ...) are refused with the reason.
         """
+        _reject_keywords(kwargs, [p for p in _CALL_PARAMETERS if p != "kwargs"])
         cfg = self.config
+        self._interrupt = False
+        prompts, negatives = self._prompt_batch(prompt, negative_prompt, num_videos_per_prompt)
         # Checked before the template adds the duration tag and quality suffix (which would make "" non-empty).
-        sampling = self.check_inputs([prompt], output_type, guidance_scale)
+        sampling = self.check_inputs(prompts, output_type, guidance_scale)
+        tensor_inputs = self._check_tensor_inputs(callback_on_step_end_tensor_inputs)
+        reporter = _Reporter(progress)
         num_frames = self.num_frames_for(num_frames, seconds)
         if image is not None and num_frames == 1:
             raise ValueError("image-to-video needs num_frames > 1 (the image is the first frame)")
         if video is not None and num_frames == 1:
             raise ValueError("video extension needs num_frames longer than the given video, got num_frames=1")
-        if generator is None:
-            # On the device that samples: the same seed on the same device gives the same video.
-            generator = torch.Generator(device=self.device).manual_seed(cfg.seed if seed is None else seed)
+        count = len(prompts) * num_videos_per_prompt
+        generators = self._generators(generator, seed, count)
+        self._warn_unknown_words([*prompts, *negatives])
         _, pyramid, size = self.resolve_size(resolution=resolution, aspect=aspect, height=height, width=width)
         plan = GenerationPlan(cfg, num_frames, pyramid, sampling)
         condition = self._load_condition(image, video, size, total_latents=plan.latent_frames)
@@ -793,21 +1171,38 @@ class InfinityStarPipeline:
             plan = plan.with_condition(condition.shape[2])
             plan.check_condition()
             forced = plan.forced_bits(self._encode_video(condition[:, :, :plan.condition_pixel_frames]))
-        text, negative = self.encode_prompt(self.build_prompt(prompt, num_frames), negative_prompt)
-        on_step = None if callback_on_step_end is None else (lambda ev: callback_on_step_end(self, ev))
-        with self._working(self.transformer) as transformer, self._progress(progress) as on_progress:
-            result: GenerationResult = generate_codes(
-                transformer, cfg.quantizer, text, plan.schedule, plan.steps, plan.repetitions, sampling,
-                generator=generator, negative_LC=negative, forced_bits=forced, frames_inner_clip=cfg.frames_inner_clip,
-                on_step=on_step, on_progress=on_progress,
-            )
-        if output_type == "latent":
-            return InfinityStarPipelineOutput(frames=result.summed_codes, fps=cfg.fps, latent=result.summed_codes)
-        video_out = self.decode_latent(result.summed_codes)
-        if callback_on_clip_end is not None:
-            self._emit_clips(plan.clip_pixel_frames, video_out, output_type, callback_on_clip_end)
-        return InfinityStarPipelineOutput(frames=self._format(video_out, output_type), fps=cfg.fps,
-                                          latent=result.summed_codes)
+        on_step = self._step_callbacks(callback_on_step_end, tensor_inputs, callback_on_scale_step)
+        summed_in_events = callback_on_step_end is not None and "summed_codes" in tensor_inputs
+        frames: list[Any] = []
+        latents: list[Tensor] = []
+        interrupted = False
+        text = negative = None
+        for k, (gen, _) in enumerate(generators):
+            if k and self._interrupt:
+                interrupted = True
+                break
+            reporter.prefix = f"video {k + 1}/{count} " if count > 1 else ""
+            if k % num_videos_per_prompt == 0:
+                p = k // num_videos_per_prompt
+                text, negative = self._encode(self.build_prompt(prompts[p], num_frames), negatives[p], reporter)
+            assert text is not None
+            result = self._generate(plan, text, negative, forced, sampling, gen, reporter, on_step,
+                                    summed_codes_in_events=summed_in_events)
+            interrupted = result.interrupted
+            latents.append(result.summed_codes)
+            if output_type == "latent":
+                frames.append(result.summed_codes)
+                continue
+            video_out = self._decode(result.summed_codes, reporter)
+            if callback_on_clip_end is not None and not result.interrupted:
+                self._emit_clips(plan.clip_pixel_frames, video_out, output_type, callback_on_clip_end)
+            frames.append(self._format(video_out, output_type))
+        seeds = [s for _, s in generators[:len(frames)]]
+        one = isinstance(prompt, str) and num_videos_per_prompt == 1
+        out = InfinityStarPipelineOutput(frames=frames[0] if one else frames, fps=cfg.fps,
+                                         latent=latents[0] if one else latents, seed=seeds[0], seeds=seeds,
+                                         interrupted=interrupted)
+        return out if return_dict else (out.frames,)
 
     def _emit_clips(self, clip_frames: Sequence[int], video: Tensor, output_type: str,
                     callback: Callable[[int, Any], None]) -> None:
@@ -831,9 +1226,10 @@ class InfinityStarPipeline:
         seed: int | None = None,
         output_type: str = "np",
         callback_on_segment_end: Callable[[int, Any], None] | None = None,
-        progress: bool = True,
+        progress: bool | Callable[[ProgressEvent], None] = True,
     ) -> InfinityStarPipelineOutput:
-        """Interactive long video: one prompt per segment, each segment continuing the previous one.
+        """Interactive long video: one prompt per segment, each segment continuing the previous one (needs an
+        interactive model: ``"interactive" in capabilities.tasks``).
 
         Segment 0 is the given ``video`` (a file's last ``frames_per_clip / fps`` seconds, sampled as the reference
         does, or a tensor's last 1 + frames_per_clip frames; VAE-encoded at the template nearest the video's own
@@ -841,41 +1237,62 @@ class InfinityStarPipeline:
         ``prompts[0]`` as a text-to-video clip. Every later prompt generates one clip (``frames_inner_clip``
         latent frames) with the interactive schedule: it attends to its text, a low-resolution semantic
         condition of the previous segment and a full-resolution detail condition (the story's first frame and
-        the previous segment's last two latent frames).
+        the previous segment's last two latent frames). Every turn samples with a generator seeded ``seed``, as the
+        reference does (a random seed when none is given; the output reports it). ``progress`` as in
+        :meth:`__call__`, its events' ``clip`` the 1-based segment. Setting :attr:`interrupt` (e.g. in
+        ``callback_on_segment_end``) stops the story after the current step; a segment cut short is dropped,
+        except segment 0.
         """
         cfg = self.config
+        tasks = self.capabilities.tasks
+        if "interactive" not in tasks:
+            raise ValueError(f"model {cfg.name!r} is not interactive (its tasks: {', '.join(tasks)}); interactive "
+                             f"stories need an interactive model such as preset 'interactive-480p'")
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list with one prompt per segment, not one string")
         prompts = list(prompts)
         if not prompts:
             raise ValueError("interactive generation needs at least one prompt")
+        self._interrupt = False
         sampling = self.check_inputs(prompts, output_type, guidance_scale)
+        reporter = _Reporter(progress)
+        seed = secrets.randbelow(SEED_LIMIT) if seed is None else _check_seed(seed)
+        self._warn_unknown_words(prompts)
         # A file: its last clip at its own size (whose aspect picks the template); a tensor: as given.
         reference = video if video is None or isinstance(video, Tensor) else interactive_reference_frames(cfg, video)
         template, pyramid, size = interactive_size(cfg, None if reference is None else _frame_hw(reference), aspect)
-        seed = cfg.seed if seed is None else seed
         turn_plan = InteractivePlan(cfg, tuple(pyramid), sampling)
+        interrupted = False
         # Segment 0: a whole first clip (first frame + one video clip), as latent.
         if video is not None:
             condition = self._reference_condition(reference, size)
             with self._working(self.vae) as vae:
                 former = vae.encode(condition.to(self.device))
-            first_video = self.decode_latent(former)
         else:
-            out = self(prompts[0], num_frames=turn_plan.first_segment_frames, aspect=aspect,
-                       guidance_scale=guidance_scale, seed=seed, output_type="latent", progress=progress)
-            former = out.latent
-            assert former is not None
-            first_video = self.decode_latent(former)
-        segments = [first_video]
-        if callback_on_segment_end is not None:
-            callback_on_segment_end(0, self._format(first_video, output_type))
+            frames = turn_plan.first_segment_frames
+            text, _ = self._encode(self.build_prompt(prompts[0], frames), None, reporter, clip=1)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            first = self._generate(GenerationPlan(cfg, frames, pyramid, sampling), text, None, [], sampling,
+                                   generator, reporter, None, segment=1)
+            former, interrupted = first.summed_codes, first.interrupted
+        segments = [self._decode(former, reporter, clip=1)]
+        if callback_on_segment_end is not None and not interrupted:
+            callback_on_segment_end(0, self._format(segments[0], output_type))
         first_frame = former[:, :, :1]
         for i, prompt in enumerate(prompts[1:], start=1):
-            text, _ = self.encode_prompt(interactive_prompt(prompt, turn_plan.clip_seconds))
-            with self._working(self.transformer) as transformer, self._progress(progress) as on_progress:
+            if interrupted or self._interrupt:
+                interrupted = True
+                break
+            text, _ = self._encode(interactive_prompt(prompt, turn_plan.clip_seconds), None, reporter, clip=i + 1)
+            with reporter.stage("generate", _step_count(turn_plan.steps), i + 1) as update, \
+                    self._working(self.transformer) as transformer:
                 turn = run_interactive_turn(transformer, cfg.quantizer, text, former, first_frame, turn_plan.layout,
                                             turn_plan.steps, turn_plan.repetitions, sampling, seed=seed,
-                                            on_progress=on_progress)
-            decoded = self.decode_latent(turn.decode_latent)
+                                            on_progress=update, should_stop=lambda: self._interrupt)
+            if turn.result.interrupted:
+                interrupted = True
+                break
+            decoded = self._decode(turn.decode_latent, reporter, clip=i + 1)
             new_frames = decoded[:, :, -turn_plan.clip_pixel_frames:]
             segments.append(new_frames)
             former = turn.next_context
@@ -883,7 +1300,12 @@ class InfinityStarPipeline:
                 callback_on_segment_end(i, self._format(new_frames, output_type))
         full = torch.cat(segments, dim=2)
         return InfinityStarPipelineOutput(frames=self._format(full, output_type), fps=cfg.fps,
-                                          segments=[self._format(s, output_type) for s in segments])
+                                          segments=[self._format(s, output_type) for s in segments], seed=seed,
+                                          seeds=[seed], interrupted=interrupted)
+
+
+# The keywords __call__ takes (for the nearest-name hint of an unknown one).
+_CALL_PARAMETERS = tuple(inspect.signature(InfinityStarPipeline.__call__).parameters)[1:]
 
 
 def export_to_video(frames: Any, path: str | os.PathLike, fps: int = 16) -> Path:
@@ -897,5 +1319,6 @@ def export_to_video(frames: Any, path: str | os.PathLike, fps: int = 16) -> Path
     return path
 
 
-__all__ = ["InfinityStarPipeline", "InfinityStarPipelineOutput", "export_to_video", "extension_frames",
+__all__ = ["DIFFUSERS_ONLY_ARGUMENTS", "LOCAL_MODELS", "SEED_LIMIT", "TASKS", "Capabilities", "InfinityStarPipeline",
+           "InfinityStarPipelineOutput", "ProgressEvent", "export_to_video", "extension_frames",
            "interactive_reference_frames", "read_pipeline_config"]

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .config import PrecisionPolicy
+from .fileio import atomic_write_json
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",
@@ -44,6 +45,7 @@ __all__ = [
     "TextEmbeddings",
     "TextEncoder",
     "TextEncoderFilesError",
+    "VOCABULARY_FILE",
     "WordTextEncoder",
     "build_prompt",
     "duration_prefix",
@@ -52,8 +54,11 @@ __all__ = [
     "guidance_dropout_mask",
     "interactive_prompt",
     "maybe_truncate_sentences",
+    "read_vocabulary",
     "training_caption",
     "truncate_sentences",
+    "word_tokens",
+    "write_vocabulary",
 ]
 
 DEFAULT_MAX_LENGTH = 512  # T5 max tokens (`tlen`), also the number of learned cfg_uncond rows (`text_maxlen`)
@@ -485,31 +490,75 @@ class ByteTextEncoder(TextEncoder, torch.nn.Module):
         return TextEmbeddings.from_features(feats)
 
 
+_WORD_TOKEN = re.compile(r"[a-z0-9]+|[^a-z0-9\s]+")
+# The file of a pipeline folder's ``text_encoder/`` that lists the words a word encoder was trained on.
+VOCABULARY_FILE = "vocabulary.json"
+
+
+def word_tokens(prompt: str) -> list[str]:
+    """The tokens :class:`WordTextEncoder` gives ``prompt`` one vector each: the lower-cased text's words (runs of
+    letters and digits) and punctuation runs, in order."""
+    return _WORD_TOKEN.findall(prompt.strip().lower())
+
+
+def write_vocabulary(folder: str | os.PathLike, words: Sequence[str]) -> Path:
+    """Write ``folder/vocabulary.json`` (``{"words": [...]}``, sorted): the words a word encoder's model knows."""
+    path = Path(folder) / VOCABULARY_FILE
+    atomic_write_json(path, {"words": sorted(set(words))})
+    return path
+
+
+def read_vocabulary(folder: str | os.PathLike) -> tuple[str, ...] | None:
+    """The words of ``folder/vocabulary.json`` (None when there is no such file: an open vocabulary)."""
+    path = Path(folder) / VOCABULARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        words = json.loads(path.read_text(encoding="utf-8"))["words"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a vocabulary file ({{\"words\": [...]}}): {exc}") from None
+    if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
+        raise ValueError(f"{path}: 'words' must be a list of non-empty strings")
+    return tuple(words)
+
+
 class WordTextEncoder(TextEncoder, torch.nn.Module):
     """Words -> fixed pseudo-random vectors + a sinusoidal position code, then one closing token.
 
-    The demo model's encoder: no vocabulary file, no download and no parameters. Lower-cased text is split
-    into words (runs of letters and digits) and punctuation runs; each distinct word maps to a unit-variance
-    Gaussian vector seeded by a hash of the word and ``seed``, so every machine computes the same features and
-    an unseen word still gets a vector. One vector per word (instead of one per byte, as
+    The demo model's encoder: no download and no parameters. Lower-cased text is split
+    into words (runs of letters and digits) and punctuation runs (:func:`word_tokens`); each distinct word maps to a
+    unit-variance Gaussian vector seeded by a hash of the word and ``seed``, so every machine computes the same
+    features and an unseen word still gets a vector. One vector per word (instead of one per byte, as
     :class:`ByteTextEncoder`) means a small transformer only has to learn what "red" or "left" mean, not
     also how to spell them: the demo transformer learned prompts within its CPU budget this way.
+
+    Any word gets a vector, but a model only learned the vectors of the words of its training captions: that list
+    is ``vocabulary`` (None: not recorded). A word outside it conditions the model on a vector it never saw, so the
+    pipeline warns about it (:meth:`unknown_words`).
     """
 
-    _TOKEN = re.compile(r"[a-z0-9]+|[^a-z0-9\s]+")
-
-    def __init__(self, width: int, max_length: int = 128, seed: int = 0) -> None:
+    def __init__(self, width: int, max_length: int = 128, seed: int = 0,
+                 vocabulary: Sequence[str] | None = None) -> None:
         torch.nn.Module.__init__(self)
         table = _position_table(type(self).__name__, width, max_length)
         self.width = width
         self.max_length = max_length
         self.seed = seed
+        self.vocabulary: tuple[str, ...] | None = None if vocabulary is None else tuple(sorted(set(vocabulary)))
         self._vectors: dict[str, torch.Tensor] = {}
         self.register_buffer("positions", table, persistent=False)
 
     def words(self, prompt: str) -> list[str]:
         """The prompt's tokens, truncated to leave room for the closing token."""
-        return self._TOKEN.findall(prompt.strip().lower())[: self.max_length - 1]
+        return word_tokens(prompt)[: self.max_length - 1]
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """The distinct tokens of ``prompt`` outside :attr:`vocabulary`, in order of appearance (none when the
+        vocabulary is not recorded)."""
+        if self.vocabulary is None:
+            return []
+        known = set(self.vocabulary)
+        return list(dict.fromkeys(w for w in self.words(prompt) if w not in known))
 
     def vector(self, word: str) -> torch.Tensor:
         """The word's fixed vector (a cache keeps each one computed once per encoder)."""

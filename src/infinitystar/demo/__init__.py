@@ -1,6 +1,7 @@
 """The demo model: its shipped weights, the loader every front door uses, and its small domain.
 
-* this ``__init__`` -- :data:`DEMO_WEIGHTS` (the pipeline folder that ships in the package) and
+* this ``__init__`` -- :data:`DEMO_WEIGHTS` (the pipeline folder that ships in the package), :data:`DEMO_MODEL_ID`
+  (its public name: ``InfinityStarPipeline.from_pretrained("infinitystar-demo")`` loads it) and
   :func:`load_pipeline`, the one place that decides which weights a front door runs (a model folder, else the
   demo model, else random weights of a preset); ``cli`` and ``web`` both call it;
 * ``synthetic`` -- the demo domain: rendered, captioned clips of one coloured shape moving in a line;
@@ -22,10 +23,13 @@ from ..config import check_precision, precision_policy, resolve_device
 from ..memory import memory_mode as memory_mode_named
 from ..pipeline import InfinityStarPipeline
 
-__all__ = ["DEMO_WEIGHTS", "demo_weights_shipped", "load_pipeline", "random_weights"]
+__all__ = ["DEMO_MODEL_ID", "DEMO_WEIGHTS", "demo_weights_shipped", "load_pipeline", "random_weights"]
 
 # The shipped demo pipeline folder (written by ``infinitystar train-demo --ship``).
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights"
+# Its public name: ``from_pretrained`` resolves it to DEMO_WEIGHTS (pipeline.LOCAL_MODELS, which cannot import this
+# package), the run records of the front doors name it.
+DEMO_MODEL_ID = "infinitystar-demo"
 
 
 def demo_weights_shipped() -> bool:

@@ -42,6 +42,7 @@ from infinitystar.config import replace
 from infinitystar.demo import DEMO_WEIGHTS
 from infinitystar.fileio import atomic_write_json, atomic_write_text
 from infinitystar.pipeline import InfinityStarPipeline
+from infinitystar.text import VOCABULARY_FILE, word_tokens, write_vocabulary
 from infinitystar.train.config import read_config_file
 
 __all__ = ["DEFAULT_CONFIG_DIR", "RecipeOptions", "build_base", "run_recipe", "ship"]
@@ -163,6 +164,22 @@ def ship(model_dir: str | os.PathLike, dest: str | os.PathLike = DEMO_WEIGHTS,
     return Path(dest)
 
 
+# The caption fields make_dataset writes (synthetic._record): the reference's two video caption fields.
+CAPTION_KEYS = ("tarsier2_caption", "MiniCPM_V_2_6_caption")
+
+
+def caption_words(jsonl: str | os.PathLike) -> list[str]:
+    """The words (``text.word_tokens``) of every caption of a reference-format jsonl (both caption fields)."""
+    words: set[str] = set()
+    for line in Path(jsonl).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            for key in CAPTION_KEYS:
+                if isinstance(row.get(key), str):
+                    words.update(word_tokens(row[key]))
+    return sorted(words)
+
+
 def _subset_jsonl(src: Path, dest: Path, n: int) -> Path:
     lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(lines) < n:
@@ -255,6 +272,10 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
         timings["train"] = _run(["train", str(gen / "transformer.json"), "--quiet"], logs / "train.log", "train",
                                 threads=trainer_threads, processes=opts.processes)
         timings["export"] = _run(["export", str(out / "run"), str(model)], logs / "export.log", "export")
+    if not (model / "text_encoder" / VOCABULARY_FILE).is_file():
+        # The word encoder's closed vocabulary: every word of the captions the transformer trained on. The pipeline
+        # reads it back (capabilities.vocabulary) and warns about prompt words outside it.
+        write_vocabulary(model / "text_encoder", caption_words(subset))
 
     # 7. evaluation
     report = out / "eval"

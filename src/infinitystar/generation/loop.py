@@ -58,6 +58,9 @@ class StepEvent:
     # The logits after 1/tau, before guidance: row 0 conditional, row 1 unconditional when guided (None when
     # not run).
     branches_Bnd2: Tensor | None = None
+    # The running sum of codes after this step's bits, (1, 64, T', H, W) over the clips so far (only when the
+    # loop was asked to keep it: building it costs a concatenation per step).
+    summed_codes_B64THW: Tensor | None = None
 
 
 @dataclass
@@ -66,6 +69,9 @@ class GenerationResult:
     clip_codes: list[Tensor]  # per clip (1, 64, t_clip, H, W)
     bits: list[Tensor] = field(default_factory=list)  # per step (1, t, h, w, d), when kept
     peak_cache_bytes: int = 0
+    # True when ``should_stop`` ended the loop early: the codes are those of the steps done (a coarser, possibly
+    # shorter video).
+    interrupted: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,6 +154,8 @@ def generate_codes(
     on_clip: Callable[[int, Tensor], None] | None = None,
     keep_bits: bool = False,
     on_progress: ProgressCallback | None = None,
+    summed_codes_in_events: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """Run the autoregressive loop over ``steps`` and return the summed codes.
 
@@ -157,7 +165,10 @@ def generate_codes(
     is drawn on every step as the reference draws it, so both settings give the same bits.
     ``extra_context`` are cache ids every step attends besides its references and the text (the
     interactive conditions); pass a ``cache`` that already holds them. ``on_clip(clip_id, codes)`` is
-    called as each clip's codes are complete (for streaming); ``on_progress(done, total)`` after every step.
+    called as each clip's codes are complete (for streaming); ``on_step(event)`` after each step's bits were added
+    (with the running sum in ``event.summed_codes_B64THW`` when ``summed_codes_in_events``), then
+    ``on_progress(done, total)``. ``should_stop()`` is asked after every step but the last: True ends the loop there
+    (diffusers' ``interrupt``) and the result holds the codes of the steps done, ``interrupted`` set.
     """
     if not isinstance(plan, StepPlan):
         plan = StepPlan(list(plan))
@@ -203,19 +214,22 @@ def generate_codes(
             cache.map_keys(store_as, _position_shift(model, -plan.clip_shift[0], -plan.clip_shift[1], full_hw))
         peak = max(peak, cache.nbytes())
         cache.keep_only(persistent | later[i])
-        if on_step is not None:
-            on_step(StepEvent(i, step, bits, logits, forced, branches))
-        if keep_bits:
-            kept_bits.append(bits)
-        if on_progress is not None:
-            on_progress(i + 1, len(steps))
         x = acc.add_bits(bits.to(torch.uint8) if bits.dtype != torch.uint8 else bits)
         while len(acc.clip_sums) > clips_done:
             if on_clip is not None:
                 on_clip(clips_done, acc.clip_sums[clips_done])
             clips_done += 1
+        if on_step is not None:
+            summed = acc.summed_codes if summed_codes_in_events else None
+            on_step(StepEvent(i, step, bits, logits, forced, branches, summed))
+        if keep_bits:
+            kept_bits.append(bits)
+        if on_progress is not None:
+            on_progress(i + 1, len(steps))
         if x is None:
             break
+        if should_stop is not None and should_stop():
+            return GenerationResult(acc.summed_codes, list(acc.clip_sums), kept_bits, peak, interrupted=True)
     return GenerationResult(acc.summed_codes, list(acc.clip_sums), kept_bits, peak)
 
 
@@ -317,10 +331,13 @@ def run_interactive_turn(
     seed: int,
     on_step: Callable[[StepEvent], None] | None = None,
     on_progress: ProgressCallback | None = None,
+    summed_codes_in_events: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> InteractiveTurn:
     """One interactive turn: text pass, the two condition passes, then the clip's steps, each attending
     [text, semantic condition, detail condition, own]; the generator is a fresh one seeded ``seed`` (the
-    reference re-seeds every turn)."""
+    reference re-seeds every turn). The callbacks and ``should_stop`` are :func:`generate_codes`'; an interrupted
+    turn's ``result.interrupted`` is set and its latents hold a partial clip."""
     device = next(model.parameters()).device
     batch = 2 if sampling.uses_guidance else 1
     cache = model.new_cache()
@@ -333,7 +350,8 @@ def run_interactive_turn(
     result = generate_codes(model, quantizer, text_LC, layout.schedule, plan, repetitions, sampling,
                             generator=generator, frames_inner_clip=clip, cache=cache,
                             extra_context=(SEMANTIC_CONDITION, DETAIL_CONDITION), on_step=on_step,
-                            on_progress=on_progress)
+                            on_progress=on_progress, summed_codes_in_events=summed_codes_in_events,
+                            should_stop=should_stop)
     joined = torch.cat([context_B64THW, result.summed_codes.to(context_B64THW)], dim=2)
     decode_latent = joined[:, :, -layout.decode_latent_frames:]
     return InteractiveTurn(result, decode_latent, decode_latent[:, :, -layout.context_latent_frames:])

@@ -374,7 +374,7 @@ class GenerationPlan:
         if self.condition_clips == given and self.condition_pixel_frames < self.condition_frames:
             warnings.warn(f"the conditioning video has {self.condition_frames} frames; only whole clips are kept "
                           f"({self.forced_latent_frames} latent frames = {self.condition_pixel_frames} frames)",
-                          stacklevel=3)
+                          stacklevel=4)  # here, InfinityStarPipeline.__call__, torch.no_grad's wrapper, the caller
 
     def forced_bits(self, condition_latent: Tensor) -> list[Tensor]:
         """Bits of every forced step, from the VAE latent of the conditioning input's kept frames."""

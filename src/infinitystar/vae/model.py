@@ -14,6 +14,9 @@ the same numbers up to float rounding. Large frames can be decoded in overlappin
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -340,15 +343,23 @@ class VideoVAE(nn.Module):
         z = F.pixel_shuffle(z.transpose(1, 2).reshape(b * t, c, h, w), 2)
         return z.reshape(b, t, c // 4, 2 * h, 2 * w).transpose(1, 2).contiguous()
 
-    def _run_decoder(self, z: Tensor, chunked: bool) -> Tensor:
+    def _decoder_chunks(self, z: Tensor, chunked: bool) -> list[tuple[int, int]]:
+        """The temporal chunks :meth:`_run_decoder` decodes ``z`` in (one for an unchunked decode)."""
+        return chunk_bounds(z.shape[2], self.config.decode_latent_batch) if chunked else [(0, z.shape[2])]
+
+    def _run_decoder(self, z: Tensor, chunked: bool, after_chunk: Callable[[], None] | None = None) -> Tensor:
         if not chunked:
-            return self.decoder(z)
+            out = self.decoder(z)
+            if after_chunk is not None:
+                after_chunk()
+            return out
         cache: FeatureCache = {}
         # Every latent count works, T'=2 included (the reference crashes there): chunks 1, then batches.
-        outs = [
-            self.decoder(z[:, :, s:e], cache, first_chunk=(s == 0))
-            for s, e in chunk_bounds(z.shape[2], self.config.decode_latent_batch)
-        ]
+        outs = []
+        for s, e in self._decoder_chunks(z, chunked):
+            outs.append(self.decoder(z[:, :, s:e], cache, first_chunk=(s == 0)))
+            if after_chunk is not None:
+                after_chunk()
         return torch.cat(outs, dim=2)
 
     def decode(
@@ -358,6 +369,7 @@ class VideoVAE(nn.Module):
         chunked: bool = True,
         tile_size: int | None = None,
         tile_overlap: int | None = None,
+        on_chunk: Callable[[int, int], None] | None = None,
     ) -> Tensor:
         """Latent (B, 64, T', h, w) -> video (B, 3, 1 + 4(T'-1), 16h, 16w), NOT clamped.
 
@@ -369,21 +381,38 @@ class VideoVAE(nn.Module):
         tile's zero padding where the full frame had neighbours (the decoder's receptive field is
         ~12 latent cells); the larger the overlap, the smaller the error (see tests/test_vae_model.py
         for measured figures). ``tile_size`` >= the latent size decodes untiled.
+
+        ``on_chunk(done, total)`` reports progress: once with ``done=0`` before the first decoder chunk, then after
+        every temporal chunk of every tile (``total`` = tiles x chunks). An exception it raises stops the decode
+        there, so a front door's Stop does not wait for the whole video.
         """
         z = self.latent_to_decoder_input(latent)
-        h, w = z.shape[3:]
-        if tile_size is None:
-            return self._run_decoder(z, chunked)
-        if tile_size < 1:
-            raise ValueError(f"tile_size must be >= 1 latent cell; got {tile_size}")
-        overlap = tile_size // 4 if tile_overlap is None else tile_overlap
-        if not 0 <= overlap < tile_size:
-            raise ValueError(f"tile_overlap must be in [0, tile_size={tile_size}); got {overlap}")
-        if tile_size >= latent.shape[-2] and tile_size >= latent.shape[-1]:
-            return self._run_decoder(z, chunked)
-        return self._decode_tiled(z, 2 * tile_size, 2 * overlap, chunked)
+        tiled = tile_size is not None and (tile_size < latent.shape[-2] or tile_size < latent.shape[-1])
+        if tile_size is not None:
+            if tile_size < 1:
+                raise ValueError(f"tile_size must be >= 1 latent cell; got {tile_size}")
+            overlap = tile_size // 4 if tile_overlap is None else tile_overlap
+            if not 0 <= overlap < tile_size:
+                raise ValueError(f"tile_overlap must be in [0, tile_size={tile_size}); got {overlap}")
+        after_chunk = None
+        if on_chunk is not None:
+            tiles = 1
+            if tiled:  # the tile layout of _decode_tiled (sizes in f8 cells)
+                tiles = math.prod(len(_tile_starts(n, 2 * tile_size, 2 * overlap)) for n in z.shape[3:])
+            total = tiles * len(self._decoder_chunks(z, chunked))
+            done = [0]
 
-    def _decode_tiled(self, z: Tensor, tile: int, overlap: int, chunked: bool) -> Tensor:
+            def after_chunk() -> None:
+                done[0] += 1
+                on_chunk(done[0], total)
+
+            on_chunk(0, total)
+        if not tiled:
+            return self._run_decoder(z, chunked, after_chunk)
+        return self._decode_tiled(z, 2 * tile_size, 2 * overlap, chunked, after_chunk)
+
+    def _decode_tiled(self, z: Tensor, tile: int, overlap: int, chunked: bool,
+                      after_chunk: Callable[[], None] | None = None) -> Tensor:
         """Tiles over the f8 latent ``z`` (sizes here in f8 cells); blend in pixel space."""
         up = self.config.space_stride // 2  # pixels per f8 cell
         h, w = z.shape[3:]
@@ -393,7 +422,7 @@ class VideoVAE(nn.Module):
         for y0 in ys:
             for x0 in xs:
                 th, tw = min(tile, h), min(tile, w)
-                part = self._run_decoder(z[:, :, :, y0:y0 + th, x0:x0 + tw], chunked)
+                part = self._run_decoder(z[:, :, :, y0:y0 + th, x0:x0 + tw], chunked, after_chunk)
                 if out is None:
                     b, c, t = part.shape[:3]
                     out = part.new_zeros(b, c, t, h * up, w * up)
