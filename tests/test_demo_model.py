@@ -2,7 +2,7 @@
 ``--model``, every task runs with it, and its clips pass the analytic judge.
 
 The thresholds asserted here are the demo issue's targets (judge accuracy on held-out triples, tokenizer PSNR on
-held-out clips), on a small fixed-seed sample; the full figures are in the README's "Demo model" section.
+held-out clips), on a small fixed-seed sample; the full figures are in docs/demo.md.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _judged(pipe, triple, seed):
 
 
 # The issue's targets on held-out triples (colour >= 90 %, shape >= 80 %, direction >= 80 %), checked here on one
-# clip of each of the 12 held-out triples and of 12 seen ones (fixed seeds); the README gives the figures of the
+# clip of each of the 12 held-out triples and of 12 seen ones (fixed seeds); docs/demo.md gives the figures of the
 # full evaluation (4 clips per prompt). False alarms: each fixed-seed clip is judged right on every attribute here
 # (12/12), and the targets allow 1 (colour) or 2 misses of 12. Another machine rounds the logits differently (~1e-6),
 # which changes a sampled bit only where a uniform draw falls that close to its probability, and the decoder's
@@ -101,7 +101,7 @@ def test_tokenizer_keeps_held_out_clips_recognisable(pipe):
 def test_tokenizer_reconstructs_held_out_clips_at_30_db(pipe, tmp_path):
     # The first 8 held-out clips as make-demo-data stores them (seed 0, lossless H.264 in YUV 4:2:0, the frames
     # every stage trains on), against their tokenizer round trip: the shipped tokenizer measures 31.6 dB here and
-    # 31.4 dB over all 48 (README). Against the RGB renders before the codec it measures 28.6 dB (README).
+    # 31.4 dB over all 48 (docs/demo.md). Against the RGB renders before the codec it measures 28.6 dB (docs/demo.md).
     jsonl = make_dataset(tmp_path, 8, seed=0, split="heldout")
     assert reconstruction_psnr(pipe, jsonl)["psnr_db"] >= 30.0
 

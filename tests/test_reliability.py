@@ -91,7 +91,21 @@ def _output_is_a_folder(d: Path) -> list[str]:
     return ["generate", "a red circle moving right", "--frames", "5", "-o", str(d / "out" / "x.mp4"), "--overwrite"]
 
 
+def _bomb_image(d: Path) -> list[str]:
+    from test_limits import _png_header_only
+
+    bomb = _png_header_only(d / "bomb.png", 12000, 12000)
+    return ["generate", "a red circle moving right", "--image", str(bomb), "-o", str(d / "out" / "x.mp4")]
+
+
 BOUNDARY_INPUTS: list[tuple[str, Callable[[Path], list[str]], str]] = [
+    ("--seconds inf", lambda d: ["generate", "a red circle", "--seconds", "inf"], "seconds must be a finite number"),
+    ("--seconds 1e9", lambda d: ["generate", "a red circle", "--seconds", "1e9"], "over the limit of 2001 frames"),
+    ("--frames 1000001", lambda d: ["generate", "a red circle", "--frames", "1000001"],
+     "1000001 frames (62500 s at 16 fps) is over the limit"),
+    ("decompression-bomb png", _bomb_image, "image bomb.png is 12000x12000 = 144 megapixels a frame"),
+    ("unknown --request-limit", lambda d: ["generate", "a red circle", "--request-limit", "frames=9"],
+     "--request-limit 'frames=9': expected NAME=VALUE"),
     ("non-UTF-8 prompts file", _binary_prompts, "story.txt is not UTF-8 text"),
     ("--device bogus", lambda d: ["generate", "a red circle", "--device", "bogus"], "unknown device 'bogus'"),
     ("--device cuda:99", lambda d: ["generate", "a red circle", "--device", "cuda:99"], "device 'cuda:99'"),

@@ -139,3 +139,36 @@ def test_nonfinite_weights_are_refused_at_load_and_save(tmp_path):
     save_file(state, str(bad), metadata=read_safetensors_metadata(good))
     with pytest.raises(ValueError, match=r"planted\.safetensors has NaN/inf weights: .*detail_head\.bias \(1 values\)"):
         load_transformer(bad, cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every other load path (issue 16, item 1): a planted payload never runs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_pickled_checkpoint_payload_is_refused_by_convert(tmp_path, capsys):
+    """``convert`` and the official VAE ``.pth`` go through ``torch.load(weights_only=True)``."""
+    from infinitystar.cli import main as cli_main
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "infinitystar_videovae.pth"
+    torch.save({"state_dict": _Payload(marker)}, evil)
+    assert cli_main(["convert", str(evil), str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a PyTorch checkpoint that can be read safely" in err and "Unsupported global" in err
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def test_pickled_npy_clip_is_refused(tmp_path):
+    """VAE training reads ``.npy`` clips with ``allow_pickle=False``: an object array is refused unread."""
+    import numpy as np
+
+    from infinitystar.train.vae_data import MediaClipDataset, list_media
+
+    marker = tmp_path / "pwned"
+    clip = tmp_path / "clip.npy"
+    np.save(clip, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    ds = MediaClipDataset(list_media([str(clip)]), num_frames=1, fps=16, height=16, width=16)
+    with pytest.raises(ValueError, match="clip.npy"):
+        ds.clip(0, np.random.default_rng(0))
+    assert not marker.exists()

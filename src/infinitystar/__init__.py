@@ -3,13 +3,15 @@
 What lives where, lowest layer first; each layer imports only from the layers above it in this list
 (``tests/test_layering.py`` checks it, and that no two modules import each other, even through others):
 
-* ``fileio`` -- atomic file writes (stdlib only);
+* ``fileio`` -- atomic file writes (stdlib only); ``errors`` -- the command line's error boundary (stdlib, torch);
 * ``config`` -- model and pipeline configs, precision policies, the registry of named presets;
 * ``vae/`` (the video VAE and the multi-scale bitwise quantizer), ``transformer/`` (the spacetime transformer,
   attention, RoPE, packed training sequences), ``text`` (text encoders, prompt template), ``media`` (image and
   video read/write) -- each on ``config`` (and ``fileio``) only, never on each other;
-* ``checkpoints`` (safetensors I/O, strict loading, official key layouts) and ``generation/`` (schedules, the
-  plan of a request, sampling, the autoregressive loop) -- on the models;
+* ``checkpoints`` (safetensors I/O, strict loading, official key layouts), ``generation/`` (schedules, the
+  plan of a request, sampling, the autoregressive loop) and ``outputs`` (run records in and beside the files) --
+  on the models;
+* ``memory/`` -- memory modes, block offload, quantization, the memory model (it replays generation plans);
 * ``pipeline`` -- :class:`~infinitystar.pipeline.InfinityStarPipeline`: loading, ``check_inputs``, encode, call,
   decode, output formats; owns no math;
 * ``train/`` -- both trainers, their configs, data and checkpointing (they export pipelines);

@@ -175,7 +175,12 @@ def torch_load_weights_only(path: str | os.PathLike) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path} could not be read as a weights-only PyTorch checkpoint: {exc}") from exc
+        # torch's message is a page long and suggests weights_only=False, which is exactly what is never done here.
+        found = re.search(r"(Unsupported [^.\n]*|Trying to load unsupported [^.\n]*|[^.\n]*(?:invalid|truncated|"
+                          r"corrupt|zip)[^.\n]*)", str(exc), flags=re.I)
+        why = found.group(1).strip() if found else type(exc).__name__
+        raise ValueError(f"{path} is not a PyTorch checkpoint that can be read safely (tensors and plain data only): "
+                         f"{why[:200]}") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -95,6 +95,9 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
                    "(torchao); smallest: block offload + int8 + tiled VAE decode (README: which mode for which card)")
     p.add_argument("--offload", action="store_const", const="model_offload", dest="memory_mode",
                    help=argparse.SUPPRESS)  # the flag before memory modes existed: --memory-mode model_offload
+    p.add_argument("--request-limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="raise or lower a request limit (repeatable): max_frames, max_prompt_chars, max_segments, "
+                   "max_videos, max_upload_bytes, max_upload_pixels, check_memory=false")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks (GPU; the first generation pays the compilation)")
 
@@ -248,7 +251,7 @@ def _settle_defaults(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace) -> InfinityStarPipeline:
     return load_pipeline(args.model, args.preset, device=args.device, precision=args.precision,
-                         memory_mode=args.memory_mode, compile_blocks=args.compile)
+                         memory_mode=args.memory_mode, compile_blocks=args.compile, limits=args.request_limit)
 
 
 def _write_progress(quiet: bool) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
@@ -471,7 +474,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         prompts = {g: ps[: args.limit] for g, ps in prompts.items()}
     pipe = load_pipeline(args.model, args.preset, device=args.device, precision=args.precision,
-                         memory_mode=args.memory_mode, compile_blocks=args.compile)
+                         memory_mode=args.memory_mode, compile_blocks=args.compile, limits=args.request_limit)
     kwargs = {k: v for k, v in (("guidance_scale", args.guidance), ("aspect", args.aspect)) if v is not None}
     out = Path(args.out)
     total = sum(len(ps) for ps in prompts.values()) * args.clips_per_prompt
@@ -628,7 +631,8 @@ def _run_serve(args: argparse.Namespace) -> int:
               "(or ./dev, which installs it)", file=sys.stderr)
         return 2
     serve(args.model, args.preset, host=args.host, port=args.port, device=args.device, precision=args.precision,
-          memory_mode=args.memory_mode, compile_blocks=args.compile, output_dir=args.output_dir)
+          memory_mode=args.memory_mode, compile_blocks=args.compile, output_dir=args.output_dir,
+          limits=args.request_limit)
     return 0
 
 

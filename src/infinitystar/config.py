@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 import torch
@@ -645,3 +646,72 @@ register_preset("pipeline", "demo", PipelineConfig(
     video_repetition=(1, 1, 1, 2), sampling=SamplingConfig(guidance_method="cfg", guidance_scale=3.0, tau_image=1.0,
                                                            tau_video=1.0),
     frames_inner_clip=8, default_seconds=2, quality_suffix="", text_encoder="words", seed=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Request limits
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Upper bounds of one request, checked before any work: a typo (``--frames 1000001``, ``--seconds 1e9``, a
+    200-segment story, a 100-megapixel upload) is one line naming the figure and the limit, never minutes of work
+    that end in an out-of-memory kill. Raise a bound on purpose with ``pipe.limits = replace(pipe.limits, ...)`` or
+    ``--request-limit NAME=VALUE``.
+    """
+
+    # Pixel frames of one video: 2001 is 125 s at 16 fps, 25 times the official 5 s clips.
+    max_frames: int = 2001
+    # Characters of one prompt (the text encoders keep at most text_maxlen tokens: 512 for Flan-T5).
+    max_prompt_chars: int = 4000
+    # Prompts of one interactive story (one segment each).
+    max_segments: int = 50
+    # Videos of one call (prompts x num_videos_per_prompt).
+    max_videos: int = 64
+    # A conditioning image or video file: bytes on disk, and pixels of one frame (64 MP: 8000 x 8000).
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_upload_pixels: int = 64_000_000
+    # Refuse a request whose estimated working memory exceeds what the device has free
+    # (infinitystar.memory.estimate; the weights already loaded are not counted again).
+    check_memory: bool = True
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "check_memory":
+                _require(isinstance(value, bool), f"limits.check_memory must be true or false, got {value!r}")
+            else:
+                _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                         f"limits.{f.name} must be an integer >= 1, got {value!r}")
+
+    def with_overrides(self, items: Sequence[str]) -> RequestLimits:
+        """These limits with ``NAME=VALUE`` strings applied (the CLI's ``--request-limit``); unknown names fail
+        naming the valid ones."""
+        changes: dict[str, Any] = {}
+        names = [f.name for f in fields(self)]
+        for item in items:
+            name, sep, value = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in names:
+                raise ConfigError(f"--request-limit {item!r}: expected NAME=VALUE with NAME one of {', '.join(names)}")
+            if name == "check_memory":
+                if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ConfigError(f"--request-limit {item!r}: check_memory is true or false")
+                changes[name] = value.strip().lower() in ("true", "1", "yes")
+            else:
+                try:
+                    changes[name] = int(value)
+                except ValueError:
+                    raise ConfigError(f"--request-limit {item!r}: {name} must be an integer") from None
+        return replace(self, **changes)
+
+
+
+
+def limit_hint(name: str) -> str:
+    """The end of a refusal by limit ``name``: where the limit lives and how to raise it."""
+    return f"(RequestLimits.{name}; --request-limit {name}=N raises it)"
+
+
+__all__ += ["RequestLimits", "limit_hint"]

@@ -41,6 +41,7 @@ import contextlib
 import functools
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -52,9 +53,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from .config import limit_hint
 from .fileio import atomic_output as _atomic_output
 
 __all__ = [
+    "check_input_size",
     "DEFAULT_CRF",
     "DEFAULT_FPS",
     "GIF_SUFFIXES",
@@ -122,6 +125,32 @@ def _checked_input(path: PathLike, suffixes: Sequence[str], kind: str) -> Path:
     if not p.is_file():
         raise MediaError(f"{kind} path {p} is not a regular file")
     return p
+
+
+def check_input_size(path: PathLike, kind: str, *, max_bytes: int, max_pixels: int) -> None:
+    """Refuse an image or video file that is too large to read safely, from its size on disk and the frame size its
+    header states, before anything is decoded (a decompression bomb: a small png that decodes to gigapixels)."""
+    suffixes = IMAGE_SUFFIXES if kind == "image" else VIDEO_READ_SUFFIXES
+    p = _checked_input(path, suffixes, kind)
+    size = p.stat().st_size
+    if size > max_bytes:
+        raise MediaError(f"{kind} file {p.name} is {size / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:.0f} MiB "
+                         + limit_hint("max_upload_bytes"))
+    if kind == "image":
+        try:
+            # Header only; PIL's own bomb warning is moot: the size is judged here, with the caller's limit.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(p) as im:
+                    w, h = im.size
+        except (OSError, Image.DecompressionBombError) as exc:
+            raise MediaError(f"cannot read image {p.name}: {exc}") from None
+    else:
+        info = probe_video(p)
+        w, h = info.width, info.height
+    if w * h > max_pixels:
+        raise MediaError(f"{kind} {p.name} is {w}x{h} = {w * h / 1e6:.0f} megapixels a frame; the limit is "
+                         f"{max_pixels / 1e6:.0f} " + limit_hint("max_upload_pixels"))
 
 
 def _checked_output(path: PathLike, suffixes: Sequence[str], kind: str) -> Path:

@@ -45,6 +45,7 @@ from .config import (
     PipelineConfig,
     PrecisionPolicy,
     QuantizerConfig,
+    RequestLimits,
     SamplingConfig,
     TransformerConfig,
     VAEConfig,
@@ -53,6 +54,7 @@ from .config import (
     config_to_dict,
     default_precision,
     get_preset,
+    limit_hint,
     precision_for_dtype,
     precision_policy,
     resolve_device,
@@ -74,6 +76,7 @@ from .generation.plan import (
     whole_pixel_frames,
 )
 from .memory import MEMORY_MODES, MemoryMode, memory_mode
+from .memory.estimate import available_memory, working_memory_bytes
 from .memory.materialize import random_pipeline_components
 from .memory.offload import BlockOffload
 from .memory.quantize import quantize_blocks
@@ -294,7 +297,12 @@ def _pipeline_config_from_dict(data: dict[str, Any]) -> PipelineConfig:
 
 
 def _own_layout_config(root: Path) -> PipelineConfig:
-    index = json.loads((root / MODEL_INDEX).read_text())
+    try:
+        index = json.loads((root / MODEL_INDEX).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{root / MODEL_INDEX} is not valid JSON ({exc}); the model folder is damaged") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{root / MODEL_INDEX} must hold a JSON object, got {type(index).__name__}")
     try:
         return _pipeline_config_from_dict(index["config"])
     except (KeyError, TypeError) as exc:
@@ -433,6 +441,8 @@ class InfinityStarPipeline:
         # pipeline built from a preset and one loaded from its save_pretrained folder compute the same bits.
         # The trainer turns gradients back on for the module it trains.
         self._interrupt = False  # diffusers' interrupt flag: the loop stops at the next step (see ``interrupt``)
+        # Bounds of one request, checked before any work (see RequestLimits); replace them to allow more.
+        self.limits = RequestLimits()
         self.transformer = transformer.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder
@@ -512,6 +522,8 @@ class InfinityStarPipeline:
         if precision is not None:
             check_precision(precision)
         root = _model_folder(path)
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"--model/from_pretrained wants a model folder, and {root} is a file")
         if not root.is_dir():
             known = ", ".join(repr(name) for name in LOCAL_MODELS)
             raise FileNotFoundError(f"model folder {root} does not exist (nor is it a shipped model id: {known})")
@@ -882,12 +894,17 @@ class InfinityStarPipeline:
                 if x.dim() == 4:  # [3, 1, H, W] or a batch of one [1, 3, H, W]
                     x = x[None] if x.shape[0] == 3 else x[:, :, None]
                 return _check_condition_tensor(x, "image", (1, 3, 1, h, w), image.shape)
+            if isinstance(image, (str, os.PathLike)):
+                media.check_input_size(image, "image", max_bytes=self.limits.max_upload_bytes,
+                                       max_pixels=self.limits.max_upload_pixels)
             return media.load_image_tensor(image, h, w)[None, :, None]
         if video is not None:
             if isinstance(video, Tensor):
                 x = video if video.dim() == 5 else video[None]  # [1, 3, T, H, W] or [3, T, H, W]
                 t = x.shape[2] if x.dim() == 5 else -1
                 return _check_condition_tensor(x, "video", (1, 3, t, h, w), video.shape)
+            media.check_input_size(video, "video", max_bytes=self.limits.max_upload_bytes,
+                                   max_pixels=self.limits.max_upload_pixels)
             if total_latents is None:
                 frames, _ = media.read_video(video, fps=self.config.fps)
             else:
@@ -916,6 +933,36 @@ class InfinityStarPipeline:
     # bits (1, t, h, w, d), the guided logits it sampled from (1, t*h*w, d, 2; None for a forced step that was not
     # run) and the running sum of codes after it (1, 64, T', H, W), what the VAE would decode now.
     _callback_tensor_inputs = ("bits", "logits", "summed_codes")
+
+    def _check_limits(self, prompts: Sequence[str], *, num_frames: int | None = None, videos: int = 1) -> None:
+        """Refuse a request over :attr:`limits` in one line naming the figure and the limit, before any work."""
+        lim, cfg = self.limits, self.config
+        for i, p in enumerate(prompts):
+            if isinstance(p, str) and len(p) > lim.max_prompt_chars:
+                where = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+                raise ValueError(f"{where} has {len(p)} characters; the limit is {lim.max_prompt_chars} "
+                                 + limit_hint("max_prompt_chars"))
+        if videos > lim.max_videos:
+            raise ValueError(f"{videos} videos in one call; the limit is {lim.max_videos} " + limit_hint("max_videos"))
+        if num_frames is not None and num_frames > lim.max_frames:
+            raise ValueError(f"{num_frames} frames ({(num_frames - 1) / cfg.fps:g} s at {cfg.fps} fps) is over the "
+                             f"limit of {lim.max_frames} frames, {(lim.max_frames - 1) / cfg.fps:g} s "
+                             + limit_hint("max_frames"))
+
+    def _check_working_memory(self, plan: GenerationPlan) -> None:
+        """Refuse a request whose estimated working memory (beyond the loaded weights) is more than the device has
+        free: a clear line now rather than an out-of-memory kill minutes later."""
+        if not self.limits.check_memory:
+            return
+        available = available_memory(self._device)
+        if available is None:
+            return
+        need = working_memory_bytes(plan, precision=self.precision, tile=self.vae_tile_size)
+        if need > available:
+            gib = 2**30
+            raise MemoryError(f"this request needs about {need / gib:.1f} GiB of working memory on {self._device} "
+                              f"and {available / gib:.1f} GiB is free: ask for fewer frames or a smaller size (or "
+                              "a smaller memory mode); --request-limit check_memory=false skips this check")
 
     def check_inputs(self, prompts: Sequence[str], output_type: str, guidance_scale: float | None,
                      ) -> SamplingConfig:
@@ -1161,10 +1208,12 @@ class InfinityStarPipeline:
         if video is not None and num_frames == 1:
             raise ValueError("video extension needs num_frames longer than the given video, got num_frames=1")
         count = len(prompts) * num_videos_per_prompt
+        self._check_limits([*prompts, *(n for n in negatives if n)], num_frames=num_frames, videos=count)
         generators = self._generators(generator, seed, count)
         self._warn_unknown_words([*prompts, *negatives])
         _, pyramid, size = self.resolve_size(resolution=resolution, aspect=aspect, height=height, width=width)
         plan = GenerationPlan(cfg, num_frames, pyramid, sampling)
+        self._check_working_memory(plan)
         condition = self._load_condition(image, video, size, total_latents=plan.latent_frames)
         forced: list[Tensor] = []
         if condition is not None:
@@ -1255,6 +1304,10 @@ class InfinityStarPipeline:
             raise ValueError("interactive generation needs at least one prompt")
         self._interrupt = False
         sampling = self.check_inputs(prompts, output_type, guidance_scale)
+        if len(prompts) > self.limits.max_segments:
+            raise ValueError(f"an interactive story of {len(prompts)} segments is over the limit of "
+                             f"{self.limits.max_segments} " + limit_hint("max_segments"))
+        self._check_limits(prompts)
         reporter = _Reporter(progress)
         seed = secrets.randbelow(SEED_LIMIT) if seed is None else _check_seed(seed)
         self._warn_unknown_words(prompts)

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -789,11 +789,11 @@ def weights_note(model: str | None, preset: str | None) -> str:
 
 def serve(model: str | None = None, preset: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           device: str = "auto", precision: str | None = None, memory_mode: str = "plain", compile_blocks: bool = False,
-          output_dir: str | None = None) -> None:
+          output_dir: str | None = None, limits: Sequence[str] = ()) -> None:
     """``infinitystar serve``: load the pipeline once (see :func:`load_pipeline` for the device options) and serve
     the page until interrupted."""
     _require_gradio()
-    pipe = load_pipeline(model, preset, device=device, precision=precision, memory_mode=memory_mode,
+    pipe = load_pipeline(model, preset, device=device, precision=precision, memory_mode=memory_mode, limits=limits,
                          compile_blocks=compile_blocks)
     app = WebApp(pipe, output_dir, note=weights_note(model, preset), model=model_label(model, preset, pipe),
                  preset=preset)

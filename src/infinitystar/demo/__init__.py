@@ -17,9 +17,10 @@ model: to the rest of the code it is an ordinary preset whose weights happen to 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import check_precision, precision_policy, resolve_device
+from ..config import RequestLimits, check_precision, precision_policy, resolve_device
 from ..memory import memory_mode as memory_mode_named
 from ..pipeline import InfinityStarPipeline
 
@@ -38,6 +39,7 @@ def demo_weights_shipped() -> bool:
 
 
 def load_pipeline(model: str | None, preset: str | None, *, device: str = "auto", precision: str | None = None,
+                  limits: Sequence[str] = (),
                   memory_mode: str = "plain", compile_blocks: bool = False) -> InfinityStarPipeline:
     """The pipeline a front door runs: ``model`` (a folder), else the demo model, else random weights.
 
@@ -47,9 +49,11 @@ def load_pipeline(model: str | None, preset: str | None, *, device: str = "auto"
     one fails in one line before anything loads. ``precision`` None follows the device (bf16 on CUDA, fp32
     elsewhere; see :meth:`InfinityStarPipeline.set_precision`). ``memory_mode``: a name of
     :data:`~infinitystar.memory.MEMORY_MODES`. ``compile_blocks``: torch.compile the transformer blocks.
+    ``limits``: ``NAME=VALUE`` changes of the request limits (:class:`~infinitystar.config.RequestLimits`).
     """
     dev = resolve_device(device)  # before loading any weights
     mode = memory_mode_named(memory_mode)
+    request_limits = RequestLimits().with_overrides(limits)
     if precision is not None:
         check_precision(precision)
     if model is not None:
@@ -72,6 +76,7 @@ def load_pipeline(model: str | None, preset: str | None, *, device: str = "auto"
     pipe.set_memory_mode(mode, dev)
     if compile_blocks:
         pipe.compile_blocks()
+    pipe.limits = request_limits
     return pipe
 
 

@@ -123,8 +123,8 @@ def interactive_size(cfg: PipelineConfig, reference_hw: tuple[int, int] | None, 
 def frames_for_seconds(seconds: float, fps: int, time_stride: int) -> int:
     """Pixel frames of a length in seconds: 0 s is one frame (an image); anything longer is rounded to the nearest
     whole latent frame (``1 + s*k`` pixel frames, k >= 1), so every positive length makes a video."""
-    if not seconds >= 0:
-        raise ValueError(f"seconds must be >= 0, got {seconds}")
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise ValueError(f"seconds must be a finite number >= 0, got {seconds}")
     if seconds == 0:
         return 1
     return 1 + time_stride * max(1, round(seconds * fps / time_stride))

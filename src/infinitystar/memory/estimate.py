@@ -30,6 +30,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from ..config import ConfigError, PipelineConfig, TransformerConfig, VAEConfig, precision_policy
 from ..generation.plan import GenerationPlan, resolve_size
 from ..generation.schedules import Scale, ScaleStep, latent_frames
@@ -385,3 +387,46 @@ __all__ = ["ATTENTIONS", "MemoryEstimate", "block_bytes", "block_parameter_count
            "kv_cache_peak_bytes", "quantized_linear_bytes", "t5_encoder_parameter_count", "text_encoder_bytes",
            "transformer_activation_bytes", "transformer_bytes", "transformer_parameter_count",
            "transformer_small_parameter_count", "vae_decode_activation_bytes", "vae_parameter_count"]
+
+
+# ----------------------------------------------------------------------------------------------
+# One request against the machine (the pipeline's limit check)
+# ----------------------------------------------------------------------------------------------
+
+
+def working_memory_bytes(plan: GenerationPlan, *, precision: str, tile: int | None = None,
+                         text_tokens: int | None = None) -> int:
+    """Working bytes of one generation of ``plan`` beyond the loaded weights: the KV cache with the largest step's
+    activations, or the VAE decode, whichever is larger (they never overlap). Activations as fused attention keeps
+    them (the smaller figure: the limit check refuses only what clearly cannot fit)."""
+    cfg = plan.config
+    tcfg = cfg.transformer
+    policy = precision_policy(precision, interactive=cfg.interactive)
+    e = _BYTES[policy.block_autocast or policy.block_weights]
+    batch = 2 if plan.sampling.uses_guidance else 1
+    tokens = tcfg.text_maxlen if text_tokens is None else text_tokens
+    steps = list(plan.steps.steps)
+    kv = kv_cache_peak_bytes(tcfg, steps, text_tokens=tokens, batch=batch, elem_bytes=e)
+    act = transformer_activation_bytes(tcfg, steps, text_tokens=tokens, batch=batch, elem_bytes=e)
+    decode = vae_decode_activation_bytes(cfg.vae, (plan.latent_frames, *plan.pyramid[-1][1:]), tile)
+    return max(kv + act, decode)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process can still take on ``device``: the GPU's free memory plus what PyTorch's allocator holds
+    unused, or the host's ``MemAvailable`` (Linux); None where it cannot be told."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+    return None
+
+
+__all__ += ["available_memory", "working_memory_bytes"]
