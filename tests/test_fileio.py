@@ -69,3 +69,18 @@ def test_a_write_that_hits_a_full_disk_is_one_named_error(tmp_path, monkeypatch)
     monkeypatch.setattr(fileio.shutil, "disk_usage", lambda _p: Usage(10 << 30, 1 << 30, 9 << 30))
     with pytest.raises(RuntimeError, match="something else"), atomic_output(tmp_path / "out.bin"):
         raise RuntimeError("something else")
+
+
+def test_an_unwritable_folder_names_the_destination_not_the_temp_file(tmp_path, monkeypatch, capsys):
+    from infinitystar.errors import run_command
+
+    def refuse(path, *_a, **_k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(fileio.os, "open", refuse)
+    code = run_command("convert", lambda: atomic_write_text(tmp_path / "out" / "model.json", "{}"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err == f"infinitystar convert: error: cannot write {tmp_path}/out/model.json: no permission to create " \
+                  f"files in {tmp_path}/out\n"
+    assert ".tmp" not in err

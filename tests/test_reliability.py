@@ -99,6 +99,10 @@ def _bomb_image(d: Path) -> list[str]:
 
 
 BOUNDARY_INPUTS: list[tuple[str, Callable[[Path], list[str]], str]] = [
+    ("non-UTF-8 prompt", lambda d: ["generate", "\udcff\udcfe red", "--frames", "5"],
+     "prompt is not valid text: characters 0-1 are bytes that are not UTF-8"),
+    ("a file as --model", lambda d: ["generate", "a red circle", "--model", str(_binary_config(d)[1])],
+     "wants a model folder, and"),
     ("--seconds inf", lambda d: ["generate", "a red circle", "--seconds", "inf"], "seconds must be a finite number"),
     ("--seconds 1e9", lambda d: ["generate", "a red circle", "--seconds", "1e9"], "over the limit of 2001 frames"),
     ("--frames 1000001", lambda d: ["generate", "a red circle", "--frames", "1000001"],

@@ -49,6 +49,8 @@ def describe(exc: BaseException) -> str:
         return f"unknown name {exc}"
     if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in str(exc.strerror or ""):
         return f"{exc.strerror or exc}: {exc.filename}"
+    if isinstance(exc, OSError) and exc.strerror and not exc.filename:
+        return " ".join(str(exc.strerror).split())  # without Python's "[Errno N]" prefix
     text = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the message held
     return text
 

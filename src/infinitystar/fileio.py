@@ -109,6 +109,10 @@ def atomic_output(path: str | os.PathLike, *, size_hint: int | None = None) -> I
             break
         except FileExistsError:
             continue
+        except PermissionError:
+            # The temp name means nothing to the user: name the destination and its folder.
+            raise PermissionError(errno.EACCES, f"cannot write {path}: no permission to create files in "
+                                                f"{path.parent}") from None
     else:  # pragma: no cover - 100 collisions of 48 random bits
         raise OSError(f"could not create a temporary file next to {path}")
     mode = tmp.stat().st_mode & 0o777

@@ -969,9 +969,14 @@ class InfinityStarPipeline:
         """Check what every task shares, once, before any work: the prompts (non-empty strings), the output type
         and the guidance scale. Returns the sampling settings with the guidance scale applied."""
         for i, p in enumerate(prompts):
+            where = "prompt" if len(prompts) == 1 else f"prompt {i}"
             if not isinstance(p, str) or not p.strip():
-                where = "prompt" if len(prompts) == 1 else f"prompt {i}"
                 raise ValueError(f"{where} must be a non-empty string, got {p!r}")
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as exc:  # e.g. a shell argument in another encoding (Python's surrogates)
+                raise ValueError(f"{where} is not valid text: characters {exc.start}-{exc.end - 1} are bytes that are "
+                                 "not UTF-8; give the prompt in UTF-8") from None
         if output_type not in ("np", "pil", "pt", "latent"):
             raise ValueError(f"unknown output_type {output_type!r}; valid: 'np', 'pil', 'pt', 'latent'")
         return self.config.sampling.with_guidance_scale(guidance_scale)
