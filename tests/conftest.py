@@ -103,3 +103,24 @@ def transformer_rounding_path(model: torch.nn.Module, seq_len: int) -> list[int]
     """Lengths of the float32 sums behind an InfinityStarTransformer output: every layer's, and per block the
     attention's (scores over head_dim, softmax and weighted sum over up to `seq_len` keys)."""
     return layer_reductions(model) + [model.cfg.head_dim, seq_len, seq_len] * model.cfg.depth
+
+
+def realistic_transformer(cfg, seed: int = 0):
+    """A transformer of ``cfg`` with weights of realistic scale, in eval mode: linear weights N(0, 1)/sqrt(fan_in)
+    (unit-gain activations), norm gains 1 + 0.2 N(0, 1), other vectors 0.1 N(0, 1); drawn from a generator seeded
+    ``seed``. The tests that compare kernels, precisions or placements use it so that a real bug moves the outputs
+    by a sizeable fraction, not by a rounding."""
+    from infinitystar.transformer.model import InfinityStarTransformer
+
+    model = InfinityStarTransformer(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.dim() == 2 and name != "uncond_text":
+                p.copy_(noise / math.sqrt(p.shape[1]))
+            elif "norm" in name:
+                p.copy_(1 + 0.2 * noise)
+            elif p.dim() == 1:
+                p.copy_(0.1 * noise)
+    return model.eval()

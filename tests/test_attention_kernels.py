@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import float32_rounding_tolerance, transformer_rounding_path
+from conftest import float32_rounding_tolerance, realistic_transformer, transformer_rounding_path
 from infinitystar.config import get_preset
 from infinitystar.generation.schedules import clip_layout
 from infinitystar.transformer import attention
@@ -33,18 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 def _model(seed: int = 0) -> InfinityStarTransformer:
     """Weights of fan-in gain 1 (realistic activations), norm gains near 1, small biases."""
-    model = InfinityStarTransformer(TINY)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.dim() == 2 and name != "uncond_text":
-                p.copy_(noise / math.sqrt(p.shape[1]))
-            elif "norm" in name:
-                p.copy_(1 + 0.2 * noise)
-            elif p.dim() == 1:
-                p.copy_(0.1 * noise)
-    return model.eval()
+    return realistic_transformer(TINY, seed)
 
 
 def _generate(model: InfinityStarTransformer, negative_len: int | None, seed: int = 1) -> list[torch.Tensor]:

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import float32_rounding_tolerance, transformer_rounding_path
+from conftest import float32_rounding_tolerance, realistic_transformer, transformer_rounding_path
 from infinitystar.config import get_preset, precision_policy
 from infinitystar.generation.schedules import clip_layout
 from infinitystar.train.step import TrainSample, train_step
@@ -51,18 +51,7 @@ def _relative(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _model(seed: int = 0) -> InfinityStarTransformer:
     """Weights of fan-in gain 1 (realistic activations), norm gains near 1, small biases; float32 on the GPU."""
-    model = InfinityStarTransformer(TINY)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.dim() == 2 and name != "uncond_text":
-                p.copy_(noise / math.sqrt(p.shape[1]))
-            elif "norm" in name:
-                p.copy_(1 + 0.2 * noise)
-            elif p.dim() == 1:
-                p.copy_(0.1 * noise)
-    return model.eval().to(CUDA)
+    return realistic_transformer(TINY, seed).to(CUDA)
 
 
 def _bf16(model: InfinityStarTransformer) -> InfinityStarTransformer:

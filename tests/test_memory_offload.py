@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from conftest import realistic_transformer
 from infinitystar.config import TransformerConfig, get_preset, replace
 from infinitystar.memory.offload import BlockOffload
 from infinitystar.transformer.model import InfinityStarTransformer
@@ -22,18 +23,7 @@ FIVE = replace(TINY, depth=5, block_chunks=1)  # with group_size 2: groups [0, 1
 
 def _model(cfg: TransformerConfig, seed: int = 0) -> InfinityStarTransformer:
     """Weights of realistic scale (N(0,1)/sqrt(fan_in), norms around 1), no gradients (offload is inference-only)."""
-    model = InfinityStarTransformer(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.dim() == 2 and name != "uncond_text":
-                p.copy_(noise / math.sqrt(p.shape[1]))
-            elif "norm" in name:
-                p.copy_(1 + 0.2 * noise)
-            elif p.dim() == 1:
-                p.copy_(0.1 * noise)
-    return model.eval().requires_grad_(False)
+    return realistic_transformer(cfg, seed).requires_grad_(False)
 
 
 def _inputs(cfg: TransformerConfig, device: str = "cpu"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import float32_rounding_tolerance, transformer_rounding_path
+from conftest import float32_rounding_tolerance, realistic_transformer, transformer_rounding_path
 from infinitystar.config import TransformerConfig, get_preset
 from infinitystar.memory.quantize import (
     fp8_supported,
@@ -31,18 +31,7 @@ BLOCK_LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "ml
 
 def _model(cfg: TransformerConfig = TINY, seed: int = 0) -> InfinityStarTransformer:
     """Weights of realistic scale (N(0,1)/sqrt(fan_in), norms around 1), no gradients."""
-    model = InfinityStarTransformer(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.dim() == 2 and name != "uncond_text":
-                p.copy_(noise / math.sqrt(p.shape[1]))
-            elif "norm" in name:
-                p.copy_(1 + 0.2 * noise)
-            elif p.dim() == 1:
-                p.copy_(0.1 * noise)
-    return model.eval().requires_grad_(False)
+    return realistic_transformer(cfg, seed).requires_grad_(False)
 
 
 def _step_logits(model: InfinityStarTransformer, device: str = "cpu") -> torch.Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GOLDEN_DIR, float32_rounding_tolerance, transformer_rounding_path
+from conftest import GOLDEN_DIR, float32_rounding_tolerance, realistic_transformer, transformer_rounding_path
 from infinitystar.checkpoints import (
     OFFICIAL_INDEX_NAME,
     export_official_transformer,
@@ -36,18 +36,7 @@ VIDEO = IMAGE + [(2, 1, 1), (2, 2, 2), (2, 4, 4)]
 
 def _model(cfg: TransformerConfig = TINY, seed: int = 0) -> InfinityStarTransformer:
     """A model with weights of realistic scale (N(0,1)/sqrt(fan_in), non-trivial norms and biases)."""
-    model = InfinityStarTransformer(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.dim() == 2 and name != "uncond_text":
-                p.copy_(noise / math.sqrt(p.shape[1]))
-            elif "norm" in name:
-                p.copy_(1 + 0.2 * noise)
-            elif p.dim() == 1:
-                p.copy_(0.1 * noise)
-    return model.eval()
+    return realistic_transformer(cfg, seed)
 
 
 def _two_samples() -> tuple[list[PackedSample], torch.Tensor, list[torch.Tensor]]:
