@@ -84,3 +84,15 @@ def test_an_unwritable_folder_names_the_destination_not_the_temp_file(tmp_path, 
     assert err == f"infinitystar convert: error: cannot write {tmp_path}/out/model.json: no permission to create " \
                   f"files in {tmp_path}/out\n"
     assert ".tmp" not in err
+
+
+def test_a_file_where_a_folder_must_be_is_named(tmp_path):
+    from infinitystar.fileio import make_folder
+
+    (tmp_path / "runs").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=r"cannot use .*runs/a/b as the run folder: .*runs is a file"):
+        make_folder(tmp_path / "runs" / "a" / "b", "run folder")
+    (tmp_path / "out.mp4").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"cannot write .*out\.mp4: it is a folder"), \
+            atomic_output(tmp_path / "out.mp4"):
+        pass

@@ -91,6 +91,11 @@ def _output_is_a_folder(d: Path) -> list[str]:
     return ["generate", "a red circle moving right", "--frames", "5", "-o", str(d / "out" / "x.mp4"), "--overwrite"]
 
 
+def _touch(path: Path) -> Path:
+    path.write_text("")
+    return path
+
+
 def _bomb_image(d: Path) -> list[str]:
     from test_limits import _png_header_only
 
@@ -103,6 +108,8 @@ BOUNDARY_INPUTS: list[tuple[str, Callable[[Path], list[str]], str]] = [
      "prompt is not valid text: characters 0-1 are bytes that are not UTF-8"),
     ("a file as --model", lambda d: ["generate", "a red circle", "--model", str(_binary_config(d)[1])],
      "wants a model folder, and"),
+    ("make-demo-data into a file", lambda d: ["make-demo-data", str(_touch(d / "afile") / "data"), "--clips", "1"],
+     "afile is a file, not a folder"),
     ("--seconds inf", lambda d: ["generate", "a red circle", "--seconds", "inf"], "seconds must be a finite number"),
     ("--seconds 1e9", lambda d: ["generate", "a red circle", "--seconds", "1e9"], "over the limit of 2001 frames"),
     ("--frames 1000001", lambda d: ["generate", "a red circle", "--frames", "1000001"],

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import TransformerConfig, VAEConfig, config_from_dict, config_to_dict
-from .fileio import atomic_output, atomic_write_json
+from .fileio import atomic_output, atomic_write_json, make_folder
 from .transformer.model import InfinityStarTransformer
 from .vae.model import VideoVAE
 
@@ -480,7 +480,7 @@ def export_official_transformer(model: nn.Module, out_dir: str | os.PathLike,
     config = model.cfg
     sd = transformer_state_dict_to_official(model.state_dict(), config)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir, "model folder")
     groups: list[list[str]] = [[]]
     size = 0
     for k, v in sd.items():

@@ -38,6 +38,19 @@ class DiskFullError(OSError):
         return str(self.strerror)
 
 
+def make_folder(path: str | os.PathLike, what: str = "folder") -> Path:
+    """``mkdir -p path``, with one clear error when a file stands where a folder must be (the path itself or one of
+    its parents): ``NotADirectoryError`` naming that file."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        culprit = next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), p)
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot use {p} as the {what}: {culprit} is a file, not a "
+                                                "folder") from None
+    return p
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -94,7 +107,9 @@ def atomic_output(path: str | os.PathLike, *, size_hint: int | None = None) -> I
     ``open()`` gives (0o666 less the umask) whatever the writer library chose for its own file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path}: it is a folder")
+    make_folder(path.parent, "output folder")
     folder = path.parent.resolve()
     if folder not in _swept:
         sweep_stale_temp_files(folder)
@@ -148,4 +163,4 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 
 
 __all__ = ["DiskFullError", "atomic_output", "atomic_write_json", "atomic_write_text", "check_free_space",
-           "sweep_stale_temp_files"]
+           "make_folder", "sweep_stale_temp_files"]

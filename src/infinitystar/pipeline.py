@@ -59,7 +59,7 @@ from .config import (
     precision_policy,
     resolve_device,
 )
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, make_folder
 from .generation import schedules
 from .generation.loop import GenerationResult, StepEvent, generate_codes, run_interactive_turn
 from .generation.plan import (
@@ -565,7 +565,7 @@ class InfinityStarPipeline:
         """Write our layout: ``model_index.json`` + ``transformer/``, ``vae/``, ``text_encoder/`` (safetensors)."""
         root = Path(path)
         for sub in ("transformer", "vae", "text_encoder"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
+            make_folder(root / sub, "model folder")
         checkpoints.save_transformer(self.transformer, root / "transformer" / "model.safetensors")
         checkpoints.save_vae(self.vae, root / "vae" / "model.safetensors")
         atomic_write_json(root / "transformer" / "config.json", config_to_dict(self.config.transformer))

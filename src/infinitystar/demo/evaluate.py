@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .. import media
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, make_folder
 from ..train.vae_losses import psnr
 from .synthetic import (
     COLOURS,
@@ -473,7 +473,7 @@ class EvalReport:
     def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """Write ``report.md``, ``report.json`` and ``contact_sheet.png`` into ``out_dir``; returns their paths."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, "report folder")
         paths = {"markdown": out / "report.md", "json": out / "report.json", "contact_sheet": out / "contact_sheet.png"}
         atomic_write_text(paths["markdown"], self.to_markdown())
         atomic_write_text(paths["json"], json.dumps(self.to_json(), indent=2) + "\n")

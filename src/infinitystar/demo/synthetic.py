@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import media
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, make_folder
 
 __all__ = [
     "ALL_TRIPLES",
@@ -352,7 +352,7 @@ def make_dataset(out_dir: str | os.PathLike, n_clips: int, seed: int, size: int 
         raise ValueError(f"fps must be a positive integer, got {fps!r}")
     clips = sample_clips(n_clips, seed, split, size, frames)
     root = Path(out_dir)
-    (root / "videos").mkdir(parents=True, exist_ok=True)
+    make_folder(root / "videos", "data folder")
     rows = []
     for clip in clips:
         rel = f"videos/{split}_{clip.index:06d}.mp4"

@@ -54,7 +54,7 @@ from torch import nn
 from tqdm import tqdm
 
 from infinitystar.config import ConfigError, PipelineConfig, get_preset
-from infinitystar.fileio import atomic_write_json
+from infinitystar.fileio import atomic_write_json, make_folder
 from infinitystar.generation.schedules import (
     latent_frames,
     pixel_frames,
@@ -222,7 +222,7 @@ class Trainer:
         # Which checkpoint, checked before anything is written: a bad --resume leaves the run folder untouched.
         resume_from, skipped = checkpointing.resume_checkpoint(self.ckpt_dir, resume)
         if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_folder(self.run_dir, "run folder (out_dir)")
             runlog.write_config(self.run_dir, config_to_dict(cfg))
             runlog.report_skipped_checkpoints(skipped)
         self._resume(resume_from, skipped)

@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 from infinitystar.checkpoints import load_vae, save_vae
 from infinitystar.config import ConfigError, QuantizerConfig, get_preset
+from infinitystar.fileio import make_folder
 from infinitystar.generation.schedules import (
     BASE_LEVELS,
     FRAMES_INNER_CLIP,
@@ -482,7 +483,7 @@ class VAETrainer:
     def run(self, *, resume: str = "auto", progress: bool = True) -> TrainResult:
         cfg = self.config
         steps = cfg.training.steps
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(self.out_dir, "run folder (out_dir)")
         self._resume(resume)
         if self.info.is_main:
             runlog.write_config(self.out_dir, config_to_dict(cfg))
