@@ -179,8 +179,8 @@ def torch_load_weights_only(path: str | os.PathLike) -> Any:
         found = re.search(r"(Unsupported [^.\n]*|Trying to load unsupported [^.\n]*|[^.\n]*(?:invalid|truncated|"
                           r"corrupt|zip)[^.\n]*)", str(exc), flags=re.I)
         why = found.group(1).strip() if found else type(exc).__name__
-        raise ValueError(f"{path} is not a PyTorch checkpoint that can be read safely (tensors and plain data only): "
-                         f"{why[:200]}") from None
+        raise ValueError(f"{path} is not a PyTorch checkpoint that can be read safely (weights-only: tensors and "
+                         f"plain data): {why[:200]}") from None
 
 
 # ----------------------------------------------------------------------------------------------
