@@ -258,14 +258,21 @@ def _write_progress(quiet: bool) -> tuple[Callable[[int, int], None] | None, Cal
     """A (done, total) callback that drives a tqdm bar while a file is written, and the bar's close."""
     if quiet:
         return None, lambda: None
-    bar = tqdm(desc="write", unit="frame", file=sys.stderr)
+    shown: list[tqdm] = []  # opened at the first report, when the total is known (no empty bar before it)
 
     def update(done: int, total: int) -> None:
+        if not shown:
+            shown.append(tqdm(desc="write", unit="frame", total=total, file=sys.stderr))
+        bar = shown[0]
         if bar.total != total:
             bar.reset(total=total)
         bar.update(done - bar.n)
 
-    return update, bar.close
+    def close() -> None:
+        for bar in shown:
+            bar.close()
+
+    return update, close
 
 
 def _save(frames: Any, out: Path, record: RunRecord, fps: int, args: argparse.Namespace) -> Path:
