@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ConfigError, PipelineConfig, TransformerConfig, VAEConfig, precision_policy
+from ..config import ConfigError, PipelineConfig, PrecisionPolicy, TransformerConfig, VAEConfig, precision_policy
 from ..generation.plan import GenerationPlan, resolve_size
-from ..generation.schedules import Scale, ScaleStep, latent_frames
+from ..generation.schedules import ScaleStep
 from .modes import MemoryMode, memory_mode
 
 GIB = 1024 ** 3
@@ -168,13 +168,27 @@ def transformer_bytes(cfg: TransformerConfig, block_dtype: str, quantize: str | 
 # The steps of a generation
 # ----------------------------------------------------------------------------------------------
 
-def generation_steps(cfg: PipelineConfig, num_frames: int, *, resolution: str | None = None,
-                     aspect: str | None = None) -> tuple[list[Scale], list[ScaleStep]]:
-    """(image pyramid, steps) of a text-to-video request: the :class:`~infinitystar.generation.plan.GenerationPlan`
-    the pipeline runs (its RoPE re-anchoring of long videos moves positions only, not tokens or references)."""
+def request_plan(cfg: PipelineConfig, num_frames: int, *, resolution: str | None = None,
+                 aspect: str | None = None) -> GenerationPlan:
+    """The :class:`~infinitystar.generation.plan.GenerationPlan` the pipeline runs for a text-to-video request (its
+    RoPE re-anchoring of long videos moves positions only, not tokens or references)."""
     _, pyramid, _ = resolve_size(cfg, resolution=resolution, aspect=aspect)
-    plan = GenerationPlan(cfg, num_frames, pyramid, cfg.sampling)
-    return pyramid, list(plan.steps.steps)
+    return GenerationPlan(cfg, num_frames, pyramid, cfg.sampling)
+
+
+def _plan_transients(plan: GenerationPlan, policy: PrecisionPolicy, *, text_tokens: int, attention: str,
+                     tile: int | None) -> tuple[int, int, int]:
+    """(peak KV cache, largest transformer step's activations, VAE decode transients) of one generation of
+    ``plan``: what both the mode estimate and the pipeline's limit check add to the weights."""
+    tcfg = plan.config.transformer
+    e = _BYTES[policy.block_autocast or policy.block_weights]
+    batch = 2 if plan.sampling.uses_guidance else 1
+    steps = list(plan.steps.steps)
+    kv = kv_cache_peak_bytes(tcfg, steps, text_tokens=text_tokens, batch=batch, elem_bytes=e)
+    act = transformer_activation_bytes(tcfg, steps, text_tokens=text_tokens, batch=batch, elem_bytes=e,
+                                       attention=attention)
+    decode = vae_decode_activation_bytes(plan.config.vae, (plan.latent_frames, *plan.pyramid[-1][1:]), tile)
+    return kv, act, decode
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,22 +359,14 @@ def estimate_memory(cfg: PipelineConfig, mode: MemoryMode | str, *, num_frames: 
         text_tokens = tcfg.text_maxlen
     if not 1 <= text_tokens <= tcfg.text_maxlen:
         raise ConfigError(f"text_tokens must be in 1..{tcfg.text_maxlen} (text_maxlen), got {text_tokens}")
-    pyramid, steps = generation_steps(cfg, num_frames, resolution=resolution, aspect=aspect)
-    batch = 2 if cfg.sampling.uses_guidance else 1
-    stream = policy.block_autocast or policy.block_weights
-    e = _BYTES[stream]
-
+    plan = request_plan(cfg, num_frames, resolution=resolution, aspect=aspect)
     small, blocks = transformer_bytes(tcfg, policy.block_weights, mode.quantize)
     t_weights = small + blocks
     te_weights = text_encoder_bytes(cfg, precision)
     v_weights = 4 * vae_parameter_count(cfg.vae)
-    kv = kv_cache_peak_bytes(tcfg, steps, text_tokens=text_tokens, batch=batch, elem_bytes=e)
-    t_act = transformer_activation_bytes(tcfg, steps, text_tokens=text_tokens, batch=batch, elem_bytes=e,
-                                         attention=attention)
-    te_act = text_encoder_activation_bytes(cfg, precision)
-    latent = (latent_frames(num_frames, cfg.vae.time_stride), *pyramid[-1][1:])
     tile = mode.vae_tile_size if mode.vae_decode == "tiled" else None
-    v_act = vae_decode_activation_bytes(cfg.vae, latent, tile)
+    kv, t_act, v_act = _plan_transients(plan, policy, text_tokens=text_tokens, attention=attention, tile=tile)
+    te_act = text_encoder_activation_bytes(cfg, precision)
 
     if mode.offload == "block":
         working_t = small + 2 * mode.block_group_size * block_bytes(tcfg, policy.block_weights, mode.quantize)
@@ -383,7 +389,7 @@ def estimate_memory(cfg: PipelineConfig, mode: MemoryMode | str, *, num_frames: 
 
 
 __all__ = ["ATTENTIONS", "MemoryEstimate", "block_bytes", "block_parameter_count", "estimate_memory",
-           "generation_steps",
+           "request_plan",
            "kv_cache_peak_bytes", "quantized_linear_bytes", "t5_encoder_parameter_count", "text_encoder_bytes",
            "transformer_activation_bytes", "transformer_bytes", "transformer_parameter_count",
            "transformer_small_parameter_count", "vae_decode_activation_bytes", "vae_parameter_count"]
@@ -400,15 +406,9 @@ def working_memory_bytes(plan: GenerationPlan, *, precision: str, tile: int | No
     activations, or the VAE decode, whichever is larger (they never overlap). Activations as fused attention keeps
     them (the smaller figure: the limit check refuses only what clearly cannot fit)."""
     cfg = plan.config
-    tcfg = cfg.transformer
     policy = precision_policy(precision, interactive=cfg.interactive)
-    e = _BYTES[policy.block_autocast or policy.block_weights]
-    batch = 2 if plan.sampling.uses_guidance else 1
-    tokens = tcfg.text_maxlen if text_tokens is None else text_tokens
-    steps = list(plan.steps.steps)
-    kv = kv_cache_peak_bytes(tcfg, steps, text_tokens=tokens, batch=batch, elem_bytes=e)
-    act = transformer_activation_bytes(tcfg, steps, text_tokens=tokens, batch=batch, elem_bytes=e)
-    decode = vae_decode_activation_bytes(cfg.vae, (plan.latent_frames, *plan.pyramid[-1][1:]), tile)
+    tokens = cfg.transformer.text_maxlen if text_tokens is None else text_tokens
+    kv, act, decode = _plan_transients(plan, policy, text_tokens=tokens, attention="flash", tile=tile)
     return max(kv + act, decode)
 
 
