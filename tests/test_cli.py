@@ -237,7 +237,9 @@ def test_without_seed_a_random_one_is_drawn_named_printed_and_recorded(tmp_path,
 
 def test_seed_is_drawn_from_the_os_entropy_below_2_31(tmp_path, capsys, monkeypatch):
     calls = []
-    monkeypatch.setattr(cli.secrets, "randbelow", lambda n: calls.append(n) or 12345)
+    import infinitystar.pipeline as pipeline_module  # the CLI draws through pipeline.draw_seed
+
+    monkeypatch.setattr(pipeline_module.secrets, "randbelow", lambda n: calls.append(n) or 12345)
     out = tmp_path / "x.mp4"
     code, stdout, err = _run(["generate", DEMO_PROMPT, "--frames", "5", "-o", str(out), "--quiet"], capsys)
     assert code == 0, err

@@ -49,12 +49,12 @@ def _have(module: str) -> bool:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     _require("gradio", _have("gradio"))
-    from infinitystar.demo import load_pipeline
-    from infinitystar.web import WebApp, launch, model_label, weights_note
+    from infinitystar.demo import load_pipeline, run_model_name
+    from infinitystar.web import WebApp, launch, weights_note
 
     pipe = load_pipeline(None, None)
     app = WebApp(pipe, tmp_path_factory.mktemp("web-out"), note=weights_note(None, None),
-                 model=model_label(None, None, pipe))
+                 model=run_model_name(None, None))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -26,12 +26,12 @@ DEADLINE_S = 180
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from infinitystar.demo import load_pipeline
-    from infinitystar.web import WebApp, launch, model_label
+    from infinitystar.demo import load_pipeline, run_model_name
+    from infinitystar.web import WebApp, launch
 
     pipe = load_pipeline(None, None)
     out = tmp_path_factory.mktemp("burst-out")
-    app = WebApp(pipe, out, model=model_label(None, None, pipe))
+    app = WebApp(pipe, out, model=run_model_name(None, None))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -19,13 +18,13 @@ from infinitystar import __version__
 from infinitystar.checkpoints import convert_vae_checkpoint, load_vae
 from infinitystar.config import get_preset, precision_for_dtype, replace
 from infinitystar.demo import evaluate as demo_evaluate
-from infinitystar.demo import load_pipeline, random_weights
+from infinitystar.demo import load_pipeline, model_from_run_name, run_model_name
 from infinitystar.demo.recipe import DEFAULT_CONFIG_DIR, RecipeOptions, run_recipe
 from infinitystar.demo.synthetic import make_dataset
 from infinitystar.errors import run_command
 from infinitystar.memory import MEMORY_MODES
 from infinitystar.outputs import RunRecord, now_iso, output_name, read_record, record_path, save_output_with_record
-from infinitystar.pipeline import InfinityStarPipeline, read_pipeline_config
+from infinitystar.pipeline import InfinityStarPipeline, draw_seed, read_pipeline_config
 from infinitystar.train.commands import add_train_commands, add_train_vae_command
 from infinitystar.train.config import DataConfig, config_from_dict, read_config_file
 from infinitystar.train.features import extract_features
@@ -33,10 +32,6 @@ from infinitystar.web import serve
 
 # Where generate and interactive write when no -o is given (relative to the working directory).
 OUTPUT_DIR = Path("outputs")
-# Seeds drawn for runs without --seed lie in [0, SEED_LIMIT): any tool (and any other framework's RNG) takes them.
-SEED_LIMIT = 2**31
-# The record's ``model`` for the shipped demo model (``infinitystar.demo.DEMO_MODEL_ID``, its public name).
-DEMO_MODEL_NAME = "infinitystar-demo"
 
 
 def version_text() -> str:
@@ -192,37 +187,13 @@ def _default_output(prompt: str, seed: int, created: str, ext: str) -> Path:
     return path
 
 
-def _draw_seed() -> int:
-    """A fresh seed for a run without --seed: from the OS's entropy (not torch's or random's global state, which
-    a fixed seed elsewhere in the process would make repeat), in [0, 2**31) so that any tool can take it."""
-    return secrets.randbelow(SEED_LIMIT)
-
-
-def _model_name(model: str | None, preset: str | None) -> str:
-    """The record's ``model``: the folder as given, the demo model's name, or ``random:<preset>``."""
-    if model is not None:
-        return model
-    if random_weights(model, preset):
-        return f"random:{preset or 'tiny-test'}"
-    return DEMO_MODEL_NAME
-
-
-def _model_from_name(name: str, preset: str | None) -> tuple[str | None, str | None]:
-    """``(--model, --preset)`` that load what a record's ``model`` names (the inverse of :func:`_model_name`)."""
-    if name == DEMO_MODEL_NAME:
-        return None, None
-    if name.startswith("random:"):
-        return None, name.removeprefix("random:")
-    return name, preset
-
-
 def _apply_record(args: argparse.Namespace, record: RunRecord, fields: dict[str, str]) -> None:
     """Fill every option the command line left unset (None) from ``record``; explicit options win."""
     for arg, field_name in fields.items():
         if getattr(args, arg) is None:
             setattr(args, arg, getattr(record, field_name))
     if args.model is None and args.preset is None:
-        args.model, args.preset = _model_from_name(record.model, record.preset)
+        args.model, args.preset = model_from_run_name(record.model, record.preset)
 
 
 # Options of both commands and the record fields they come from under --from-json.
@@ -242,7 +213,7 @@ def _read_run(path: str, interactive: bool) -> RunRecord:
 def _settle_defaults(args: argparse.Namespace) -> None:
     """The defaults of options left unset (after --from-json filled what it holds)."""
     if args.seed is None:
-        args.seed = _draw_seed()
+        args.seed = draw_seed()  # before the model loads: the output's name carries it
     if args.device is None:
         args.device = "auto"
     if args.memory_mode is None:
@@ -316,7 +287,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             else "text-to-video")
     record = RunRecord(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, task=task,
                        num_frames=t, fps=result.fps, height=h, width=w, guidance_scale=args.guidance,
-                       aspect=args.aspect, resolution=args.resolution, model=_model_name(args.model, args.preset),
+                       aspect=args.aspect, resolution=args.resolution, model=run_model_name(args.model, args.preset),
                        preset=args.preset, precision=pipe.precision, memory_mode=args.memory_mode,
                        device=str(pipe.device), created=created, input_image=args.image, input_video=args.video)
     _save(frames, out, record, result.fps, args)
@@ -371,7 +342,7 @@ def _run_interactive(args: argparse.Namespace) -> int:
     t, h, w = frames.shape[:3]
     record = RunRecord(prompt=prompts[0], seed=args.seed, task="interactive", num_frames=t, fps=result.fps,
                        height=h, width=w, guidance_scale=args.guidance, aspect=args.aspect,
-                       model=_model_name(args.model, args.preset), preset=args.preset, precision=pipe.precision,
+                       model=run_model_name(args.model, args.preset), preset=args.preset, precision=pipe.precision,
                        memory_mode=args.memory_mode, device=str(pipe.device), created=created,
                        input_video=args.video, prompts=tuple(prompts))
     _save(frames, out, record, result.fps, args)

@@ -109,7 +109,8 @@ OFFICIAL_TRANSFORMER_DIRS = {
 # Model ids ``from_pretrained`` resolves to pipeline folders that ship inside the package. The path is computed from
 # this file's location, not imported: ``demo`` (which owns the folder and exposes the id as ``DEMO_MODEL_ID``) sits
 # above ``pipeline`` in the layering.
-LOCAL_MODELS: dict[str, Path] = {"infinitystar-demo": Path(__file__).resolve().parent / "demo" / "weights"}
+DEMO_MODEL_ID = "infinitystar-demo"
+LOCAL_MODELS: dict[str, Path] = {DEMO_MODEL_ID: Path(__file__).resolve().parent / "demo" / "weights"}
 # Seeds drawn for calls without one lie in [0, SEED_LIMIT): every tool (and any other framework's RNG) takes them.
 SEED_LIMIT = 2**31
 # Every task a model may offer, in the order capabilities list them.
@@ -267,6 +268,13 @@ def _reject_keywords(kwargs: dict[str, Any], valid: Sequence[str]) -> None:
         near = difflib.get_close_matches(name, valid, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise TypeError(f"InfinityStarPipeline.__call__() got an unexpected keyword argument {name!r}{hint}")
+
+
+def draw_seed(count: int = 1) -> int:
+    """A fresh seed for a run without one, such that ``seed .. seed + count - 1`` all lie below :data:`SEED_LIMIT`:
+    from the OS's entropy (not torch's or random's global state, which a fixed seed elsewhere in the process would
+    make repeat)."""
+    return secrets.randbelow(SEED_LIMIT - count + 1)
 
 
 def _check_seed(seed: Any, count: int = 1) -> int:
@@ -1030,7 +1038,7 @@ class InfinityStarPipeline:
                 raise ValueError(f"{len(gens)} generator(s) for {count} videos: pass one torch.Generator per video, "
                                  f"or seed= (the videos then use seed, seed+1, ...)")
             return [(g, g.initial_seed()) for g in gens]
-        base = secrets.randbelow(SEED_LIMIT - count + 1) if seed is None else _check_seed(seed, count)
+        base = draw_seed(count) if seed is None else _check_seed(seed, count)
         # On the device that samples: the same seed on the same device gives the same video.
         return [(torch.Generator(device=self.device).manual_seed(base + k), base + k) for k in range(count)]
 
@@ -1314,7 +1322,7 @@ class InfinityStarPipeline:
                              f"{self.limits.max_segments} " + limit_hint("max_segments"))
         self._check_limits(prompts)
         reporter = _Reporter(progress)
-        seed = secrets.randbelow(SEED_LIMIT) if seed is None else _check_seed(seed)
+        seed = draw_seed() if seed is None else _check_seed(seed)
         self._warn_unknown_words(prompts)
         # A file: its last clip at its own size (whose aspect picks the template); a tensor: as given.
         reference = video if video is None or isinstance(video, Tensor) else interactive_reference_frames(cfg, video)
@@ -1377,6 +1385,7 @@ def export_to_video(frames: Any, path: str | os.PathLike, fps: int = 16) -> Path
     return path
 
 
-__all__ = ["DIFFUSERS_ONLY_ARGUMENTS", "LOCAL_MODELS", "SEED_LIMIT", "TASKS", "Capabilities", "InfinityStarPipeline",
-           "InfinityStarPipelineOutput", "ProgressEvent", "export_to_video", "extension_frames",
+__all__ = ["DEMO_MODEL_ID", "DIFFUSERS_ONLY_ARGUMENTS", "LOCAL_MODELS", "SEED_LIMIT", "TASKS", "Capabilities",
+           "InfinityStarPipeline",
+           "InfinityStarPipelineOutput", "ProgressEvent", "draw_seed", "export_to_video", "extension_frames",
            "interactive_reference_frames", "read_pipeline_config"]

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from . import media, outputs
-from .demo import DEMO_MODEL_ID, load_pipeline, random_weights
+from .demo import load_pipeline, random_weights, run_model_name
 from .demo.evaluate import SEEN_EVAL_TRIPLES
 from .demo.synthetic import COLOURS, DIRECTIONS, HELD_OUT, SHAPES, caption
-from .pipeline import ProgressEvent
+from .pipeline import SEED_LIMIT, ProgressEvent
 
 # No calls home from Gradio (analytics, version check); read when gradio is imported, so set before that.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -61,7 +61,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 # Largest seed the page takes: torch.Generator takes 64-bit seeds, but a number field in the browser is a
 # JavaScript double, exact only up to 2**53; 2**31 - 1 is what every tool (and the CLI's drawn seeds) stays under.
-MAX_SEED = 2**31 - 1
+MAX_SEED = SEED_LIMIT - 1
 # Largest upload the server accepts (a conditioning image or video; larger ones are refused before they are read).
 MAX_UPLOAD = "200mb"
 # A small result is shown enlarged by a whole factor to about this many CSS pixels, with crisp pixels.
@@ -193,16 +193,6 @@ def size_label(aspect: str, height: int, width: int) -> str:
     return f"{shape}, {width}x{height}"
 
 
-def model_label(model: str | None, preset: str | None, pipe: Any) -> str:
-    """The run record's ``model`` for what :func:`load_pipeline` of ``(model, preset)`` loaded: the folder as
-    given, the demo model's public name, or ``random:<preset>`` (the same names as the CLI's records)."""
-    if model is not None:
-        return model
-    if random_weights(model, preset):
-        return f"random:{pipe.config.name}"
-    return DEMO_MODEL_ID
-
-
 def _knows_demo_domain(vocabulary: set[str]) -> bool:
     """Whether a closed vocabulary holds the demo domain's words (colours, shapes, directions)."""
     return all(w in vocabulary for w in (*COLOURS, *SHAPES, *DIRECTIONS))
@@ -211,8 +201,9 @@ def _knows_demo_domain(vocabulary: set[str]) -> bool:
 class WebApp:
     """The page's logic over one pipeline: options for the widgets, request checks, generation with updates.
 
-    ``model`` and ``preset`` name the weights in each result's run record (:func:`model_label`; default:
-    ``random:<preset name>``, right for a pipeline made by ``from_preset``).
+    ``model`` and ``preset`` name the weights in each result's run record
+    (:func:`~infinitystar.demo.run_model_name`; default: ``random:<preset name>``, right for a pipeline made by
+    ``from_preset``).
     """
 
     def __init__(self, pipe: Any, output_dir: str | os.PathLike | None = None, note: str = "", *,
@@ -795,7 +786,7 @@ def serve(model: str | None = None, preset: str | None = None, host: str = DEFAU
     _require_gradio()
     pipe = load_pipeline(model, preset, device=device, precision=precision, memory_mode=memory_mode, limits=limits,
                          compile_blocks=compile_blocks)
-    app = WebApp(pipe, output_dir, note=weights_note(model, preset), model=model_label(model, preset, pipe),
+    app = WebApp(pipe, output_dir, note=weights_note(model, preset), model=run_model_name(model, preset),
                  preset=preset)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}: anyone who can reach this address can run the model and see its "
@@ -819,5 +810,5 @@ def serve(model: str | None = None, preset: str | None = None, host: str = DEFAU
 
 
 __all__ = ["MODES", "MODE_TASKS", "Cancelled", "ProgressTracker", "WebApp", "WebRequest", "WebUpdate",
-           "build_blocks", "launch", "local_theme", "model_label", "page_css", "scrub_paths", "serve", "size_label",
+           "build_blocks", "launch", "local_theme", "page_css", "scrub_paths", "serve", "size_label",
            "weights_note"]

@@ -22,15 +22,17 @@ from pathlib import Path
 
 from ..config import RequestLimits, check_precision, precision_policy, resolve_device
 from ..memory import memory_mode as memory_mode_named
-from ..pipeline import InfinityStarPipeline
+from ..pipeline import DEMO_MODEL_ID, InfinityStarPipeline
 
-__all__ = ["DEMO_MODEL_ID", "DEMO_WEIGHTS", "demo_weights_shipped", "load_pipeline", "random_weights"]
+__all__ = ["DEMO_MODEL_ID", "DEMO_WEIGHTS", "FALLBACK_PRESET", "demo_weights_shipped", "load_pipeline",
+           "model_from_run_name", "random_weights", "run_model_name"]
 
 # The shipped demo pipeline folder (written by ``infinitystar train-demo --ship``).
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights"
-# Its public name: ``from_pretrained`` resolves it to DEMO_WEIGHTS (pipeline.LOCAL_MODELS, which cannot import this
-# package), the run records of the front doors name it.
-DEMO_MODEL_ID = "infinitystar-demo"
+# Its public name, DEMO_MODEL_ID, is pipeline's (``from_pretrained`` resolves it through pipeline.LOCAL_MODELS, which
+# cannot import this package); the run records of the front doors name it.
+# What load_pipeline runs, with random weights, when neither a model nor a preset is given and no demo is shipped.
+FALLBACK_PRESET = "tiny-test"
 
 
 def demo_weights_shipped() -> bool:
@@ -70,7 +72,7 @@ def load_pipeline(model: str | None, preset: str | None, *, device: str = "auto"
     else:
         print("note: no demo model is shipped yet; using the tiny-test preset with RANDOM weights: the output is "
               "noise, but every stage of the pipeline runs", file=sys.stderr)
-        pipe = InfinityStarPipeline.from_preset("tiny-test")
+        pipe = InfinityStarPipeline.from_preset(FALLBACK_PRESET)
     if precision is not None:
         pipe.set_precision(precision)
     pipe.set_memory_mode(mode, dev)
@@ -83,3 +85,23 @@ def load_pipeline(model: str | None, preset: str | None, *, device: str = "auto"
 def random_weights(model: str | None, preset: str | None) -> bool:
     """Whether :func:`load_pipeline` of ``(model, preset)`` picks random weights (its output is then noise)."""
     return model is None and (preset is not None or not demo_weights_shipped())
+
+
+def run_model_name(model: str | None, preset: str | None) -> str:
+    """The run record's ``model`` for what :func:`load_pipeline` of ``(model, preset)`` loads: the folder as given,
+    :data:`DEMO_MODEL_ID`, or ``random:<preset>`` (every front door names runs so)."""
+    if model is not None:
+        return model
+    if random_weights(model, preset):
+        return f"random:{preset or FALLBACK_PRESET}"
+    return DEMO_MODEL_ID
+
+
+def model_from_run_name(name: str, preset: str | None) -> tuple[str | None, str | None]:
+    """``(model, preset)`` for :func:`load_pipeline` that load what a record's ``model`` names (the inverse of
+    :func:`run_model_name`)."""
+    if name == DEMO_MODEL_ID:
+        return None, None
+    if name.startswith("random:"):
+        return None, name.removeprefix("random:")
+    return name, preset
