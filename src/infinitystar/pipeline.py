@@ -89,6 +89,7 @@ from .text import (
     duration_seconds_for_frames,
     interactive_prompt,
     read_vocabulary,
+    unknown_words,
     word_tokens,
     write_vocabulary,
 )
@@ -175,10 +176,7 @@ class Capabilities:
     def unknown_words(self, prompt: str) -> list[str]:
         """The distinct words of ``prompt`` outside :attr:`vocabulary` (tokenised as the word encoder does:
         lower-cased words and punctuation runs), in order of appearance; none for an open vocabulary."""
-        if self.vocabulary is None:
-            return []
-        known = set(self.vocabulary)
-        return list(dict.fromkeys(w for w in word_tokens(prompt) if w not in known))
+        return unknown_words(self.vocabulary, word_tokens(prompt))
 
 
 class _Reporter:
@@ -282,11 +280,6 @@ def _check_seed(seed: Any, count: int = 1) -> int:
         raise ValueError(f"seed must be an integer in [0, 2**63 - {count}] (seeds seed .. seed+{count - 1} are used), "
                          f"got {seed!r}")
     return int(seed)
-
-
-def _step_count(steps: Any) -> int:
-    """Steps of a plan's ``steps`` (a StepPlan or a list of steps)."""
-    return len(getattr(steps, "steps", steps))
 
 
 def _pipeline_config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:
@@ -942,9 +935,13 @@ class InfinityStarPipeline:
     # run) and the running sum of codes after it (1, 64, T', H, W), what the VAE would decode now.
     _callback_tensor_inputs = ("bits", "logits", "summed_codes")
 
-    def _check_limits(self, prompts: Sequence[str], *, num_frames: int | None = None, videos: int = 1) -> None:
+    def _check_limits(self, prompts: Sequence[str], *, num_frames: int | None = None, videos: int = 1,
+                      segments: int | None = None) -> None:
         """Refuse a request over :attr:`limits` in one line naming the figure and the limit, before any work."""
         lim, cfg = self.limits, self.config
+        if segments is not None and segments > lim.max_segments:
+            raise ValueError(f"an interactive story of {segments} segments is over the limit of {lim.max_segments} "
+                             + limit_hint("max_segments"))
         for i, p in enumerate(prompts):
             if isinstance(p, str) and len(p) > lim.max_prompt_chars:
                 where = "the prompt" if len(prompts) == 1 else f"prompt {i}"
@@ -1044,8 +1041,8 @@ class InfinityStarPipeline:
 
     def _warn_unknown_words(self, prompts: Sequence[str | None]) -> None:
         """One UserWarning naming the prompts' words a closed-vocabulary text encoder was not trained on."""
-        caps = Capabilities((), (), {}, self.config.fps, None, getattr(self.text_encoder, "vocabulary", None))
-        words = list(dict.fromkeys(w for p in prompts if p for w in caps.unknown_words(p)))
+        vocabulary = getattr(self.text_encoder, "vocabulary", None)
+        words = unknown_words(vocabulary, [w for p in prompts if p for w in word_tokens(p)])
         if words:
             # stacklevel 4: this helper, the public method, torch.no_grad's wrapper, the caller.
             warnings.warn(f"the model's text encoder was not trained on {', '.join(map(repr, words))}: those words "
@@ -1317,10 +1314,7 @@ class InfinityStarPipeline:
             raise ValueError("interactive generation needs at least one prompt")
         self._interrupt = False
         sampling = self.check_inputs(prompts, output_type, guidance_scale)
-        if len(prompts) > self.limits.max_segments:
-            raise ValueError(f"an interactive story of {len(prompts)} segments is over the limit of "
-                             f"{self.limits.max_segments} " + limit_hint("max_segments"))
-        self._check_limits(prompts)
+        self._check_limits(prompts, segments=len(prompts))
         reporter = _Reporter(progress)
         seed = draw_seed() if seed is None else _check_seed(seed)
         self._warn_unknown_words(prompts)
@@ -1350,7 +1344,7 @@ class InfinityStarPipeline:
                 interrupted = True
                 break
             text, _ = self._encode(interactive_prompt(prompt, turn_plan.clip_seconds), None, reporter, clip=i + 1)
-            with reporter.stage("generate", _step_count(turn_plan.steps), i + 1) as update, \
+            with reporter.stage("generate", turn_plan.num_steps, i + 1) as update, \
                     self._working(self.transformer) as transformer:
                 turn = run_interactive_turn(transformer, cfg.quantizer, text, former, first_frame, turn_plan.layout,
                                             turn_plan.steps, turn_plan.repetitions, sampling, seed=seed,

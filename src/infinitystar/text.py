@@ -55,6 +55,7 @@ __all__ = [
     "interactive_prompt",
     "maybe_truncate_sentences",
     "read_vocabulary",
+    "unknown_words",
     "training_caption",
     "truncate_sentences",
     "word_tokens",
@@ -501,6 +502,14 @@ def word_tokens(prompt: str) -> list[str]:
     return _WORD_TOKEN.findall(prompt.strip().lower())
 
 
+def unknown_words(vocabulary: Sequence[str] | None, tokens: Sequence[str]) -> list[str]:
+    """The distinct ``tokens`` outside ``vocabulary``, in order of appearance; none for an open vocabulary (None)."""
+    if vocabulary is None:
+        return []
+    known = set(vocabulary)
+    return list(dict.fromkeys(w for w in tokens if w not in known))
+
+
 def write_vocabulary(folder: str | os.PathLike, words: Sequence[str]) -> Path:
     """Write ``folder/vocabulary.json`` (``{"words": [...]}``, sorted): the words a word encoder's model knows."""
     path = Path(folder) / VOCABULARY_FILE
@@ -555,10 +564,7 @@ class WordTextEncoder(TextEncoder, torch.nn.Module):
     def unknown_words(self, prompt: str) -> list[str]:
         """The distinct tokens of ``prompt`` outside :attr:`vocabulary`, in order of appearance (none when the
         vocabulary is not recorded)."""
-        if self.vocabulary is None:
-            return []
-        known = set(self.vocabulary)
-        return list(dict.fromkeys(w for w in self.words(prompt) if w not in known))
+        return unknown_words(self.vocabulary, self.words(prompt))
 
     def vector(self, word: str) -> torch.Tensor:
         """The word's fixed vector (a cache keeps each one computed once per encoder)."""

@@ -413,6 +413,11 @@ class InteractivePlan:
         return _config_steps(self.config, list(self.layout.schedule), self.sampling)
 
     @property
+    def num_steps(self) -> int:
+        """Transformer passes of one turn (one per scale repeat): the progress total."""
+        return len(self.steps.steps)
+
+    @property
     def clip_pixel_frames(self) -> int:
         """Pixel frames each turn adds: one clip."""
         return self.layout.output_video_frames
