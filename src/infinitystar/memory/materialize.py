@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..config import PipelineConfig, TransformerConfig, VAEConfig, precision_policy
+from ..config import PipelineConfig, TransformerConfig, VAEConfig, precision_policy, resolve_device
 from ..text import ByteTextEncoder, RandomT5Encoder, TextEncoder, WordTextEncoder, flan_t5_xl_config
 from ..transformer.model import InfinityStarTransformer
 from ..vae.layers import RMSNorm3d
@@ -29,17 +29,10 @@ from ..vae.model import VideoVAE
 @contextlib.contextmanager
 def _seeded(device: torch.device, seed: int) -> Iterator[None]:
     """Seed the RNG of ``device`` (and the CPU's) for the duration, restoring the caller's state afterwards."""
-    cuda = device.type == "cuda"  # _device gave it an index
+    cuda = device.type == "cuda"  # resolve_device gave it an index
     with torch.random.fork_rng(devices=[device.index] if cuda else [], device_type="cuda" if cuda else None):
         torch.manual_seed(seed)
         yield
-
-
-def _device(device: torch.device | str) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
 
 
 @torch.no_grad()
@@ -51,7 +44,7 @@ def random_transformer(cfg: TransformerConfig, device: torch.device | str, dtype
     float32, as the pipeline's precision policies keep them. A bf16 ``dtype`` also sets the blocks' bf16 autocast
     (what ``set_precision(precision_policy("bf16"))`` does).
     """
-    dev = _device(device)
+    dev = resolve_device(device)
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"random_transformer dtype must be float32, bfloat16 or float16, got {dtype!r}")
     with torch.device("meta"):
@@ -92,7 +85,7 @@ def _init_vae(vae: VideoVAE) -> None:
 def random_vae(cfg: VAEConfig, device: torch.device | str, seed: int = 0) -> VideoVAE:
     """A :class:`VideoVAE` with PyTorch's default layer init, allocated straight on ``device`` in float32 (the VAE
     runs in float32 under every precision, as the reference's)."""
-    dev = _device(device)
+    dev = resolve_device(device)
     with torch.device("meta"):
         vae = VideoVAE(cfg)
     vae.to_empty(device=dev)
@@ -110,7 +103,7 @@ def random_text_encoder(cfg: PipelineConfig, device: torch.device | str, seed: i
     preset's ``text_channels``; its weights are ``dtype`` (None: float16 on CUDA as the reference loads Flan-T5,
     float32 elsewhere).
     """
-    dev = _device(device)
+    dev = resolve_device(device)
     width, maxlen = cfg.transformer.text_channels, cfg.transformer.text_maxlen
     if cfg.text_encoder in ("bytes", "words"):
         cls_ = ByteTextEncoder if cfg.text_encoder == "bytes" else WordTextEncoder
@@ -128,7 +121,7 @@ def random_pipeline_components(cfg: PipelineConfig, device: torch.device | str, 
     weights (the other components stay float32). Give them to ``InfinityStarPipeline(transformer, vae, text, cfg)``.
     Each component draws from its own seed offset, so changing one component's shape leaves the others' values.
     """
-    dev = _device(device)
+    dev = resolve_device(device)
     transformer = random_transformer(cfg.transformer, dev, dtype, seed=seed)
     vae = random_vae(cfg.vae, dev, seed=seed + 1)
     text_dtype = precision_policy("bf16").text_dtype if dtype == torch.bfloat16 else None
