@@ -124,3 +124,29 @@ def realistic_transformer(cfg, seed: int = 0):
             elif p.dim() == 1:
                 p.copy_(0.1 * noise)
     return model.eval()
+
+
+def kv_cached_step_logits(model, schedule, *, negative_len: int | None = None, seed: int = 1,
+                          device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """Every step's logits of a KV-cached generation of ``schedule`` (a list of (t, h, w) scales forming clips), as
+    the generation loop drives the model: prefill with guidance (a negative prompt of ``negative_len`` tokens, of
+    another length than the prompt's 5, pads a text row: a key mask), then each step on fixed random codes. The
+    inputs are drawn on the CPU from ``seed`` and moved to ``device``, so every device sees the same numbers."""
+    from infinitystar.generation.schedules import clip_layout
+
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.randn(5, cfg.text_channels, generator=gen).to(device)
+    negative = None
+    if negative_len is not None:
+        negative = torch.randn(negative_len, cfg.text_channels, generator=gen).to(device)
+    info = clip_layout(schedule)
+    out = []
+    with torch.no_grad():
+        cache = model.new_cache()
+        model.prefill_text(text, cache, negative_LC=negative)
+        for si, scale in enumerate(schedule):
+            x = (torch.randn(1, math.prod(scale), cfg.d_vae, generator=gen) * 0.3).to(device)
+            rope = model.step_rope(scale, si, info[si].frame_ss, schedule[-1][1:])
+            out.append(model.step(x, rope, cache, refs=info[si].ref_sids, store_as=si))
+    return out

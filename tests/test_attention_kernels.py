@@ -6,15 +6,12 @@ tests/test_cuda_transformer.py.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import float32_rounding_tolerance, realistic_transformer, transformer_rounding_path
+from conftest import float32_rounding_tolerance, kv_cached_step_logits, realistic_transformer, transformer_rounding_path
 from infinitystar.config import get_preset
-from infinitystar.generation.schedules import clip_layout
 from infinitystar.transformer import attention
 from infinitystar.transformer.attention import (
     CUDA_INFERENCE_KERNELS,
@@ -39,19 +36,7 @@ def _model(seed: int = 0) -> InfinityStarTransformer:
 def _generate(model: InfinityStarTransformer, negative_len: int | None, seed: int = 1) -> list[torch.Tensor]:
     """Prefill (guidance, optionally a negative prompt of another length: padded keys) and every step of a
     two-clip video (the second clip attends the first clip's last scale), as the generation loop drives them."""
-    gen = torch.Generator().manual_seed(seed)
-    text = torch.randn(5, TINY.text_channels, generator=gen)
-    negative = None if negative_len is None else torch.randn(negative_len, TINY.text_channels, generator=gen)
-    info = clip_layout(VIDEO)
-    out = []
-    with torch.no_grad():
-        cache = model.new_cache()
-        model.prefill_text(text, cache, negative_LC=negative)
-        for si, scale in enumerate(VIDEO):
-            x = torch.randn(1, math.prod(scale), TINY.d_vae, generator=gen) * 0.3
-            rope = model.step_rope(scale, si, info[si].frame_ss, VIDEO[-1][1:])
-            out.append(model.step(x, rope, cache, refs=info[si].ref_sids, store_as=si))
-    return out
+    return kv_cached_step_logits(model, VIDEO, negative_len=negative_len, seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------

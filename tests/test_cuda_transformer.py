@@ -22,9 +22,8 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import float32_rounding_tolerance, realistic_transformer, transformer_rounding_path
+from conftest import float32_rounding_tolerance, kv_cached_step_logits, realistic_transformer, transformer_rounding_path
 from infinitystar.config import get_preset, precision_policy
-from infinitystar.generation.schedules import clip_layout
 from infinitystar.train.step import TrainSample, train_step
 from infinitystar.transformer.attention import SegmentMask
 from infinitystar.transformer.model import InfinityStarTransformer
@@ -64,23 +63,10 @@ def _bf16(model: InfinityStarTransformer) -> InfinityStarTransformer:
 def _generate(model: InfinityStarTransformer, negative_len: int | None = None, seed: int = 1) -> torch.Tensor:
     """Prefill with guidance (a negative prompt of another length pads a text row: a key mask), then every step
     of a two-clip video with fixed inputs; all step logits, flattened, in float32."""
-    gen = torch.Generator().manual_seed(seed)
-    text = torch.randn(5, TINY.text_channels, generator=gen).to(CUDA)
-    negative = None
-    if negative_len is not None:
-        negative = torch.randn(negative_len, TINY.text_channels, generator=gen).to(CUDA)
-    info = clip_layout(VIDEO)
-    out = []
-    with torch.no_grad():
-        cache = model.new_cache()
-        model.prefill_text(text, cache, negative_LC=negative)
-        for si, scale in enumerate(VIDEO):
-            x = (torch.randn(1, math.prod(scale), TINY.d_vae, generator=gen) * 0.3).to(CUDA)
-            rope = model.step_rope(scale, si, info[si].frame_ss, VIDEO[-1][1:])
-            logits = model.step(x, rope, cache, refs=info[si].ref_sids, store_as=si)
-            assert logits.device.type == CUDA.type and logits.dtype == torch.float32
-            out.append(logits.flatten())
-    return torch.cat(out)
+    out = kv_cached_step_logits(model, VIDEO, negative_len=negative_len, seed=seed, device=CUDA)
+    for logits in out:
+        assert logits.device.type == CUDA.type and logits.dtype == torch.float32
+    return torch.cat([logits.flatten() for logits in out])
 
 
 # ----------------------------------------------------------------------------------------------
