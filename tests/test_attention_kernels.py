@@ -135,3 +135,69 @@ def test_compiled_blocks_match_eager_steps() -> None:
     for a, b in zip(eager + eager_plain, compiled + compiled_plain):
         assert a.shape == b.shape
         assert (a - b).abs().max() <= float32_rounding_tolerance(a.abs().max().item(), path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The preallocated KV cache
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("negative_len", [None, 9], ids=["no-mask", "padded-negative"])
+def test_preallocated_cache_gives_the_concatenating_caches_bits(negative_len) -> None:
+    """The work buffer hands SDPA the same keys in the same order as the concatenation (a strided view instead of a
+    fresh tensor), over a two-clip video whose second clip changes the context to the first clip's last scale."""
+    model = _model()
+    model.kv_cache_preallocate = False
+    concatenated = _generate(model, negative_len)
+    model.kv_cache_preallocate = True
+    preallocated = _generate(model, negative_len)
+    assert len(preallocated) == len(VIDEO)
+    for a, b in zip(preallocated, concatenated):
+        assert torch.equal(a, b)
+
+
+def test_preallocated_cache_copies_the_context_once_per_layout_and_follows_changed_entries() -> None:
+    """A step with the context of the previous step reuses the buffer's context (no copy, no new buffer); a changed
+    entry (map_keys, put, keep_only) is copied in again, so a step never reads stale keys."""
+    cache = attention.KVCache(1, preallocate=True)
+    g = torch.Generator().manual_seed(0)
+
+    def kv(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(2, 2, n, 8, generator=g), torch.randn(2, 2, n, 8, generator=g)
+
+    cache.put(0, "text", *kv(5))
+    cache.put(0, 3, *kv(4))
+    own = kv(6)
+    k1, _ = cache.attention_keys(0, (3, "text"), *own)
+    buffer = cache._work[0].k
+    k2, v2 = cache.attention_keys(0, (3, "text"), *kv(5))
+    assert cache._work[0].k is buffer and k2.data_ptr() == k1.data_ptr()  # same buffer, context kept
+    (kt,), (vt,) = cache.get(0, ["text"])
+    assert torch.equal(k2[:, :, 4:9], kt) and torch.equal(v2[:, :, 4:9], vt)
+    bigger = kv(20)  # past the capacity: a new, larger buffer with the context copied in
+    k_big, v_big = cache.attention_keys(0, (3, "text"), *bigger)
+    assert cache._work[0].k is not buffer and k_big.shape[2] == 29
+    assert torch.equal(k_big[:, :, 9:], bigger[0]) and torch.equal(v_big[:, :, 4:9], vt)
+
+    cache.map_keys(3, lambda k: k * 2)
+    k3, _ = cache.attention_keys(0, (3, "text"), *own)
+    (k_ref,), _ = cache.get(0, [3])
+    assert torch.equal(k3, torch.cat([k_ref, kt, own[0]], dim=2))
+
+    cache.keep_only({"text"})
+    cache.put(0, 3, *kv(4))  # a new entry under an old id
+    k4, _ = cache.attention_keys(0, (3, "text"), *own)
+    (k_new,), _ = cache.get(0, [3])
+    assert torch.equal(k4[:, :, :4], k_new)
+    assert cache.work_nbytes() > 0 and cache.nbytes() == sum(t.numel() * 4 for t in (k_new, k_new, kt, vt))
+    cache.release_work_buffers()
+    assert cache.work_nbytes() == 0
+
+
+def test_cache_default_layout_follows_the_device() -> None:
+    model = _model()
+    assert model.new_cache().preallocate is True  # a CPU model
+    assert attention.KVCache.default_preallocate("cuda") is False
+    model.kv_cache_preallocate = False
+    assert model.new_cache().preallocate is False
+    assert model.new_cache(preallocate=True).preallocate is True

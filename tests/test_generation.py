@@ -88,3 +88,26 @@ def test_long_generation_runs_past_the_rope_range(n_clips):
                          cfg.sampling, generator=torch.Generator().manual_seed(0), frames_inner_clip=FIC)
     assert out.summed_codes.shape[2] == 1 + FIC * n_clips
     assert len(out.clip_codes) == 1 + n_clips
+
+
+def test_step_rope_tables_are_the_per_step_tables_bit_for_bit() -> None:
+    """Reused per (scale, first frame), only the scale-axis angles recomputed per repetition: every table equals the
+    one built from scratch, on a non-square schedule (the half-to-even height rounding) and two first frames."""
+    from infinitystar.transformer.rope import StepRopeTables
+
+    full_hw, head_dim, text_maxlen = (5, 8), 64, 96
+    tables = StepRopeTables(head_dim, 10000.0, text_maxlen)
+    real_si = 0
+    for frame_ss in (0, 1, 0):  # the third pass hits the cache of the first
+        for scale in [(1, 2, 3), (1, 5, 8), (4, 2, 3), (4, 5, 8)]:
+            for _ in range(3):  # repetitions: same scale, later scale-axis position
+                want = rope_table(visual_positions(scale, real_si, frame_ss, full_hw, text_maxlen), head_dim, 10000.0)
+                got = tables(scale, real_si, frame_ss, full_hw)
+                assert torch.equal(got, want), (scale, real_si, frame_ss)
+                real_si += 1
+    assert len(tables._tables) == 8
+    # The reused table is not shared: changing one step's table leaves the next one right.
+    first = tables((1, 2, 3), 500, 0, full_hw)
+    first.zero_()
+    want = rope_table(visual_positions((1, 2, 3), 501, 0, full_hw, text_maxlen), head_dim, 10000.0)
+    assert torch.equal(tables((1, 2, 3), 501, 0, full_hw), want)

@@ -29,7 +29,7 @@ from torch import Tensor
 from ..config import QuantizerConfig, SamplingConfig
 from ..transformer.attention import KVCache
 from ..transformer.model import InfinityStarTransformer
-from ..transformer.rope import apply_rope, rope_table, visual_positions
+from ..transformer.rope import StepRopeTables, apply_rope, rope_table, visual_positions
 from ..vae.multiscale import CodeAccumulator, area_resize
 from .plan import StepPlan
 from .sampling import (
@@ -156,6 +156,7 @@ def generate_codes(
     on_progress: ProgressCallback | None = None,
     summed_codes_in_events: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    reuse_rope_tables: bool = True,
 ) -> GenerationResult:
     """Run the autoregressive loop over ``steps`` and return the summed codes.
 
@@ -169,6 +170,8 @@ def generate_codes(
     (with the running sum in ``event.summed_codes_B64THW`` when ``summed_codes_in_events``), then
     ``on_progress(done, total)``. ``should_stop()`` is asked after every step but the last: True ends the loop there
     (diffusers' ``interrupt``) and the result holds the codes of the steps done, ``interrupted`` set.
+    ``reuse_rope_tables=False`` rebuilds every step's RoPE table from scratch (:class:`StepRopeTables`; the same
+    bits, for benchmarks).
     """
     if not isinstance(plan, StepPlan):
         plan = StepPlan(list(plan))
@@ -186,6 +189,8 @@ def generate_codes(
     persistent = {KVCache.TEXT, *extra_context}
     full_hw = tuple(schedule[-1][1:])
     acc = CodeAccumulator(schedule, repetitions, quantizer, device=device, frames_inner_clip=frames_inner_clip)
+    ropes = StepRopeTables(model.cfg.head_dim, model.cfg.rope_theta, model.cfg.text_maxlen, device,
+                           reuse=reuse_rope_tables)
     x = acc.first_input()
     kept_bits: list[Tensor] = []
     peak = cache.nbytes()
@@ -198,10 +203,7 @@ def generate_codes(
             bits = forced_bits[i].to(device)
             _skip_draw(model, step, generator, device)
         else:
-            rope = rope_table(
-                visual_positions(step.scale, step.rope_scale_index, step.frames[0], full_hw, model.cfg.text_maxlen),
-                model.cfg.head_dim, model.cfg.rope_theta,
-            )
+            rope = ropes(step.scale, step.rope_scale_index, step.frames[0], full_hw)
             raw = model.step(_tokens(x), rope, cache, refs=(*step.ref_sids, *extra_context), store_as=store_as,
                              semantic=not step.detail_head, batch=batch)
             bits, logits, branches = _sample_step(raw, step, sampling, generator)

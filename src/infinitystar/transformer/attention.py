@@ -267,18 +267,35 @@ class KVCache:
     Keys are the text prefix (``TEXT``) and scale indices. A step attends to
     ``[cache[r] for r in refs] + [cache[TEXT]] + [its own keys]``, in that order (the reference's).
     The generation loop calls :meth:`keep_only` with the ids later steps can still see, to free the rest.
+
+    With ``preallocate`` every layer also owns a work buffer laid out ``[context | own]``: the context entries are
+    copied in when a step's context changes (once per clip: every scale of a clip sees the same references) and each
+    step writes only its own keys after them, so attention reads one view instead of a concatenation of the whole
+    context per layer and step. The buffer grows by doubling (a handful of allocations per generation) and holds a
+    second copy of the context, so it trades memory for copies: the default (:meth:`default_preallocate`) is on for
+    the CPU, where the copies cost time, and off for CUDA, where they are cheap next to the kernels and memory is the
+    limit (the memory model, ``infinitystar.memory.estimate``, counts the concatenating cache). Both give the same
+    bits: the kernel sees the same numbers in the same order.
     """
 
     TEXT: Hashable = "text"
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, preallocate: bool = False) -> None:
         self.depth = depth
+        self.preallocate = preallocate
         self._store: list[dict[Hashable, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(depth)]
         # Key-padding masks [B, L] (True = real key) of entries that have padding; shared by all layers.
         self._key_masks: dict[Hashable, torch.Tensor] = {}
+        self._work: list[_WorkBuffer | None] = [None] * depth
+
+    @staticmethod
+    def default_preallocate(device: torch.device | str) -> bool:
+        """Whether a cache for ``device`` preallocates its work buffers (see the class docstring): on the CPU only."""
+        return torch.device(device).type == "cpu"
 
     def put(self, layer: int, key: Hashable, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor) -> None:
         self._store[layer][key] = (k_BHLD, v_BHLD)
+        self._invalidate(key)
 
     def get(self, layer: int, keys: Sequence[Hashable]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         store = self._store[layer]
@@ -287,12 +304,46 @@ class KVCache:
             raise KeyError(f"KV cache of layer {layer} holds {sorted(map(str, store))}, not {missing}")
         return [store[k][0] for k in keys], [store[k][1] for k in keys]
 
+    def attention_keys(self, layer: int, context: Sequence[Hashable], k_own_BHLD: torch.Tensor,
+                       v_own_BHLD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[cache[c] for c in context] + own`` along the tokens, for K and V: the keys a step attends to."""
+        if not context:
+            return k_own_BHLD, v_own_BHLD
+        ks, vs = self.get(layer, context)
+        if not self.preallocate:
+            return torch.cat([*ks, k_own_BHLD], dim=2), torch.cat([*vs, v_own_BHLD], dim=2)
+        context = tuple(context)
+        ctx_len = sum(k.shape[2] for k in ks)
+        end = ctx_len + k_own_BHLD.shape[2]
+        work = self._work[layer]
+        if work is None or not work.fits(k_own_BHLD, v_own_BHLD, end):
+            capacity = end if work is None else max(end, 2 * work.k.shape[2])
+            work = self._work[layer] = _WorkBuffer.like(k_own_BHLD, v_own_BHLD, capacity)
+        if work.context != context:
+            start = 0
+            for k, v in zip(ks, vs):
+                n = k.shape[2]
+                work.k[:, :, start:start + n].copy_(k)
+                work.v[:, :, start:start + n].copy_(v)
+                start += n
+            work.context = context
+        work.k[:, :, ctx_len:end].copy_(k_own_BHLD)
+        work.v[:, :, ctx_len:end].copy_(v_own_BHLD)
+        return work.k[:, :, :end], work.v[:, :, :end]
+
+    def _invalidate(self, key: Hashable) -> None:
+        """Forget every work-buffer layout holding ``key`` (its entry changed or left)."""
+        for work in self._work:
+            if work is not None and work.context is not None and key in work.context:
+                work.context = None
+
     def map_keys(self, key: Hashable, fn) -> None:
         """Replace the cached keys of entry ``key`` by ``fn(k)`` in every layer (values unchanged), e.g. to move
         them to other RoPE positions."""
         for store in self._store:
             k, v = store[key]
             store[key] = (fn(k), v)
+        self._invalidate(key)
 
     def set_key_mask(self, key: Hashable, mask_BL: torch.Tensor) -> None:
         self._key_masks[key] = mask_BL
@@ -327,12 +378,42 @@ class KVCache:
         for store in self._store:
             for k in [k for k in store if k not in keep]:
                 del store[k]
+                self._invalidate(k)
         for k in [k for k in self._key_masks if k not in keep]:
             del self._key_masks[k]
 
+    def release_work_buffers(self) -> None:
+        """Free the preallocated work buffers (the cached entries stay); the next step allocates them again."""
+        self._work = [None] * self.depth
+
     def nbytes(self) -> int:
+        """Bytes of the cached entries (what later steps can read); the work buffers are :meth:`work_nbytes`."""
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
                    for store in self._store for k, v in store.values())
+
+    def work_nbytes(self) -> int:
+        """Bytes of the preallocated work buffers (0 without ``preallocate``)."""
+        return sum(w.k.numel() * w.k.element_size() * 2 for w in self._work if w is not None)
+
+
+@dataclass
+class _WorkBuffer:
+    """One layer's ``[context | own]`` K and V, ``[B, H_kv, capacity, D]``; ``context`` is the layout they hold."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    context: tuple[Hashable, ...] | None = None
+
+    @classmethod
+    def like(cls, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, capacity: int) -> _WorkBuffer:
+        B, H, _, D = k_BHLD.shape
+        return cls(k_BHLD.new_empty(B, H, capacity, D), v_BHLD.new_empty(B, H, capacity, v_BHLD.shape[-1]))
+
+    def fits(self, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor, length: int) -> bool:
+        k, v = self.k, self.v
+        return (k.shape[:2] == k_BHLD.shape[:2] and k.shape[3] == k_BHLD.shape[3] and v.shape[3] == v_BHLD.shape[3]
+                and k.dtype == k_BHLD.dtype and v.dtype == v_BHLD.dtype and k.device == k_BHLD.device
+                and k.shape[2] >= length)
 
 
 @dataclass
@@ -401,8 +482,5 @@ def _exchange_with_cache(step: CacheStep, layer: int, k_BHLD: torch.Tensor,
         cache.put(layer, step.store_as, k_BHLD, v_BHLD)
         if step.key_mask is not None and layer == 0:
             cache.set_key_mask(step.store_as, step.key_mask)
-    if step.context:
-        ks, vs = cache.get(layer, step.context)
-        k_BHLD = torch.cat([*ks, k_BHLD], dim=2)
-        v_BHLD = torch.cat([*vs, v_BHLD], dim=2)
+    k_BHLD, v_BHLD = cache.attention_keys(layer, step.context, k_BHLD, v_BHLD)
     return k_BHLD, v_BHLD, key_mask

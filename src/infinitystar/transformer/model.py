@@ -84,6 +84,8 @@ class InfinityStarTransformer(nn.Module):
         self.semantic_head = nn.Linear(C, 2 * cfg.semantic_bits)
         # Autocast dtype of the block stack (None = the caller's autocast, if any); see set_precision.
         self.block_autocast: torch.dtype | None = None
+        # KV-cache layout of new_cache() (None: by device); benchmarks set False to time the concatenating cache.
+        self.kv_cache_preallocate: bool | None = None
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -213,8 +215,16 @@ class InfinityStarTransformer(nn.Module):
 
     # ------------------------------------------------------------------ inference
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.cfg.depth)
+    def new_cache(self, preallocate: bool | None = None) -> KVCache:
+        """An empty KV cache for this model. ``preallocate`` (default: :attr:`kv_cache_preallocate`, else
+        :meth:`KVCache.default_preallocate` for the model's device) gives every layer a ``[context | own]`` work
+        buffer instead of concatenating the context each step; the two give the same bits."""
+        if preallocate is None:
+            preallocate = self.kv_cache_preallocate
+        if preallocate is None:
+            param = next(self.parameters(), None)
+            preallocate = KVCache.default_preallocate(param.device if param is not None else "cpu")
+        return KVCache(self.cfg.depth, preallocate=preallocate)
 
     def prefill_text(self, text_LC: torch.Tensor, cache: KVCache, negative_LC: torch.Tensor | None = None,
                      guidance: bool = True) -> None:

@@ -107,3 +107,41 @@ def apply_rope(x_BHLD: torch.Tensor, table_2LD: torch.Tensor) -> torch.Tensor:
         out0 = ((x0.float() * cos).to(dt).float() - t1).to(dt)
         out1 = ((x1.float() * cos).to(dt).float() + t2).to(dt)
     return torch.stack([out0, out1], dim=-1).flatten(-2)
+
+
+class StepRopeTables:
+    """The RoPE tables of a generation's visual steps, each scale's frame/height/width part computed once.
+
+    A scale runs several times (its repetitions) at successive scale-axis positions ``text_maxlen + real_si``; only
+    that one column group changes between them, and it is the same for every token of the step. So the table of a
+    (scale, first frame) is built once with :func:`rope_table` and every later step of it only recomputes the
+    ``head_dim / 8`` scale-axis angles. Each entry is formed exactly as :func:`rope_table` forms it (float32 position
+    times float32 frequency, cos/sin in float32), so the tables are bit-identical. Tables live on ``device``.
+    ``reuse=False`` builds every table from scratch (the former per-step path; benchmarks time both).
+    """
+
+    def __init__(self, head_dim: int, theta: float, text_maxlen: int, device: torch.device | str = "cpu",
+                 reuse: bool = True) -> None:
+        self.head_dim, self.theta, self.text_maxlen, self.reuse = head_dim, theta, text_maxlen, reuse
+        self.device = torch.device(device)
+        self._freqs = inv_freq(head_dim, theta)
+        self._tables: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, scale: Sequence[int], real_si: int, frame_ss: int, full_hw: Sequence[int]) -> torch.Tensor:
+        """The table ``[2, t*h*w, head_dim // 2]`` of the positions ``visual_positions(scale, real_si, ...)``."""
+        key = (tuple(int(v) for v in scale), int(frame_ss), tuple(int(v) for v in full_hw))
+        table = self._tables.get(key)
+        if table is None:
+            pos = visual_positions(scale, real_si, frame_ss, full_hw, self.text_maxlen)
+            table = rope_table(pos, self.head_dim, self.theta).to(self.device)
+            if self.reuse:
+                self._tables[key] = table
+            return table
+        if real_si < 0:
+            raise ValueError(f"real_si={real_si} must be >= 0")
+        angle = torch.tensor(float(self.text_maxlen + real_si), dtype=torch.float32) * self._freqs
+        step = torch.stack([torch.cos(angle), torch.sin(angle)]).to(self.device)
+        n = self._freqs.shape[0]
+        out = table.clone()
+        out[:, :, :n] = step[:, None, :]
+        return out
