@@ -25,6 +25,7 @@ PACKAGE = PACKAGE_DIR.name
 # two units on one layer may not import each other. The __init__ docstrings say the same in words.
 LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(layer) for layer in (
     {"fileio", "errors"},                          # atomic file writes; the CLI's error boundary: stdlib (+torch)
+    {"hardware"},                                  # what the CPU computes natively: the default CPU precision
     {"config"},                                    # model/pipeline configs and presets
     {"vae", "transformer", "text", "media"},       # the models, the text encoders, image/video I/O
     {"checkpoints", "generation", "outputs"},      # weights on disk; the generation plan and loop; run records

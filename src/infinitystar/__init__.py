@@ -4,6 +4,7 @@ What lives where, lowest layer first; each layer imports only from the layers ab
 (``tests/test_layering.py`` checks it, and that no two modules import each other, even through others):
 
 * ``fileio`` -- atomic file writes (stdlib only); ``errors`` -- the command line's error boundary (stdlib, torch);
+* ``hardware`` -- what the CPU computes natively, measured once: the default CPU precision (on ``fileio``);
 * ``config`` -- model and pipeline configs, precision policies, the registry of named presets;
 * ``vae/`` (the video VAE and the multi-scale bitwise quantizer), ``transformer/`` (the spacetime transformer,
   attention, RoPE, packed training sequences), ``text`` (text encoders, prompt template), ``media`` (image and

@@ -83,7 +83,8 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", "--precision", dest="precision", default=None, type=_precision_arg,
                    metavar="{bf16,fp32}", help="bf16 (= bfloat16): the reference's policy (transformer blocks bf16, "
                    "Flan-T5 fp16, under bf16 autocast); fp32 (= float32): everything float32 "
-                   "(default: bf16 on CUDA, fp32 elsewhere)")
+                   "(default: bf16 on CUDA; on a CPU bf16 where it is native and measured faster, else fp32; "
+                   "INFINITYSTAR_CPU_PRECISION=fp32|bf16|auto overrides the CPU default)")
     p.add_argument("--memory-mode", default="plain", choices=list(MEMORY_MODES),
                    help="plain: all on the GPU; model_offload: each component on the GPU only while it works; "
                    "block_offload: transformer blocks streamed in groups; int8/fp8: weight-only quantized blocks "
@@ -94,7 +95,8 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
                    help="raise or lower a request limit (repeatable): max_frames, max_prompt_chars, max_segments, "
                    "max_videos, max_upload_bytes, max_upload_pixels, check_memory=false")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the transformer blocks (GPU; the first generation pays the compilation)")
+                   help="torch.compile the transformer blocks (inductor: CUDA, or a CPU with a C++ compiler; the first "
+                   "generation pays the compilation, tens of seconds)")
 
 
 def _precision_arg(value: str) -> str:

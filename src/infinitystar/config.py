@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import torch
 
 from .generation.schedules import num_scales_for_pn, uses_detail_lfq
+from .hardware import cpu_precision
 
 T = TypeVar("T")
 
@@ -549,14 +550,22 @@ class PrecisionPolicy:
 def check_precision(name: Any) -> str:
     """``name`` if it is a precision a user may ask for; one ConfigError line otherwise."""
     _require(isinstance(name, str) and name in PRECISIONS,
-             f"precision must be one of {list(PRECISIONS)} (or None: bf16 on CUDA, fp32 elsewhere), got {name!r}")
+             f"precision must be one of {list(PRECISIONS)} (or None: the device's default), got {name!r}")
     return name
 
 
 def default_precision(device_type: str) -> str:
-    """The precision used when none was asked for: the reference's bf16 on CUDA, fp32 on every other device
-    (bf16 matmuls on a CPU are slower than fp32 and only lose accuracy)."""
-    return "bf16" if device_type == "cuda" else "fp32"
+    """The precision used when none was asked for: the reference's bf16 on CUDA; on a CPU, bf16 only where it is native
+    and measured faster (:func:`infinitystar.hardware.cpu_precision`: elsewhere bf16 is emulated, many times slower
+    than fp32); fp32 on every other device."""
+    if device_type == "cuda":
+        return "bf16"
+    if device_type == "cpu":
+        try:
+            return cpu_precision().precision
+        except ValueError as exc:  # a bad INFINITYSTAR_CPU_PRECISION
+            raise ConfigError(str(exc)) from None
+    return "fp32"
 
 
 def precision_policy(name: str, *, interactive: bool = False) -> PrecisionPolicy:

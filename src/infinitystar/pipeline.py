@@ -797,8 +797,9 @@ class InfinityStarPipeline:
         """``"fp32"``: everything in float32. ``"bf16"``: the reference's policy (transformer blocks in bf16 under
         bf16 autocast, Flan-T5 in fp16 under bf16 autocast; the interactive model keeps float32 block weights under
         the autocast and runs Flan-T5 in plain fp16). Embeddings, heads, the VAE and the codes stay float32 either
-        way. ``None``: follow the device, bf16 on CUDA (also when offloading to CUDA), fp32 elsewhere; an explicit
-        choice sticks across later :meth:`to` calls.
+        way. ``None``: follow the device, bf16 on CUDA (also when offloading to CUDA), on a CPU bf16 only where it is
+        native and measured faster (``infinitystar.hardware``), else fp32; an explicit choice sticks across later
+        :meth:`to` calls.
         """
         if precision is not None:
             check_precision(precision)

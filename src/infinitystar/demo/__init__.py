@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import RequestLimits, check_precision, precision_policy, resolve_device
+from ..hardware import cpu_precision
 from ..memory import memory_mode as memory_mode_named
 from ..pipeline import DEMO_MODEL_ID, InfinityStarPipeline
 
@@ -48,8 +49,9 @@ def load_pipeline(model: str | None, preset: str | None, *, device: str = "auto"
     ``preset`` with ``model`` picks the transformer of an official download; without ``model`` it asks for random
     weights of that preset (a note on stderr says the output is noise; on a GPU they are made there, never in host
     memory). ``device``: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``/``"cuda:N"``; asking for CUDA without
-    one fails in one line before anything loads. ``precision`` None follows the device (bf16 on CUDA, fp32
-    elsewhere; see :meth:`InfinityStarPipeline.set_precision`). ``memory_mode``: a name of
+    one fails in one line before anything loads. ``precision`` None follows the device (bf16 on CUDA; on a CPU bf16
+    only where it is native and measured faster, fp32 elsewhere; see :meth:`InfinityStarPipeline.set_precision`),
+    and a CPU's choice is reported on stderr in one line. ``memory_mode``: a name of
     :data:`~infinitystar.memory.MEMORY_MODES`. ``compile_blocks``: torch.compile the transformer blocks.
     ``limits``: ``NAME=VALUE`` changes of the request limits (:class:`~infinitystar.config.RequestLimits`).
     """
@@ -76,6 +78,8 @@ def load_pipeline(model: str | None, preset: str | None, *, device: str = "auto"
     if precision is not None:
         pipe.set_precision(precision)
     pipe.set_memory_mode(mode, dev)
+    if precision is None and dev.type == "cpu":
+        print(f"note: {cpu_precision().reason} (choose with --dtype)", file=sys.stderr)
     if compile_blocks:
         pipe.compile_blocks()
     pipe.limits = request_limits
