@@ -237,7 +237,7 @@ class DataConfig:
         _require(self.num_workers >= 0, f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
 
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "dense")
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,8 @@ class ModelConfig:
     pipeline: str = "tiny-test"
     # With a folder holding several official transformers: which one (official-720p, official-480p, ...).
     pipeline_preset: str | None = None
-    # Attention backend of the training forward: "auto" (FlexAttention on CUDA, SDPA on CPU), "sdpa", "flex".
+    # Attention backend of the training forward: "auto" (FlexAttention on CUDA, SDPA on CPU), "sdpa" (SDPA over the
+    # visible blocks only), "flex", "dense" (one SDPA with the dense [L, L] mask: the former CPU path, 4-5x the work).
     attention: str = "auto"
 
     def __post_init__(self) -> None:

@@ -337,8 +337,10 @@ class VideoVAE(nn.Module):
     def latent_to_decoder_input(self, latent: Tensor) -> Tensor:
         """(B, 64, T', h, w) latent -> (B, latent_channels, T', 2h, 2w): /scale, proj_up, pixel_shuffle."""
         latent = self._check_latent(latent)
-        z = latent / self.scale_learnable_parameters[0]
-        z = self.proj_up(z.movedim(1, -1)).movedim(-1, 1)
+        z_BThwC = (latent / self.scale_learnable_parameters[0]).movedim(1, -1)
+        # proj_up one frame at a time: a GEMM may round a row differently with the row count, and per frame every
+        # frame's rows round the same in a whole latent and in a clip of it (StreamDecoder's bitwise equality).
+        z = torch.stack([self.proj_up(z_BThwC[:, i]) for i in range(z_BThwC.shape[1])], dim=1).movedim(-1, 1)
         b, c, t, h, w = z.shape
         z = F.pixel_shuffle(z.transpose(1, 2).reshape(b * t, c, h, w), 2)
         return z.reshape(b, t, c // 4, 2 * h, 2 * w).transpose(1, 2).contiguous()
@@ -361,6 +363,10 @@ class VideoVAE(nn.Module):
             if after_chunk is not None:
                 after_chunk()
         return torch.cat(outs, dim=2)
+
+    def stream_decoder(self) -> StreamDecoder:
+        """A decoder for one latent video fed clip by clip: see :class:`StreamDecoder`."""
+        return StreamDecoder(self)
 
     def decode(
         self,
@@ -438,4 +444,68 @@ class VideoVAE(nn.Module):
         return out / weight
 
 
-__all__ = ["Decoder", "Encoder", "VideoVAE", "chunk_bounds"]
+class StreamDecoder:
+    """Decodes one latent video clip by clip, keeping the decoder's causal ``FeatureCache`` between calls.
+
+    ``decode(latent_chunk)`` takes the next latent frames (B, 64, t, h, w), the first call starting at latent frame
+    0, and returns their pixel frames: ``1 + 4(t-1)`` for the first call (latent frame 0 is the single causal
+    image frame), ``4t`` for every later one. Decoding the clips of a video one after another (the first-frame
+    latent, then clips of ``frames_inner_clip`` latents, as generation produces them) therefore shows frames as
+    soon as each clip's codes exist, and the concatenated outputs equal ``vae.decode(whole_latent)`` to float
+    rounding. They are equal bit for bit when both runs cut the same decoder chunks: the first call holds
+    ``1 + (T' - 1) % decode_latent_batch`` latents (``1`` whenever ``T' - 1`` is a multiple of the batch, as in the
+    pipelines' layouts with the default batch 2) and every later call a multiple of ``decode_latent_batch``.
+
+    Within a call the decoder runs ``decode_latent_batch`` latents at a time, as :meth:`VideoVAE.decode` does,
+    so activation memory is bounded by that batch, not by the clip. No spatial tiling: every call decodes whole
+    frames (use ``VideoVAE.decode(tile_size=...)`` on the whole latent for frames too large for memory).
+
+    The chunking rule, checked on every call (one-line ``ValueError``): a chunk is a latent of the VAE's
+    ``embed_dim`` channels with at least one frame; all chunks share the first one's batch size, latent height
+    and width, dtype and device (the cached frames are concatenated with the new ones); and with ``start`` given,
+    a chunk starts right after the frames already decoded (catches a skipped or repeated clip).
+    """
+
+    def __init__(self, vae: VideoVAE) -> None:
+        self.vae = vae
+        self.cache: FeatureCache = {}
+        self.latent_frames_done = 0  # latent frames decoded so far
+        self.pixel_frames_done = 0  # pixel frames returned so far
+        self._layout: tuple[int, int, int, torch.dtype, torch.device] | None = None  # (B, h, w, dtype, device)
+
+    def decode(self, latent_chunk: Tensor, *, start: int | None = None) -> Tensor:
+        """The next latent frames (B, 64, t, h, w) -> their pixel frames (B, 3, t_pix, 16h, 16w), NOT clamped.
+
+        ``start`` (optional): the latent frame index the chunk begins at, checked against the frames decoded so
+        far. A 4-D (B, 64, h, w) chunk is one latent frame.
+        """
+        latent = self.vae._check_latent(latent_chunk)
+        b, _, t, h, w = latent.shape
+        layout = (b, h, w, latent.dtype, latent.device)
+        if self._layout is not None and layout != self._layout:
+            first = self._layout
+            raise ValueError(
+                f"latent chunk has batch {b}, latent size {h}x{w}, {latent.dtype} on {latent.device}; this stream "
+                f"started with batch {first[0]}, {first[1]}x{first[2]}, {first[3]} on {first[4]} (one stream decodes "
+                f"one video: call vae.stream_decoder() for another)"
+            )
+        if start is not None and start != self.latent_frames_done:
+            raise ValueError(
+                f"latent chunk starts at latent frame {start} but the stream has decoded {self.latent_frames_done} "
+                f"latent frames: chunks must follow each other, the first at frame 0"
+            )
+        first_call = self.latent_frames_done == 0
+        z = self.vae.latent_to_decoder_input(latent)
+        batch = self.vae.config.decode_latent_batch
+        # The first call cuts as VideoVAE.decode cuts a whole latent (remainder with frame 0); later calls in
+        # whole batches from their first frame, the remainder last.
+        bounds = chunk_bounds(t, batch) if first_call else [(s, min(s + batch, t)) for s in range(0, t, batch)]
+        outs = [self.vae.decoder(z[:, :, s:e], self.cache, first_chunk=first_call and s == 0) for s, e in bounds]
+        video = torch.cat(outs, dim=2)
+        self._layout = layout
+        self.latent_frames_done += t
+        self.pixel_frames_done += video.shape[2]
+        return video
+
+
+__all__ = ["Decoder", "Encoder", "StreamDecoder", "VideoVAE", "chunk_bounds"]
