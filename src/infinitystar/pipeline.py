@@ -1084,7 +1084,8 @@ class InfinityStarPipeline:
     def _generate(self, plan: GenerationPlan, text: Tensor, negative: Tensor | None, forced: Sequence[Tensor],
                   sampling: SamplingConfig, generator: torch.Generator, reporter: _Reporter,
                   on_step: Callable[[StepEvent], None] | None, *, segment: int | None = None,
-                  summed_codes_in_events: bool = False) -> GenerationResult:
+                  summed_codes_in_events: bool = False,
+                  on_clip: Callable[[int, Tensor], None] | None = None) -> GenerationResult:
         """The loop over ``plan``: progress per step (its clip, or the interactive ``segment``), stopping when
         :attr:`interrupt` is set."""
         clip = [1 if segment is None else segment]
@@ -1102,8 +1103,32 @@ class InfinityStarPipeline:
                 generator=generator, negative_LC=negative, forced_bits=forced,
                 frames_inner_clip=self.config.frames_inner_clip, on_step=step_hook,
                 on_progress=lambda done, total: update(done, total, clip[0]),
-                summed_codes_in_events=summed_codes_in_events, should_stop=lambda: self._interrupt,
+                summed_codes_in_events=summed_codes_in_events, should_stop=lambda: self._interrupt, on_clip=on_clip,
             )
+
+    def _streams_decode(self) -> bool:
+        """Whether clips can be decoded while the loop runs: the VAE stays on the device (no offload mode moves it
+        in and out around the transformer) and decodes untiled (the streaming decoder does not tile)."""
+        return self.vae_tile_size is None and not self._offloaded(self.vae)
+
+    def _clip_streamer(self, plan: GenerationPlan, output_type: str, reporter: _Reporter,
+                       callback: Callable[[int, Any], None]) -> tuple[Callable[[int, Tensor], None], list[Tensor]]:
+        """``on_clip`` for the loop that decodes each clip as soon as its codes are complete (the VAE's causal cache
+        carried from clip to clip: the same frames as decoding the whole latent after the loop) and hands it to
+        ``callback``; and the list the decoded clips collect in."""
+        decoder = self.vae.stream_decoder()
+        decoded: list[Tensor] = []
+        clips = len(plan.clip_pixel_frames)
+
+        def on_clip(index: int, codes: Tensor) -> None:
+            with reporter.stage("decode", clips, clip=index + 1) as update:
+                update(index)
+                frames = decoder.decode(codes.to(self.device).float()).clamp(-1, 1)
+                update(index + 1)
+            decoded.append(frames)
+            callback(index, self._format(frames, output_type))
+
+        return on_clip, decoded
 
     def _decode(self, latent: Tensor, reporter: _Reporter, clip: int | None = None) -> Tensor:
         with reporter.stage("decode", clip=clip) as update:
@@ -1198,7 +1223,9 @@ class InfinityStarPipeline:
         ``_callback_tensor_inputs``; they are read-only). Setting :attr:`interrupt` there stops the call after that
         step. ``callback_on_scale_step(pipe, event)`` receives the loop's full
         :class:`~infinitystar.generation.loop.StepEvent`. ``callback_on_clip_end(index, frames)`` receives each
-        finished clip's frames (``output_type`` format) after the decode.
+        finished clip's frames (``output_type`` format) as soon as they exist: the clip is decoded while the loop goes
+        on to the next one (the VAE's causal cache carried over: the same frames as decoding after the loop), or,
+        under an offload memory mode or a tiled decode, after the whole decode.
 
         ``progress``: True draws tqdm bars (text encoding, scale steps, VAE decode per chunk), False is silent, a
         callable receives :class:`ProgressEvent` s instead; whatever it raises aborts the call at once, during the
@@ -1246,16 +1273,22 @@ class InfinityStarPipeline:
                 p = k // num_videos_per_prompt
                 text, negative = self._encode(self.build_prompt(prompts[p], num_frames), negatives[p], reporter)
             assert text is not None
+            on_clip, streamed = None, []
+            if callback_on_clip_end is not None and output_type != "latent" and self._streams_decode():
+                on_clip, streamed = self._clip_streamer(plan, output_type, reporter, callback_on_clip_end)
             result = self._generate(plan, text, negative, forced, sampling, gen, reporter, on_step,
-                                    summed_codes_in_events=summed_in_events)
+                                    summed_codes_in_events=summed_in_events, on_clip=on_clip)
             interrupted = result.interrupted
             latents.append(result.summed_codes)
             if output_type == "latent":
                 frames.append(result.summed_codes)
                 continue
-            video_out = self._decode(result.summed_codes, reporter)
-            if callback_on_clip_end is not None and not result.interrupted:
-                self._emit_clips(plan.clip_pixel_frames, video_out, output_type, callback_on_clip_end)
+            if streamed and not result.interrupted:
+                video_out = torch.cat(streamed, dim=2)
+            else:  # an interrupted video ends in a partial clip: decoded whole, as it stands
+                video_out = self._decode(result.summed_codes, reporter)
+                if callback_on_clip_end is not None and not result.interrupted:
+                    self._emit_clips(plan.clip_pixel_frames, video_out, output_type, callback_on_clip_end)
             frames.append(self._format(video_out, output_type))
         seeds = [s for _, s in generators[:len(frames)]]
         one = isinstance(prompt, str) and num_videos_per_prompt == 1
