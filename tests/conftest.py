@@ -154,3 +154,21 @@ def kv_cached_step_logits(model, schedule, *, negative_len: int | None = None, s
             rope = model.step_rope(scale, si, info[si].frame_ss, schedule[-1][1:])
             out.append(model.step(x, rope, cache, refs=info[si].ref_sids, store_as=si))
     return out
+
+
+def randomized_vae(model, seed: int, trainable: bool = False):
+    """``model`` (a VideoVAE) with seeded weights: fan-in gain 1, norm gains 1 + 0.2 N(0, 1), biases 0.05 N(0, 1) and a
+    latent scale of 1.37 (so bugs cannot hide behind 1s and 0s); in eval mode, frozen unless ``trainable``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            elif name == "scale_learnable_parameters":
+                p.copy_(torch.tensor([1.37, 0.83, 1.21, 0.91]))
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / fan_in) ** 0.5)
+    return model.eval().requires_grad_(trainable)

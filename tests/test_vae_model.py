@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import float32_rounding_tolerance, layer_reductions
+from conftest import float32_rounding_tolerance, layer_reductions, randomized_vae
 from infinitystar.checkpoints import (
     convert_vae_checkpoint,
     load_official_vae_state_dict,
@@ -30,27 +30,10 @@ MASKS = {
 }
 
 
-def _randomize(model: VideoVAE, seed: int) -> VideoVAE:
-    """Seeded weights with non-trivial norm gains, biases and latent scale (so bugs cannot hide behind 1s and 0s)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-            elif name == "scale_learnable_parameters":
-                p.copy_(torch.tensor([1.37, 0.83, 1.21, 0.91]))
-            else:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / fan_in) ** 0.5)
-    return model.eval().requires_grad_(False)
-
-
 @pytest.fixture(scope="module")
 def vae() -> VideoVAE:
     torch.manual_seed(0)
-    return _randomize(VideoVAE(get_preset("vae", "tiny-test")), seed=1)
+    return randomized_vae(VideoVAE(get_preset("vae", "tiny-test")), seed=1)
 
 
 def _video(t: int, h: int = 32, w: int = 48, seed: int = 0) -> torch.Tensor:

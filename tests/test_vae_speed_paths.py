@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import float32_rounding_tolerance, layer_reductions
+from conftest import float32_rounding_tolerance, layer_reductions, randomized_vae
 from infinitystar.config import get_preset, replace
 from infinitystar.vae import layers
 from infinitystar.vae.layers import CausalConv3d, RMSNorm3d, conv_impl, get_conv_impl, set_conv_impl, use_fast_conv
@@ -271,20 +271,8 @@ def test_rms_norm_is_normalize_times_gain():
 
 
 def _random_vae(preset: str, seed: int, **changes) -> VideoVAE:
-    """Seeded weights of unit-gain scale, non-trivial norm gains, biases and latent scale."""
-    model = VideoVAE(replace(get_preset("vae", preset), **changes))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-            elif name == "scale_learnable_parameters":
-                p.copy_(torch.tensor([1.37, 1.0, 1.0, 1.0]))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
-    return model.eval()
+    """A VAE of ``preset`` (with ``changes``) of seeded, unit-gain weights (conftest.randomized_vae), trainable."""
+    return randomized_vae(VideoVAE(replace(get_preset("vae", preset), **changes)), seed, trainable=True)
 
 
 @pytest.fixture(scope="module")
