@@ -655,15 +655,20 @@ def test_pipeline_components_are_frozen_however_they_were_built(pipe2, tmp_path)
 
 @pytest.mark.parametrize(("num_frames", "exact"), [(17, True), (13, False)], ids=["aligned-clips", "short-last-clip"])
 def test_clips_are_decoded_while_the_loop_runs_and_equal_the_whole_decode(pipe2, num_frames, exact):
-    """With callback_on_clip_end each clip is decoded as soon as its codes are complete (before the next clip's
+    """With stream_clips each clip is decoded as soon as its codes are complete (before the next clip's
     first step), the VAE's causal cache carried over: the frames are those of decoding the whole latent after the
     loop -- bit for bit where the clips cut the decoder's chunks where the whole decode does (17 frames: latents
     1 | 2 | 2), else within float32 rounding (13 frames: 1 | 2 | 1 against chunks 2 | 2)."""
     events, clips = [], []
-    streamed = pipe2(PROMPT, num_frames=num_frames, output_type="pt", progress=False, seed=3,
+    streamed = pipe2(PROMPT, num_frames=num_frames, output_type="pt", progress=False, seed=3, stream_clips=True,
                      callback_on_scale_step=lambda p, ev: events.append(("step", ev.step.clip_id)),
                      callback_on_clip_end=lambda i, frames: (events.append(("clip", i)), clips.append(frames)))
-    whole = pipe2(PROMPT, num_frames=num_frames, output_type="pt", progress=False, seed=3)
+    events_after, late = [], []
+    whole = pipe2(PROMPT, num_frames=num_frames, output_type="pt", progress=False, seed=3,
+                  callback_on_scale_step=lambda p, ev: events_after.append("step"),
+                  callback_on_clip_end=lambda i, frames: (events_after.append("clip"), late.append(frames)))
+    # Without stream_clips the clips come after the loop's last step.
+    assert events_after == ["step"] * (len(events_after) - len(late)) + ["clip"] * len(late)
     for i in range(len(clips) - 1):
         assert events.index(("clip", i)) < events.index(("step", i + 1))  # clip i out before clip i+1 starts
     torch.testing.assert_close(torch.cat(clips, dim=1), streamed.frames, atol=0, rtol=0)
@@ -676,7 +681,7 @@ def test_clips_are_decoded_while_the_loop_runs_and_equal_the_whole_decode(pipe2,
     pipe2.enable_vae_tiling(2)  # tiled decode: no streaming, the clips still arrive (after the decode)
     try:
         tiled_clips = []
-        tiled = pipe2(PROMPT, num_frames=num_frames, output_type="pt", progress=False, seed=3,
+        tiled = pipe2(PROMPT, num_frames=num_frames, output_type="pt", progress=False, seed=3, stream_clips=True,
                       callback_on_clip_end=lambda i, frames: tiled_clips.append(frames))
     finally:
         pipe2.set_memory_mode("plain")

@@ -1202,6 +1202,7 @@ class InfinityStarPipeline:
         callback_on_step_end_tensor_inputs: Sequence[str] = ("summed_codes",),
         callback_on_scale_step: Callable[[InfinityStarPipeline, StepEvent], None] | None = None,
         callback_on_clip_end: Callable[[int, Any], None] | None = None,
+        stream_clips: bool = False,
         progress: bool | Callable[[ProgressEvent], None] = True,
         **kwargs: Any,
     ) -> InfinityStarPipelineOutput | tuple[Any]:
@@ -1223,9 +1224,10 @@ class InfinityStarPipeline:
         ``_callback_tensor_inputs``; they are read-only). Setting :attr:`interrupt` there stops the call after that
         step. ``callback_on_scale_step(pipe, event)`` receives the loop's full
         :class:`~infinitystar.generation.loop.StepEvent`. ``callback_on_clip_end(index, frames)`` receives each
-        finished clip's frames (``output_type`` format) as soon as they exist: the clip is decoded while the loop goes
-        on to the next one (the VAE's causal cache carried over: the same frames as decoding after the loop), or,
-        under an offload memory mode or a tiled decode, after the whole decode.
+        finished clip's frames (``output_type`` format) after the decode; with ``stream_clips=True`` as soon as they
+        exist: each clip is decoded while the loop goes on to the next one (the VAE's causal cache carried over: the
+        same frames as decoding after the loop; the decode then reports progress per clip), except under an offload
+        memory mode or a tiled decode, which decode after the loop.
 
         ``progress``: True draws tqdm bars (text encoding, scale steps, VAE decode per chunk), False is silent, a
         callable receives :class:`ProgressEvent` s instead; whatever it raises aborts the call at once, during the
@@ -1274,7 +1276,8 @@ class InfinityStarPipeline:
                 text, negative = self._encode(self.build_prompt(prompts[p], num_frames), negatives[p], reporter)
             assert text is not None
             on_clip, streamed = None, []
-            if callback_on_clip_end is not None and output_type != "latent" and self._streams_decode():
+            if (stream_clips and callback_on_clip_end is not None and output_type != "latent"
+                    and self._streams_decode()):
                 on_clip, streamed = self._clip_streamer(plan, output_type, reporter, callback_on_clip_end)
             result = self._generate(plan, text, negative, forced, sampling, gen, reporter, on_step,
                                     summed_codes_in_events=summed_in_events, on_clip=on_clip)

@@ -49,6 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .rope import apply_rope
+from .sparse_attention import kv_groups_in_kernel as _kv_groups_in_kernel
 from .sparse_attention import segment_sparse_attention
 
 Backend = Literal["sdpa", "flex", "dense"]
@@ -195,18 +196,6 @@ def compiled_flex_attention() -> Callable[..., torch.Tensor]:
     torch's automatic dynamic shapes recompile once for a new length and then generalize.
     """
     return torch.compile(flex_attention)
-
-
-def _kv_groups_in_kernel(q_BHLD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor) -> bool:
-    """Whether SDPA should expand the kv heads itself (``enable_gqa``) rather than take repeated K/V.
-
-    Always on accelerators (no repeated K/V in memory). On CPU only when no K/V gradient will be taken: the
-    forward is bit-identical either way, but the backward of the repeat sums a group's K/V gradients in
-    another order than the kernel does, which would move the CPU training numbers by a rounding.
-    """
-    if q_BHLD.device.type != "cpu":
-        return True
-    return not (torch.is_grad_enabled() and (k_BHLD.requires_grad or v_BHLD.requires_grad))
 
 
 def attend(

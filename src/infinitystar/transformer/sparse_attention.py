@@ -22,13 +22,34 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from .attention import SegmentMask
+
+class MaskView(Protocol):
+    """What this module reads of :class:`~infinitystar.transformer.attention.SegmentMask` (defined there; this
+    module sits below it, so that attention.py can import it)."""
+
+    segment_ids: torch.Tensor
+    rule: torch.Tensor
+
+    @property
+    def length(self) -> int: ...
+
+
+def kv_groups_in_kernel(q_BHLD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor) -> bool:
+    """Whether SDPA should expand the kv heads itself (``enable_gqa``) rather than take repeated K/V.
+
+    Always on accelerators (no repeated K/V in memory). On CPU only when no K/V gradient will be taken: the
+    forward is bit-identical either way, but the backward of the repeat sums a group's K/V gradients in
+    another order than the kernel does, which would move the CPU training numbers by a rounding.
+    """
+    if q_BHLD.device.type != "cpu":
+        return True
+    return not (torch.is_grad_enabled() and (k_BHLD.requires_grad or v_BHLD.requires_grad))
+
 
 # Above this many runs of equal segment ids, groups gather by token index instead of by slices.
 MAX_SLICED_RUNS = 1024
@@ -186,7 +207,7 @@ def _indexed_plan(seg: torch.Tensor, S: int, group_of_seg: dict[int, int],
 _PLANS: dict[int, tuple[weakref.ref, torch.Tensor, int, torch.Tensor, int, SparsePlan]] = {}
 
 
-def sparse_attention_plan(mask: SegmentMask) -> SparsePlan:
+def sparse_attention_plan(mask: MaskView) -> SparsePlan:
     """The grouping plan of ``mask``, built on first use and cached for the mask's lifetime.
 
     The cache checks that the mask still holds the same segment-id and rule tensors, unmodified in place
@@ -212,7 +233,7 @@ def segment_sparse_attention(
     q_BHLD: torch.Tensor,
     k_BHLD: torch.Tensor,
     v_BHLD: torch.Tensor,
-    mask: SegmentMask,
+    mask: MaskView,
     scale: float,
 ) -> torch.Tensor:
     """Self-attention of a packed sequence under ``mask``, computing only the visible pairs; ``[B, H, L, Dv]``.
@@ -226,8 +247,6 @@ def segment_sparse_attention(
     A row whose rule allows only segments without tokens sees nothing and is zero too (the dense path would leave
     it fully masked: NaN). If no row sees anything the result is a constant zero tensor (no autograd graph).
     """
-    from .attention import _kv_groups_in_kernel  # not at import: attention.py may import this module
-
     if q_BHLD.dim() != 4 or k_BHLD.dim() != 4 or v_BHLD.dim() != 4:
         raise ValueError(f"q, k, v must be [B, H, L, D], got {tuple(q_BHLD.shape)}, {tuple(k_BHLD.shape)}, "
                          f"{tuple(v_BHLD.shape)}")
@@ -242,7 +261,7 @@ def segment_sparse_attention(
         raise ValueError(f"the mask covers {mask.length} tokens, the sequence has {L}")
     plan = sparse_attention_plan(mask)
     gqa = heads != kv_heads
-    if gqa and not _kv_groups_in_kernel(q_BHLD, k_BHLD, v_BHLD):
+    if gqa and not kv_groups_in_kernel(q_BHLD, k_BHLD, v_BHLD):
         k_BHLD = k_BHLD.repeat_interleave(heads // kv_heads, dim=1)
         v_BHLD = v_BHLD.repeat_interleave(heads // kv_heads, dim=1)
         gqa = False
