@@ -136,18 +136,21 @@ def loop_config(size: str, pn: str):
 
 @contextlib.contextmanager
 def former_path(model: InfinityStarTransformer) -> Iterator[None]:
-    """The loop as it was: the KV cache concatenated per step and layer, RoPE tables rebuilt for every step."""
+    """The loop as it was: the KV cache concatenated per step and layer, RoPE tables rebuilt for every step (for the
+    loop called here and the pipeline's)."""
+    from infinitystar import pipeline as pipeline_module
+
     real = loop_module.generate_codes
     model.kv_cache_preallocate = False
 
     def former(*args, **kwargs):
         return real(*args, reuse_rope_tables=False, **kwargs)
 
-    loop_module.generate_codes = former
+    loop_module.generate_codes = pipeline_module.generate_codes = former
     try:
         yield
     finally:
-        loop_module.generate_codes = real
+        loop_module.generate_codes = pipeline_module.generate_codes = real
         model.kv_cache_preallocate = None
 
 
