@@ -213,19 +213,41 @@ def test_a_failing_pipeline_is_a_message_and_the_server_goes_on(app, monkeypatch
     assert end.error is None and end.result
 
 
-def test_stop_between_scale_steps_then_the_next_request_runs(app):
+class GatedPipe:
+    """``pipe`` whose first scale step waits for :attr:`gate`: what the page sees does not hang on thread timing."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+        self.gate = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def __call__(self, *args, progress=None, **kwargs):
+        def gated(event: ProgressEvent) -> None:
+            progress(event)
+            if event.stage == "generate" and event.done == 1:
+                assert self.gate.wait(timeout=60), "the test never opened the gate"
+
+        return self._pipe(*args, progress=gated, **kwargs)
+
+
+def test_stop_between_scale_steps_then_the_next_request_runs(pipe, tmp_path):
+    gated = GatedPipe(pipe)
+    app = WebApp(gated, tmp_path / "out")
     seen = []
     for up in app.generate(short(prompt="stop me", seconds=1.0), session="alice"):
         seen.append(up)
         if "scale step 1 of" in up.status:
             assert app.cancel("alice") == 1
+            gated.gate.set()  # the worker, held after step 1, goes on only now that Stop was pressed
             # The worker ends by itself at its next step, whether or not anyone reads the updates.
             assert app.wait_stopped("alice", timeout=60)
     end = seen[-1]
     assert end.result is None and end.status == "Stopped."
-    # Stopped at the first step it checked: far fewer steps than the run has.
-    steps = [u for u in seen if "scale step" in u.status]
-    assert len(steps) < 4
+    # Stopped at the first step it checked after Stop: no step after the first one was reported.
+    steps = [u.status for u in seen if re.search(r"scale step \d+ of", u.status)]
+    assert len(steps) == 1, steps
     assert app.cancel("alice") == 0  # nothing left registered
     end, _ = last(app, short(prompt="after a stop"))
     assert end.error is None and end.result
