@@ -640,10 +640,13 @@ _DEMO_VAE = VAEConfig(block_out_channels=(16, 32, 64, 64, 64), layers_per_block=
 _DEMO_QUANTIZER = QuantizerConfig(detail_scale_min_tokens=16)
 _DEMO_TRANSFORMER = TransformerConfig(
     depth=4, embed_dim=192, num_heads=3, num_kv_heads=3, head_dim=64, mlp_intermediate=512, text_channels=64,
-    text_maxlen=96, block_chunks=1, semantic_scales=3, detail_scale_min_tokens=16, rope_max_frames=21)
+    text_maxlen=96, block_chunks=1, semantic_scales=3, detail_scale_min_tokens=16, rope_max_frames=25)
 register_preset("vae", "demo", _DEMO_VAE)
 register_preset("quantizer", "demo", _DEMO_QUANTIZER)
 register_preset("transformer", "demo", _DEMO_TRANSFORMER)
+# The RoPE covers 25 latent frames, the first frame + three 8-frame clips: the longest training videos (6 s);
+# longer videos run their later clips at the third clip's positions (generation.plan). It is also an
+# interactive model (stories of 2 s segments), trained on story turns (train.tasks).
 # 33-frame clips (9 latent frames: the first frame + one 8-frame clip = 2 s at 16 fps), word-level text
 # encoder (no download). The 4x4 detail scale runs twice (repetition 2, as the official presets repeat
 # scales): 128 bits per token instead of 64 raised the tokenizer's PSNR (+1.4 dB after 400 VAE steps, same
@@ -654,7 +657,7 @@ register_preset("pipeline", "demo", PipelineConfig(
     pn="0.06M", num_scales=4, default_aspect="1:1", aspects=("1:1",), image_repetition=(1, 1, 1, 2),
     video_repetition=(1, 1, 1, 2), sampling=SamplingConfig(guidance_method="cfg", guidance_scale=3.0, tau_image=1.0,
                                                            tau_video=1.0),
-    frames_inner_clip=8, default_seconds=2, quality_suffix="", text_encoder="words", seed=0))
+    frames_inner_clip=8, default_seconds=2, quality_suffix="", text_encoder="words", interactive=True, seed=0))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch import Tensor
 from ..config import QuantizerConfig, SamplingConfig
 from ..transformer.attention import KVCache
 from ..transformer.model import InfinityStarTransformer
-from ..transformer.rope import StepRopeTables, apply_rope, rope_table, visual_positions
+from ..transformer.rope import StepRopeTables, apply_rope, condition_positions, rope_table
 from ..vae.multiscale import CodeAccumulator, area_resize
 from .plan import StepPlan
 from .sampling import (
@@ -243,21 +243,6 @@ SEMANTIC_CONDITION = "semantic_condition"
 DETAIL_CONDITION = "detail_condition"
 
 
-def _condition_positions(scale: Scale, rope_scale_id: int, frames: Sequence[int], full_hw: Sequence[int],
-                         text_maxlen: int) -> Tensor:
-    """RoPE positions of a condition block whose frames carry explicit (possibly non-contiguous) frame ids."""
-    t = scale[0]
-    if len(frames) != t:
-        raise ValueError(f"condition of {t} frames given {len(frames)} frame positions")
-    per_frame = visual_positions((1, scale[1], scale[2]), rope_scale_id, 0, full_hw, text_maxlen)
-    blocks = []
-    for f in frames:
-        p = per_frame.clone()
-        p[:, 1] = f
-        blocks.append(p)
-    return torch.cat(blocks)
-
-
 def _check_interactive_inputs(context_B64THW: Tensor, first_frame_B641HW: Tensor,
                               layout: InteractiveSegmentLayout) -> None:
     _, full_h, full_w = layout.schedule[-1]
@@ -268,6 +253,22 @@ def _check_interactive_inputs(context_B64THW: Tensor, first_frame_B641HW: Tensor
     if first_frame_B641HW.dim() != 5 or tuple(first_frame_B641HW.shape[2:]) != (1, full_h, full_w):
         raise ValueError(f"interactive first-frame latent must be (1, C, 1, {full_h}, {full_w}), "
                          f"got {tuple(first_frame_B641HW.shape)}")
+
+
+def interactive_condition_latents(context_B64THW: Tensor, first_frame_B641HW: Tensor,
+                                  layout: InteractiveSegmentLayout) -> tuple[Tensor, Tensor]:
+    """The two condition blocks of an interactive turn as latents ``(semantic, detail)``, each (1, C, t, h, w).
+
+    * semantic: the previous segment (context frames 1..20) area-downsampled to the grid of clip scale 7;
+    * detail: the story's first latent frame + the previous segment's last two frames at full size.
+
+    Generation (:func:`prefill_interactive_conditions`) and training (``train.interactive``) both build them here.
+    """
+    _check_interactive_inputs(context_B64THW, first_frame_B641HW, layout)
+    s0, s1 = layout.semantic_source
+    semantic = area_resize(context_B64THW[:, :, s0:s1], layout.semantic_condition_scale)
+    detail = torch.cat([first_frame_B641HW, context_B64THW[:, :, list(layout.detail_former_frames)]], dim=2)
+    return semantic, detail
 
 
 @torch.no_grad()
@@ -289,11 +290,8 @@ def prefill_interactive_conditions(
 
     Each pass attends only its own tokens (see the comment at the call).
     """
-    _check_interactive_inputs(context_B64THW, first_frame_B641HW, layout)
     full_hw = tuple(layout.schedule[-1][1:])
-    s0, s1 = layout.semantic_source
-    semantic = area_resize(context_B64THW[:, :, s0:s1], layout.semantic_condition_scale)
-    detail = torch.cat([first_frame_B641HW, context_B64THW[:, :, list(layout.detail_former_frames)]], dim=2)
+    semantic, detail = interactive_condition_latents(context_B64THW, first_frame_B641HW, layout)
     for name, x, scale, sid, frames in (
         (SEMANTIC_CONDITION, semantic, layout.semantic_condition_scale, layout.semantic_rope_scale_id,
          layout.semantic_rope_frames),
@@ -302,7 +300,7 @@ def prefill_interactive_conditions(
     ):
         # visual_positions adds text_maxlen to the scale axis; the condition ids (800, 801) are absolute
         # scale indices of the same axis.
-        pos = _condition_positions(scale, sid, frames, full_hw, model.cfg.text_maxlen)
+        pos = condition_positions(scale, sid, frames, full_hw, model.cfg.text_maxlen)
         rope = rope_table(pos, model.cfg.head_dim, model.cfg.rope_theta)
         # Each condition sees only its own tokens: the reference concatenates cached K/V only for integer
         # (scale) ids, and these passes are keyed by strings, so neither the text nor the other condition.

@@ -212,6 +212,16 @@ class DataConfig:
     # Seed of every data random stream (shuffling, caption draws, dropout); persisted in checkpoints.
     seed: int = 0
     num_workers: int = 0
+    # Tasks beyond text-to-video (train.tasks; the reference trains none of them, we train them as they are
+    # generated). Of each epoch's video samples, this fraction is trained as image-to-video (the first frame's
+    # scales given: no self-correction flips, no loss) ...
+    image_to_video_prob: float = 0.0
+    # ... and this fraction of the videos with two or more clips as video extension (the first frame and 1..n-1
+    # whole clips given). Story records (``segment_captions``) are always interactive turns.
+    extension_prob: float = 0.0
+    # Interactive turns: the conditions get Gaussian noise of one of these strengths times their std, drawn per
+    # sample (the reference's interactive training: 0, 0.15, 0.30); generation adds none.
+    condition_noise: tuple[float, ...] = (0.0, 0.15, 0.30)
 
     def __post_init__(self) -> None:
         jsonl = (self.jsonl,) if isinstance(self.jsonl, str) else tuple(self.jsonl)
@@ -235,6 +245,18 @@ class DataConfig:
                  f"DataConfig.latent_sampling must be 'mean' or 'sample', got {self.latent_sampling!r}")
         _require(isinstance(self.seed, int), f"DataConfig.seed must be an int, got {self.seed!r}")
         _require(self.num_workers >= 0, f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
+        for name in ("image_to_video_prob", "extension_prob"):
+            value = getattr(self, name)
+            _require(isinstance(value, int | float) and 0.0 <= value <= 1.0,
+                     f"DataConfig.{name} must be in [0, 1], got {value!r}")
+        _require(self.image_to_video_prob + self.extension_prob <= 1.0,
+                 f"DataConfig.image_to_video_prob + extension_prob must be <= 1, got "
+                 f"{self.image_to_video_prob} + {self.extension_prob}")
+        noise = tuple(self.condition_noise) if isinstance(self.condition_noise, list | tuple) else None
+        _require(bool(noise) and all(isinstance(v, int | float) and 0.0 <= v <= 10.0 for v in noise),
+                 f"DataConfig.condition_noise must be a non-empty list of strengths in [0, 10], "
+                 f"got {self.condition_noise!r}")
+        object.__setattr__(self, "condition_noise", tuple(float(v) for v in noise))
 
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "dense")

@@ -98,6 +98,8 @@ class Record:
     frames sampled at the training rate; images have ``seconds = None`` and ``num_frames = 1``.
     ``captions`` are the candidate captions (videos: tarsier2 and MiniCPM when present; images: the
     short ``text`` then ``long_caption``, either may be empty). ``source`` is ``file:line``.
+    ``segment_captions``: a *story* video (interactive training), one caption per clip after the first frame
+    (the ``segment_captions`` field; the demo's ``make-demo-data --stories`` writes it); empty otherwise.
     """
 
     kind: Literal["video", "image"]
@@ -110,6 +112,11 @@ class Record:
     native_fps: float = 0.0
     seconds: int | None = None
     num_frames: int = 1
+    segment_captions: tuple[str, ...] = ()
+
+    @property
+    def is_story(self) -> bool:
+        return bool(self.segment_captions)
 
     @property
     def start_time(self) -> float:
@@ -210,6 +217,17 @@ def _resolve_path(value: str, base: Path) -> str:
     return os.path.abspath(p if p.is_absolute() else base / p)
 
 
+def _segment_captions(row: dict[str, Any], where: str) -> tuple[str, ...]:
+    """A story's ``segment_captions`` (one non-empty string per clip, at least two), or () when absent."""
+    value = row.get("segment_captions")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(c, str) and c.strip() for c in value):
+        raise RecordError(f"{where}: field 'segment_captions' must be a list of at least two non-empty strings "
+                          f"(one per clip of the story), got {str(value)[:80]}")
+    return tuple(c.strip() for c in value)
+
+
 def parse_record(row: Any, where: str, config: DataConfig, pipeline: PipelineConfig,
                  base_dir: Path) -> tuple[Record | None, str]:
     """One decoded jsonl row -> ``(record, status)``; raises :class:`RecordError` for a bad row.
@@ -239,13 +257,20 @@ def parse_record(row: Any, where: str, config: DataConfig, pipeline: PipelineCon
         if not captions:
             raise RecordError(f"{where}: no caption (need a non-empty 'tarsier2_caption', "
                               f"'MiniCPM_V_2_6_caption', 'caption' or 'text')")
+        segments = _segment_captions(row, where)
         seconds, status = map_duration((end - begin) / float(fps), config)
         if seconds is None:
             return None, status
-        return Record(kind="video", path=_resolve_path(raw_path, base_dir), source=where, captions=captions,
-                      quality_prompt=_text_field(row, "quality_prompt", where), begin_frame=begin, end_frame=end,
-                      native_fps=float(fps), seconds=seconds,
-                      num_frames=sample_frame_count(seconds, pipeline.fps)), status
+        record = Record(kind="video", path=_resolve_path(raw_path, base_dir), source=where, captions=captions,
+                        quality_prompt=_text_field(row, "quality_prompt", where), begin_frame=begin, end_frame=end,
+                        native_fps=float(fps), seconds=seconds,
+                        num_frames=sample_frame_count(seconds, pipeline.fps), segment_captions=segments)
+        if segments and record.latent_frames != 1 + pipeline.frames_inner_clip * len(segments):
+            clips = (record.latent_frames - 1) / pipeline.frames_inner_clip
+            raise RecordError(f"{where}: {len(segments)} segment_captions for a story of {clips:g} clips "
+                              f"({seconds} s at {pipeline.fps} fps, {pipeline.frames_inner_clip}-latent-frame clips; "
+                              f"max_seconds={config.max_seconds})")
+        return record, status
     if "image_path" in row:
         raw_path = _text_field(row, "image_path", where, required=True)
         if not raw_path:

@@ -26,7 +26,7 @@ import torch
 
 from infinitystar.config import ConfigError, PipelineConfig
 from infinitystar.generation.schedules import Scale
-from infinitystar.text import guidance_dropout_mask
+from infinitystar.text import guidance_dropout_mask, interactive_prompt
 from infinitystar.train.config import DataConfig
 from infinitystar.train.data import (
     Bucket,
@@ -41,7 +41,7 @@ from infinitystar.train.features import FeatureIndex, clip_key, encode_record, l
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataPosition", "DataSample", "LatentDataset"]
+__all__ = ["TRAIN_TASKS", "DataPosition", "DataSample", "LatentDataset", "draw_task"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,11 @@ class DataSample:
     whether the trainer should replace its text by the unconditional rows (condition dropout, drawn per
     sample from the seed). ``position`` is this sample's place; a checkpoint taken after training on it
     stores :attr:`next_position`.
+
+    ``task`` (:data:`TRAIN_TASKS`, drawn per record and epoch like the caption): ``"text-to-video"``;
+    ``"image-to-video"`` (the first frame given); ``"video-extension"`` (the first frame and ``given_clips``
+    whole clips given); ``"interactive"`` (a story record: clip ``turn`` >= 1 generated from the clip before it,
+    ``caption`` is that clip's).
     """
 
     latent_CTHW: torch.Tensor
@@ -85,10 +90,38 @@ class DataSample:
     bucket: Bucket
     cache_file: str | None
     position: DataPosition
+    task: str = "text-to-video"
+    given_clips: int = 0
+    turn: int = 0
 
     @property
     def next_position(self) -> DataPosition:
         return DataPosition(self.position.epoch, self.position.index + 1)
+
+
+TRAIN_TASKS = ("text-to-video", "image-to-video", "video-extension", "interactive")
+
+
+def draw_task(record: Record, config: DataConfig, pipeline: PipelineConfig,
+              generator: torch.Generator) -> tuple[str, int, int]:
+    """``(task, given_clips, turn)`` of ``record`` for one epoch (see :class:`DataSample`).
+
+    A story is an interactive turn, its turn uniform in 1..clips-1. A video is image-to-video with probability
+    ``config.image_to_video_prob``, else (two clips or more) video extension with ``config.extension_prob``,
+    given clips uniform in 1..clips-1, else text-to-video. Images are always text-to-image (``text-to-video``).
+    """
+    # Clips of the schedule after the first frame (the last one may be short).
+    clips = -(-(record.latent_frames - 1) // pipeline.frames_inner_clip) if record.kind == "video" else 0
+    if record.is_story:
+        return "interactive", 0, 1 + int(torch.randint(0, clips - 1, (), generator=generator))
+    if record.kind != "video":
+        return "text-to-video", 0, 0
+    u = float(torch.rand((), generator=generator))
+    if u < config.image_to_video_prob:
+        return "image-to-video", 0, 0
+    if clips >= 2 and u < config.image_to_video_prob + config.extension_prob:
+        return "video-extension", 1 + int(torch.randint(0, clips - 1, (), generator=generator)), 0
+    return "text-to-video", 0, 0
 
 
 @dataclass(frozen=True)
@@ -220,12 +253,17 @@ class LatentDataset:
         i = order[index]
         rec = self.records[i]
         latent, bucket = self.load_latent(i)
-        gen = record_generator(self.config.seed, epoch, self._uid(i))
-        caption = draw_caption(rec, self.config, gen)
+        task, given_clips, turn = draw_task(rec, self.config, self.pipeline,
+                                            record_generator(self.config.seed, epoch, self._uid(i), "task"))
+        if task == "interactive":
+            clip_seconds = self.pipeline.frames_inner_clip * self.pipeline.vae.time_stride // self.pipeline.fps
+            caption = interactive_prompt(rec.segment_captions[turn], clip_seconds)  # as the turn is prompted
+        else:
+            caption = draw_caption(rec, self.config, record_generator(self.config.seed, epoch, self._uid(i)))
         drop = bool(guidance_dropout_mask(1, self.config.cond_dropout,
                                           record_generator(self.config.seed, epoch, self._uid(i), "dropout"))[0])
         return DataSample(latent, sample_schedule(bucket, latent.shape[1], self.pipeline), caption, drop, rec, bucket,
-                          self.cache_files[i], DataPosition(epoch, index))
+                          self.cache_files[i], DataPosition(epoch, index), task, given_clips, turn)
 
     def _try_sample(self, epoch: int, index: int) -> DataSample | _Skipped:
         try:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ from infinitystar.train.loss import LossOutput, LossWeighting, bit_loss_per_toke
 from infinitystar.train.scale_subsets import ScaleSubsetConfig, plan_packed_step
 from infinitystar.train.self_correction import RandomBitFlips, TrainingTokens, tokenize_for_training
 from infinitystar.transformer.model import InfinityStarTransformer
-from infinitystar.transformer.sequence import PackedLayout, PackedSample, build_packed_layout
+from infinitystar.transformer.sequence import ConditionBlock, PackedLayout, PackedSample, build_packed_layout
 
 
 @dataclass
@@ -47,7 +47,12 @@ class TrainSample:
     running code sum at its trained repetition, tokens in (t, h, w) order); ``labels[k]``: ``[1, n, d]``
     clean bit labels (any integer dtype); ``real_si[k]``: RoPE step index of that repetition; ``text``:
     ``[L_text, text_channels]`` prompt features. ``schedule`` is the sample's *full* schedule (it fixes
-    the clip layout, the RoPE grid and the loss weights).
+    the clip layout, the RoPE grid and the loss weights); ``frames_inner_clip`` the latent frames of its clips.
+
+    The tasks beyond text-to-video (``train.tasks``): scales ``< loss_from`` are *given*, as image-to-video and
+    video extension force them at generation (their inputs carry no self-correction flips and they take no
+    loss); ``conditions`` are an interactive turn's condition blocks, each with its tokens ``[1, n, d_vae]``,
+    which every scale attends (``transformer.sequence``).
     """
 
     schedule: tuple[Scale, ...]
@@ -56,6 +61,9 @@ class TrainSample:
     labels: list[torch.Tensor]
     real_si: list[int]
     text: torch.Tensor
+    frames_inner_clip: int = FRAMES_INNER_CLIP
+    loss_from: int = 0
+    conditions: list[tuple[ConditionBlock, torch.Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.schedule = tuple(tuple(int(v) for v in s) for s in self.schedule)  # type: ignore[misc]
@@ -79,6 +87,12 @@ class TrainSample:
                                  f"got {tuple(y.shape)}")
         if self.text.dim() != 2 or self.text.shape[0] == 0:
             raise ValueError(f"TrainSample: text must be [L_text > 0, channels], got {tuple(self.text.shape)}")
+        if not 0 <= self.loss_from <= len(self.schedule) or not any(i >= self.loss_from for i in ids):
+            raise ValueError(f"TrainSample: loss_from={self.loss_from} leaves no scale of {ids} with a loss")
+        for block, tokens in self.conditions:
+            if tokens.dim() != 3 or tuple(tokens.shape[:2]) != (1, block.tokens):
+                raise ValueError(f"TrainSample: condition {block.scale} needs tokens [1, {block.tokens}, C], "
+                                 f"got {tuple(tokens.shape)}")
 
     def subset(self, ids: Sequence[int]) -> TrainSample:
         """The same sample restricted to the scales ``ids`` (a subset of ``scale_ids``)."""
@@ -88,7 +102,13 @@ class TrainSample:
             raise ValueError(f"scales {missing} are not in this sample (it holds {list(self.scale_ids)})")
         ks = [pos[i] for i in sorted(set(int(i) for i in ids))]
         return TrainSample(self.schedule, tuple(self.scale_ids[k] for k in ks), [self.inputs[k] for k in ks],
-                           [self.labels[k] for k in ks], [self.real_si[k] for k in ks], self.text)
+                           [self.labels[k] for k in ks], [self.real_si[k] for k in ks], self.text,
+                           self.frames_inner_clip, self.loss_from, list(self.conditions))
+
+    @property
+    def loss_mask(self) -> list[bool]:
+        """Per packed scale: whether it takes a loss (False for the given scales of image-to-video/extension)."""
+        return [si >= self.loss_from for si in self.scale_ids]
 
     @property
     def visual_tokens(self) -> int:
@@ -121,17 +141,18 @@ def tokenize_sample(
         latent_B64THW, schedule, repetitions, selected_repeats, quantizer_config, RandomBitFlips(bsc_strength, gen),
         trained_scales=scale_ids, frames_inner_clip=frames_inner_clip,
     )
-    return train_sample_from_tokens(tokens, schedule, text)
+    return train_sample_from_tokens(tokens, schedule, text, frames_inner_clip=frames_inner_clip)
 
 
 def train_sample_from_tokens(tokens: TrainingTokens, schedule: Sequence[Sequence[int]],
-                             text: torch.Tensor) -> TrainSample:
+                             text: torch.Tensor, *, frames_inner_clip: int = FRAMES_INNER_CLIP,
+                             loss_from: int = 0) -> TrainSample:
     """Wrap the self-correction tokenizer's output (one sample, batch 1) as a :class:`TrainSample`."""
     if tokens.x_BLC.shape[0] != 1:
         raise ValueError(f"expected the tokens of one sample (batch 1), got x_BLC {tuple(tokens.x_BLC.shape)}")
     xs = list(tokens.x_BLC.split(tokens.scale_lengths, dim=1))
     return TrainSample(tuple(tuple(int(v) for v in s) for s in schedule), tuple(tokens.scales), xs,
-                       list(tokens.gt_bits), list(tokens.real_si), text)
+                       list(tokens.gt_bits), list(tokens.real_si), text, frames_inner_clip, loss_from)
 
 
 def prepare_packed_batch(
@@ -179,7 +200,9 @@ def pack_inputs(samples: Sequence[TrainSample]) -> tuple[list[PackedSample], tor
     packed, xs, labels = [], [], []
     for sample in samples:
         packed.append(PackedSample(sample.schedule, sample.scale_ids, tuple(sample.real_si),
-                                   int(sample.text.shape[0])))
+                                   int(sample.text.shape[0]), sample.frames_inner_clip,
+                                   tuple(block for block, _ in sample.conditions)))
+        xs.extend(tokens for _, tokens in sample.conditions)  # a sample's condition blocks precede its scales
         xs.extend(sample.inputs)
         labels.extend(sample.labels)
     return packed, torch.cat(xs, dim=1), labels
@@ -207,15 +230,20 @@ def packed_loss(
     texts = [s.text.to(device) for s in samples]
     with _autocast(device, autocast_dtype):
         out = model.forward_packed(x_BLC.to(device), texts, layout, backend=backend, uncond=uncond)
-    losses, accs = [], []
-    for logits, y in zip(out.logits, labels):
+    takes_loss = [m for sample in samples for m in sample.loss_mask]
+    losses, accs, scales, full = [], [], [], []
+    for k, (logits, y) in enumerate(zip(out.logits, labels, strict=True)):
         if logits.shape[:-1] != y.shape:
             raise ValueError(f"labels of shape {tuple(y.shape)} do not match the head output {tuple(logits.shape)} "
                              "(semantic/detail split of the tokenizer and the model disagree?)")
+        if not takes_loss[k]:
+            continue  # a given scale: context for the others, as at generation, never a target
         loss, acc = bit_loss_per_token(logits, y.to(device))
         losses.append(loss[0])
         accs.append(acc[0])
-    reduced = reduce_loss(torch.cat(losses), torch.cat(accs), layout.scales, layout.full_scales, weighting)
+        scales.append(layout.scales[k])
+        full.append(layout.full_scales[k])
+    reduced = reduce_loss(torch.cat(losses), torch.cat(accs), scales, full, weighting)
     return reduced, layout
 
 
@@ -267,11 +295,13 @@ def train_step(
             optimizer.zero_grad(set_to_none=True)
     loss_s, acc_s, w_s = (t.detach().cpu().tolist() for t in (reduced.loss_per_scale, reduced.acc_per_scale,
                                                                   reduced.weights))
-    per_scale = []
-    k = 0
+    per_scale = []  # the scales that take a loss, in packed order
+    k = n = 0
     for b, sample in enumerate(samples):
-        for si in sample.scale_ids:
-            per_scale.append((b, int(si), layout.scales[k], loss_s[k], acc_s[k], w_s[k]))
+        for si, takes_loss in zip(sample.scale_ids, sample.loss_mask):
+            if takes_loss:
+                per_scale.append((b, int(si), layout.scales[k], loss_s[n], acc_s[n], w_s[n]))
+                n += 1
             k += 1
     return StepMetrics(
         loss=float(reduced.final_loss.detach()), acc=float(reduced.final_acc.detach()), grad_norm=grad_norm,

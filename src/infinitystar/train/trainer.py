@@ -81,6 +81,7 @@ from infinitystar.train.features import feature_tag, vae_identity
 from infinitystar.train.loss import LossWeighting, raw_scale_weights
 from infinitystar.train.scale_subsets import ScaleSubsetConfig, outcome_table
 from infinitystar.train.step import TrainSample, make_optimizer, prepare_packed_batch, train_step
+from infinitystar.train.tasks import given_prefix_sample, interactive_turn_sample
 
 # ----------------------------------------------------------------------------------------------
 # Small pure pieces
@@ -95,7 +96,7 @@ def sample_generator(seed: int, step: int, global_index: int) -> torch.Generator
 
 def sample_weight_mass(sample: TrainSample, weighting: LossWeighting) -> float:
     """Sum of the raw (un-normalised) loss weights of a sample's trained scales."""
-    counts = [math.prod(sample.schedule[i]) for i in sample.scale_ids]
+    counts = [math.prod(sample.schedule[i]) for i in sample.scale_ids if i >= sample.loss_from]  # given: no loss
     full = [math.prod(sample.schedule[-1])] * len(counts)
     return float(sum(raw_scale_weights(counts, full, weighting)))
 
@@ -284,16 +285,41 @@ class Trainer:
                 left_out += 1
                 continue
             gen = sample_generator(run.seed, step, step * global_batch + info.dp_rank * run.batch_size + k)
-            reps = scale_repetitions(ds.schedule, self.pipe_cfg.image_repetition, self.pipe_cfg.video_repetition)
-            latent = ds.latent_CTHW[None].to(self.device, torch.float32)
-            [sample] = prepare_packed_batch(
-                [latent], [text], [ds.schedule], [reps], self.pipe_cfg.quantizer, self.subsets, gen,
-                max_tokens=remaining, bsc_strength=run.bsc_strength, frames_inner_clip=self.pipe_cfg.frames_inner_clip)
+            sample = self._tokenize(ds, text, gen, remaining)
+            if sample is None:
+                left_out += 1
+                continue
             out.append(sample)
             uncond.append(bool(ds.drop_text))
             if remaining is not None:
                 remaining -= sample.visual_tokens + int(text.shape[0])
         return out, uncond, left_out
+
+    def _tokenize(self, ds: Any, text: torch.Tensor, gen: torch.Generator, budget: int | None) -> TrainSample | None:
+        """The training sample of data sample ``ds`` for its task (``train.tasks``); None when the tokens of an
+        image-to-video, extension or interactive sample (always whole) exceed the token ``budget``."""
+        run, pipe_cfg = self.cfg.training, self.pipe_cfg
+        latent = ds.latent_CTHW[None].to(self.device, torch.float32)
+        reps = scale_repetitions(ds.schedule, pipe_cfg.image_repetition, pipe_cfg.video_repetition)
+        task = getattr(ds, "task", "text-to-video")
+        if task == "text-to-video":
+            [sample] = prepare_packed_batch(
+                [latent], [text], [ds.schedule], [reps], pipe_cfg.quantizer, self.subsets, gen,
+                max_tokens=budget, bsc_strength=run.bsc_strength, frames_inner_clip=pipe_cfg.frames_inner_clip)
+            return sample
+        if task in ("image-to-video", "video-extension"):
+            sample = given_prefix_sample(latent, text, ds.schedule, reps, pipe_cfg.quantizer,
+                                         ds.given_clips if task == "video-extension" else 0, gen,
+                                         bsc_strength=run.bsc_strength, frames_inner_clip=pipe_cfg.frames_inner_clip)
+        elif task == "interactive":
+            pyramid = ds.schedule[:scales_per_clip(ds.schedule)]
+            sample = interactive_turn_sample(latent, ds.turn, text, pipe_cfg, pyramid, gen,
+                                             bsc_strength=run.bsc_strength,
+                                             condition_noise=self.cfg.data.condition_noise)
+        else:
+            raise ValueError(f"unknown training task {task!r}")
+        tokens = sample.visual_tokens + sum(block.tokens for block, _ in sample.conditions) + int(text.shape[0])
+        return None if budget is not None and tokens > budget else sample
 
     def train_one_step(self, batch: list[Any]) -> dict[str, Any]:
         """Train on this rank's ``batch`` (a list of data samples) and return the step's global log record."""
@@ -332,9 +358,13 @@ class Trainer:
         }
 
     def _per_scale(self, samples: list[TrainSample], rows: list[tuple]) -> dict[str, dict[str, float]]:
-        """Loss and accuracy per (clip duration, scale index), averaged over the global batch."""
+        """Loss and accuracy per (clip duration, scale index), averaged over the global batch (interactive turns
+        under ``turn/``; given scales have no loss and no row)."""
         local = []
         for b, si, scale, loss, acc, _w in rows:
+            if samples[b].conditions:  # an interactive turn: its own schedule, logged apart
+                local.append((f"turn/s{si:03d}", loss, acc, list(scale)))
+                continue
             seconds = latent_seconds(samples[b].schedule, self.pipe_cfg.vae.time_stride, self.pipe_cfg.fps)
             local.append((f"t{seconds:04.1f}s/s{si:03d}", loss, acc, list(scale)))
         merged: dict[str, list] = defaultdict(lambda: [0.0, 0.0, 0, None])

@@ -174,7 +174,8 @@ class InfinityStarTransformer(nn.Module):
     ) -> PackedOutput:
         """Training forward over one packed sequence.
 
-        ``x_BLC [1, L_vis, d_vae]``: the visual inputs of every packed scale (sample-major); ``texts``:
+        ``x_BLC [1, L_vis, d_vae]``: the visual inputs of every packed scale and condition block, in the layout's
+        order (sample-major, a sample's condition blocks before its scales); ``texts``:
         one ``[L_text_b, text_channels]`` tensor per sample; ``uncond[b]`` replaces sample b's text by the
         learned unconditional rows (condition dropout, decided by the caller's RNG).
         """
@@ -205,12 +206,10 @@ class InfinityStarTransformer(nn.Module):
                 x = blk(x, rope, mask, backend, None, i)
                 if block_outs is not None:
                     block_outs.append(x)
-        logits = []
-        start = 0
-        for scale, sem in zip(layout.scales, layout.semantic):
+        logits = []  # per visual scale (condition blocks have none)
+        for scale, sem, start in zip(layout.scales, layout.semantic, layout.scale_offsets, strict=True):
             n = scale[0] * scale[1] * scale[2]
             logits.append(self.bit_logits(x[:, start:start + n], sem))
-            start += n
         return PackedOutput(logits=logits, hidden=x, block_outputs=block_outs)
 
     # ------------------------------------------------------------------ inference

@@ -70,6 +70,26 @@ def visual_positions(
     return torch.cat([step, grid], dim=1)
 
 
+def condition_positions(scale: Sequence[int], rope_scale_id: int, frames: Sequence[int], full_hw: Sequence[int],
+                        text_maxlen: int) -> torch.Tensor:
+    """Positions ``[t*h*w, 4]`` of an interactive condition block (``scale`` = (t, h, w)) on scale id
+    ``rope_scale_id`` whose t frames carry the explicit, possibly non-contiguous, frame ids ``frames``.
+
+    The generation loop's condition passes and the training sequence of an interactive turn both take their RoPE
+    rows from here, so the two cannot drift apart.
+    """
+    t = int(scale[0])
+    if len(frames) != t:
+        raise ValueError(f"condition of {t} frames given {len(frames)} frame positions")
+    per_frame = visual_positions((1, scale[1], scale[2]), rope_scale_id, 0, full_hw, text_maxlen)
+    blocks = []
+    for f in frames:
+        p = per_frame.clone()
+        p[:, 1] = int(f)
+        blocks.append(p)
+    return torch.cat(blocks)
+
+
 def rope_table(positions_N4: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     """cos/sin table ``[2, N, head_dim // 2]`` float32 for positions ``[N, 4]``; ``[0]`` cos, ``[1]`` sin.
 

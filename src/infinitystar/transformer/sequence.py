@@ -10,6 +10,9 @@ iff ``segment_mask[q, k]``:
 
 * a visual scale sees itself, its own sample's text, and -- for a scale of clip c >= 1 -- the last
   (full-resolution) scale of clip c-1 of the same sample (never the coarser scales of its own clip);
+* a sample may carry condition blocks (an interactive turn's semantic and detail conditions,
+  :class:`ConditionBlock`), packed just before its scales: each sees only itself, and every scale of that
+  sample sees all of them -- what the interactive generation's KV cache gives each step;
 * a text segment sees itself only;
 * the padding sees nothing (its rows are zero after attention).
 
@@ -26,7 +29,24 @@ import torch
 
 from ..config import TransformerConfig
 from ..generation.schedules import Scale, clip_layout, uses_detail_lfq
-from .rope import pad_table, rope_table, text_positions, visual_positions
+from .rope import condition_positions, pad_table, rope_table, text_positions, visual_positions
+
+
+@dataclass(frozen=True)
+class ConditionBlock:
+    """Visual tokens a sample's scales attend besides the text: an interactive turn's semantic or detail condition.
+
+    ``scale`` = (t, h, w) of the block; RoPE on scale id ``rope_scale_id`` with the explicit frame ids ``frames``
+    (:func:`~infinitystar.transformer.rope.condition_positions`).
+    """
+
+    scale: Scale
+    rope_scale_id: int
+    frames: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        return self.scale[0] * self.scale[1] * self.scale[2]
 
 
 @dataclass(frozen=True)
@@ -43,6 +63,7 @@ class PackedSample:
     real_si: tuple[int, ...]
     text_len: int
     frames_inner_clip: int = 20
+    conditions: tuple[ConditionBlock, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", tuple(tuple(int(v) for v in s) for s in self.schedule))
@@ -71,9 +92,10 @@ class PackedLayout:
     semantic: list[bool]  # per visual scale: semantic head (True) or detail head
     full_scales: list[Scale]  # per visual scale: the last scale of its sample's schedule (loss weights)
     text_lens: list[int]
-    visual_len: int
+    visual_len: int  # every visual token: the scales and any condition blocks
     pad_len: int
     rope: torch.Tensor  # [2, L, head_dim/2]
+    scale_offsets: list[int] = field(default_factory=list)  # per visual scale: its first token in the sequence
     _segment_ids: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -101,24 +123,39 @@ def build_packed_layout(samples: Sequence[PackedSample], cfg: TransformerConfig)
     semantic: list[bool] = []
     full: list[Scale] = []
     rope_rows: list[torch.Tensor] = []
-    refs_per_segment: list[list[int]] = []  # visual segment -> referenced visual segments
-    owner: list[int] = []  # visual segment -> sample index
+    # Per visual segment (scales and condition blocks): owner sample, the visual segments it also sees, and
+    # whether it sees its sample's text (condition blocks do not).
+    owner: list[int] = []
+    sees: list[list[int]] = []
+    sees_text: list[bool] = []
+    offsets: list[int] = []
     for b, sample in enumerate(samples):
         layout = clip_layout(sample.schedule, sample.frames_inner_clip)
         last = sample.schedule[-1]
+        condition_segs = []
+        for block in sample.conditions:
+            condition_segs.append(len(seg_lengths))
+            owner.append(b)
+            sees.append([])
+            sees_text.append(False)
+            seg_lengths.append(block.tokens)
+            pos = condition_positions(block.scale, block.rope_scale_id, block.frames, last[1:], cfg.text_maxlen)
+            rope_rows.append(rope_table(pos, cfg.head_dim, cfg.rope_theta))
         first_seg = len(seg_lengths)
         seg_of_scale = {si: first_seg + k for k, si in enumerate(sample.scale_ids)}
         for si, rsi in zip(sample.scale_ids, sample.real_si):
             scale = sample.schedule[si]
             info = layout[si]
-            refs = []
+            refs = list(condition_segs)
             for r in info.ref_sids:
                 if r not in seg_of_scale:
                     raise ValueError(f"sample {b}: scale {si} attends scale {r} (last scale of the previous clip), "
                                      f"which is not among the packed scales {list(sample.scale_ids)}")
                 refs.append(seg_of_scale[r])
-            refs_per_segment.append(refs)
+            sees.append(refs)
+            sees_text.append(True)
             owner.append(b)
+            offsets.append(sum(seg_lengths))
             seg_lengths.append(scale[0] * scale[1] * scale[2])
             scales.append(scale)
             semantic.append(not uses_detail_lfq(scale, cfg.detail_scale_min_tokens))  # training's head rule
@@ -142,12 +179,14 @@ def build_packed_layout(samples: Sequence[PackedSample], cfg: TransformerConfig)
     mask = torch.zeros(n_seg, n_seg, dtype=torch.bool)
     for s in range(n_vis_seg):
         mask[s, s] = True
-        mask[s, n_vis_seg + owner[s]] = True
-        for r in refs_per_segment[s]:
+        if sees_text[s]:
+            mask[s, n_vis_seg + owner[s]] = True
+        for r in sees[s]:
             mask[s, r] = True
     for b in range(len(samples)):
         mask[n_vis_seg + b, n_vis_seg + b] = True
     return PackedLayout(
         segment_lengths=seg_lengths, segment_mask=mask, scales=scales, semantic=semantic, full_scales=full,
         text_lens=text_lens, visual_len=visual_len, pad_len=pad, rope=torch.cat(rope_rows, dim=1),
+        scale_offsets=offsets,
     )

@@ -1,0 +1,224 @@
+"""Training for every task (train.tasks): image-to-video, video extension and interactive turns, each trained on the
+sequence its generation path runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import float32_rounding_tolerance, realistic_transformer, transformer_rounding_path
+from infinitystar.config import get_preset
+from infinitystar.generation.loop import (
+    DETAIL_CONDITION,
+    SEMANTIC_CONDITION,
+    generate_codes,
+    prefill_interactive_conditions,
+)
+from infinitystar.generation.plan import InteractivePlan
+from infinitystar.generation.schedules import scale_repetitions, video_scale_schedule
+from infinitystar.train.config import DataConfig
+from infinitystar.train.data import RecordError, parse_record
+from infinitystar.train.dataset import draw_task
+from infinitystar.train.loss import LossWeighting, bit_loss_per_token, reduce_loss
+from infinitystar.train.self_correction import NoFlips, tokenize_for_training
+from infinitystar.train.step import pack_inputs, packed_loss
+from infinitystar.train.tasks import given_prefix_sample, given_scale_count, interactive_turn_sample
+from infinitystar.transformer.sequence import build_packed_layout
+from infinitystar.vae.multiscale import encode_to_bits
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DEMO = get_preset("pipeline", "demo")
+PYRAMID = [(1, 1, 1), (1, 2, 2), (1, 3, 3), (1, 4, 4)]
+CLIP = DEMO.frames_inner_clip
+
+
+def _latent(frames: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(1, DEMO.quantizer.embed_dim, frames, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------- interactive
+
+
+@pytest.mark.parametrize("turn", [1, 2])
+def test_an_interactive_training_turn_gives_the_generation_logits(turn):
+    """The packed training sequence of turn ``turn`` and the generation loop's KV-cached turn (the same condition
+    passes, plan, RoPE and cache), fed the same clean inputs, give the same logits at every scale."""
+    model = realistic_transformer(DEMO.transformer, seed=3)
+    story = _latent(1 + 3 * CLIP, seed=turn)
+    text = torch.randn(5, DEMO.transformer.text_channels, generator=torch.Generator().manual_seed(9))
+    sample = interactive_turn_sample(story, turn, text, DEMO, PYRAMID, torch.Generator().manual_seed(turn),
+                                     bsc_strength=0.0, condition_noise=(0.0,))
+    packed, x, _ = pack_inputs([sample])
+    layout = build_packed_layout(packed, model.cfg)
+    with torch.no_grad():
+        train = model.forward_packed(x, [text], layout)
+
+    # Generation: the interactive plan's turn, every step's bits forced to the target clip's clean bits, so each
+    # step's input is the training input of that scale and repetition.
+    plan = InteractivePlan(DEMO, tuple(PYRAMID), DEMO.sampling)
+    context = story[:, :, CLIP * (turn - 1): CLIP * turn + 1]
+    target = story[:, :, CLIP * turn + 1: CLIP * (turn + 1) + 1]
+    bits = encode_to_bits(target, plan.layout.schedule, plan.repetitions, DEMO.quantizer, frames_inner_clip=CLIP).bits
+    events = []
+    with torch.no_grad():
+        cache = model.new_cache()
+        model.prefill_text(text, cache, guidance=True)
+        prefill_interactive_conditions(model, cache, context, story[:, :, :1], plan.layout, batch=2)
+        generate_codes(model, DEMO.quantizer, text, plan.layout.schedule, plan.steps, plan.repetitions, DEMO.sampling,
+                       generator=torch.Generator().manual_seed(0), forced_bits=list(bits), run_forced_steps=True,
+                       frames_inner_clip=CLIP, cache=cache, extra_context=(SEMANTIC_CONDITION, DETAIL_CONDITION),
+                       on_step=events.append)
+    assert DEMO.sampling.tau_image == 1.0  # so the loop's conditional branch is the raw logits
+    by_step = {(e.step.si, e.step.repeat): e for e in events}
+    path = transformer_rounding_path(model, layout.seq_len) + [model.cfg.embed_dim]
+    for k, (si, real_si) in enumerate(zip(sample.scale_ids, sample.real_si)):
+        [event] = [e for e in events if e.step.si == si and e.step.rope_scale_index == real_si]
+        assert event is by_step[(si, event.step.repeat)]
+        assert layout.semantic[k] == (not event.step.detail_head)
+        generated = event.branches_Bnd2[0:1]
+        tol = float32_rounding_tolerance(max(train.hidden.abs().max().item(), generated.abs().max().item()), path)
+        assert (train.logits[k] - generated).abs().max() <= tol, f"scale {si}"
+
+
+def test_an_interactive_turn_without_its_conditions_changes_the_logits():
+    """The conditions reach the clip's scales (a check that the equality above is not vacuous)."""
+    model = realistic_transformer(DEMO.transformer, seed=3)
+    story = _latent(1 + 2 * CLIP, seed=4)
+    text = torch.randn(5, DEMO.transformer.text_channels, generator=torch.Generator().manual_seed(9))
+    sample = interactive_turn_sample(story, 1, text, DEMO, PYRAMID, torch.Generator().manual_seed(1),
+                                     bsc_strength=0.0, condition_noise=(0.0,))
+    stripped = replace(sample, conditions=[])
+    outs = []
+    for s in (sample, stripped):
+        packed, x, _ = pack_inputs([s])
+        with torch.no_grad():
+            outs.append(model.forward_packed(x, [text], build_packed_layout(packed, model.cfg)).logits)
+    assert all((a - b).abs().max() > 1e-2 for a, b in zip(*outs))
+
+
+def test_interactive_turn_sample_layout_and_noise():
+    story = _latent(1 + 3 * CLIP, seed=5)
+    text = torch.zeros(3, DEMO.transformer.text_channels)
+    sample = interactive_turn_sample(story, 2, text, DEMO, PYRAMID, torch.Generator().manual_seed(0),
+                                     bsc_strength=0.0, condition_noise=(0.0,))
+    assert sample.schedule == tuple((CLIP, h, w) for _, h, w in PYRAMID) and sample.loss_from == 0
+    [(sem_block, sem), (det_block, det)] = sample.conditions
+    assert sem_block.rope_scale_id == 800 and det_block.rope_scale_id == 801
+    assert det_block.frames == (0, CLIP - 1, CLIP)
+    # The detail condition: the story's first frame, then the previous segment's (clip 1's) last two frames.
+    want = torch.cat([story[:, :, :1], story[:, :, 2 * CLIP - 1: 2 * CLIP + 1]], dim=2)
+    assert torch.equal(det, want.flatten(2).transpose(1, 2))
+    # The labels are the target clip's (clip 2's) clean bits, not another clip's.
+    clean = tokenize_for_training(story[:, :, 2 * CLIP + 1:], sample.schedule, list(DEMO.image_repetition),
+                                  [0] * 4, DEMO.quantizer, NoFlips(), frames_inner_clip=CLIP)
+    assert torch.equal(sample.labels[0], clean.gt_bits[0])
+    # Noise of strength 0.3 x std on the conditions only.
+    noisy = interactive_turn_sample(story, 2, text, DEMO, PYRAMID, torch.Generator().manual_seed(0),
+                                    bsc_strength=0.0, condition_noise=(0.3,))
+    delta = noisy.conditions[1][1] - det
+    assert 0.2 * det.std() < delta.std() < 0.4 * det.std()
+    assert torch.equal(noisy.labels[0], sample.labels[0])
+    with pytest.raises(ValueError, match="turns are 1..2"):
+        interactive_turn_sample(story, 3, text, DEMO, PYRAMID, torch.Generator(), condition_noise=(0.0,))
+
+
+# ----------------------------------------------------------------------------------------------- given prefixes
+
+
+def _video(clips: int):
+    schedule = video_scale_schedule(PYRAMID, 1 + clips * CLIP, CLIP)
+    return schedule, scale_repetitions(schedule, DEMO.image_repetition, DEMO.video_repetition)
+
+
+@pytest.mark.parametrize(("given_clips", "given"), [(0, 4), (1, 8), (2, 12)])
+def test_given_scales_are_clean_and_take_no_loss(given_clips, given):
+    schedule, reps = _video(3)
+    latent = _latent(1 + 3 * CLIP, seed=6)
+    assert given_scale_count(schedule, given_clips) == given
+    sample = given_prefix_sample(latent, torch.zeros(3, 64), schedule, reps, DEMO.quantizer, given_clips,
+                                 torch.Generator().manual_seed(2), bsc_strength=1.0, frames_inner_clip=CLIP)
+    assert sample.loss_from == given and sample.loss_mask == [si >= given for si in range(len(schedule))]
+    clean = tokenize_for_training(latent, schedule, reps, [0] * len(schedule), DEMO.quantizer, NoFlips(),
+                                  frames_inner_clip=CLIP, trained_scales=range(given + 1))
+    # The given scales' inputs (and the first generated scale's, whose history is all given) carry no flips ...
+    for si in range(given + 1):
+        if reps[si] == 1 or si == given:
+            assert torch.equal(sample.inputs[si], clean.x_BLC.split(clean.scale_lengths, 1)[si])
+    # ... while a later one does (self-correction at strength 1 draws flip rates up to 1 on every step).
+    full = tokenize_for_training(latent, schedule, reps, [0] * len(schedule), DEMO.quantizer, NoFlips(),
+                                 frames_inner_clip=CLIP)
+    last = len(schedule) - 1
+    assert not torch.equal(sample.inputs[last], full.x_BLC.split(full.scale_lengths, 1)[last])
+    model = realistic_transformer(DEMO.transformer, seed=1)
+    reduced, layout = packed_loss(model, [sample], LossWeighting())
+    assert reduced.loss_per_scale.shape[0] == len(schedule) - given
+    # The given scales' logits get no gradient.
+    model.requires_grad_(True)
+    packed, x, _ = pack_inputs([sample])
+    out = model.forward_packed(x, [sample.text], build_packed_layout(packed, model.cfg))
+    for logits in out.logits:
+        logits.retain_grad()
+    losses = [bit_loss_per_token(out.logits[k], sample.labels[k]) for k in range(given, len(schedule))]
+    reduce_loss(torch.cat([l_[0][0] for l_ in losses]), torch.cat([l_[1][0] for l_ in losses]),
+                layout.scales[given:], layout.full_scales[given:], LossWeighting()).final_loss.backward()
+    assert all(out.logits[k].grad is None or out.logits[k].grad.abs().max() == 0 for k in range(given))
+    assert out.logits[given].grad.abs().max() > 0
+
+
+def test_an_extension_must_leave_a_clip_to_generate():
+    schedule, _ = _video(2)
+    with pytest.raises(ValueError, match="at least one clip must be generated"):
+        given_scale_count(schedule, 2)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _row(frames: int, **extra) -> dict:
+    return {"video_path": "v.mp4", "begin_frame_id": 0, "end_frame_id": frames, "fps": 16,
+            "tarsier2_caption": "a red circle moving right", **extra}
+
+
+def _record(frames: int, **extra):
+    cfg = DataConfig(jsonl=("x.jsonl",), max_seconds=6)
+    rec, _ = parse_record(json.loads(json.dumps(_row(frames, **extra))), "t.jsonl:1", cfg, DEMO, Path("/d"))
+    return rec
+
+
+def test_story_records_parse_and_check_their_segment_count():
+    rec = _record(97, segment_captions=["a red circle moving right", "a red circle moving up",
+                                        "a red circle moving left"])
+    assert rec.is_story and len(rec.segment_captions) == 3 and rec.latent_frames == 1 + 3 * CLIP
+    with pytest.raises(RecordError, match="2 segment_captions for a story of 3 clips"):
+        _record(97, segment_captions=["a", "b"])
+    with pytest.raises(RecordError, match="at least two non-empty strings"):
+        _record(65, segment_captions=["only one"])
+    with pytest.raises(RecordError, match="segment_captions"):
+        _record(65, segment_captions="not a list")
+
+
+def test_tasks_are_drawn_per_record_as_configured():
+    cfg = DataConfig(jsonl=("x.jsonl",), max_seconds=6, image_to_video_prob=0.2, extension_prob=0.3)
+    six, two = _record(97), _record(33)
+    story = _record(97, segment_captions=["a", "b", "c"])
+    draws = [draw_task(six, cfg, DEMO, torch.Generator().manual_seed(i)) for i in range(2000)]
+    share = {t: sum(d[0] == t for d in draws) / len(draws) for t in ("image-to-video", "video-extension")}
+    # Binomial(2000, p): 4.5 standard deviations is about 0.04.
+    assert abs(share["image-to-video"] - 0.2) < 0.04 and abs(share["video-extension"] - 0.3) < 0.045
+    assert {d[1] for d in draws if d[0] == "video-extension"} == {1, 2}
+    # A one-clip video cannot be extended; a story is always an interactive turn, its turn 1..clips-1.
+    assert all(draw_task(two, cfg, DEMO, torch.Generator().manual_seed(i))[0] != "video-extension"
+               for i in range(200))
+    turns = {draw_task(story, cfg, DEMO, torch.Generator().manual_seed(i)) for i in range(200)}
+    assert {t[0] for t in turns} == {"interactive"} and {t[2] for t in turns} == {1, 2}
+    assert draw_task(six, cfg, DEMO, torch.Generator().manual_seed(7)) == draw_task(six, cfg, DEMO,
+                                                                                   torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match="image_to_video_prob \\+ extension_prob"):
+        DataConfig(image_to_video_prob=0.6, extension_prob=0.6)
+    with pytest.raises(ValueError, match="condition_noise"):
+        DataConfig(condition_noise=())
