@@ -222,3 +222,42 @@ def test_tasks_are_drawn_per_record_as_configured():
         DataConfig(image_to_video_prob=0.6, extension_prob=0.6)
     with pytest.raises(ValueError, match="condition_noise"):
         DataConfig(condition_noise=())
+
+
+# ----------------------------------------------------------------------------------------------- multi-clip
+
+
+@pytest.mark.parametrize("clips", [1, 3])
+def test_a_multi_clip_training_sample_gives_the_generation_logits(clips):
+    """A video of ``clips`` clips: the packed training sequence (each clip at its frames, attending the previous
+    clip's last scale) and the generation loop fed the same clean bits give the same logits at every scale."""
+    from infinitystar.generation.plan import plan_steps
+    from infinitystar.train.step import tokenize_sample
+
+    model = realistic_transformer(DEMO.transformer, seed=4)
+    schedule, reps = _video(clips)
+    latent = _latent(1 + clips * CLIP, seed=11)
+    text = torch.randn(5, DEMO.transformer.text_channels, generator=torch.Generator().manual_seed(2))
+    sample = tokenize_sample(latent, text, schedule, reps, DEMO.quantizer, range(len(schedule)),
+                             torch.Generator().manual_seed(3), bsc_strength=0.0, frames_inner_clip=CLIP)
+    packed, x, _ = pack_inputs([sample])
+    layout = build_packed_layout(packed, model.cfg)
+    plan = plan_steps(schedule, image_repetition=DEMO.image_repetition, video_repetition=DEMO.video_repetition,
+                      semantic_scales=DEMO.transformer.semantic_scales,
+                      detail_scale_min_tokens=DEMO.transformer.detail_scale_min_tokens, sampling=DEMO.sampling,
+                      frames_inner_clip=CLIP, rope_max_frames=DEMO.transformer.rope_max_frames)
+    bits = encode_to_bits(latent, schedule, reps, DEMO.quantizer, frames_inner_clip=CLIP).bits
+    events = []
+    with torch.no_grad():
+        train = model.forward_packed(x, [text], layout)
+        generate_codes(model, DEMO.quantizer, text, schedule, plan, reps, DEMO.sampling,
+                       generator=torch.Generator().manual_seed(0), forced_bits=list(bits), run_forced_steps=True,
+                       frames_inner_clip=CLIP, on_step=events.append)
+    assert plan.anchored_from_clip is None or plan.anchored_from_clip > clips  # 3 clips are within the RoPE
+    assert DEMO.sampling.tau_image == DEMO.sampling.tau_video == 1.0  # the conditional branch: raw logits
+    path = transformer_rounding_path(model, layout.seq_len) + [model.cfg.embed_dim]
+    for k, (si, real_si) in enumerate(zip(sample.scale_ids, sample.real_si)):
+        [event] = [e for e in events if e.step.si == si and e.step.rope_scale_index == real_si]
+        generated = event.branches_Bnd2[0:1]
+        tol = float32_rounding_tolerance(max(train.hidden.abs().max().item(), generated.abs().max().item()), path)
+        assert (train.logits[k] - generated).abs().max() <= tol, f"scale {si}"
