@@ -6,19 +6,23 @@ from their newest checkpoints). The stages run one after another; each uses ever
 ``processes`` data-parallel processes of one thread (``torchrun``; gloo on CPU), which on a 2-core
 machine is 1.6-2x faster than one process of two threads:
 
-1. ``make-demo-data OUT/data``: 2048 training clips (60 of the 72 colour/shape/direction triples) and 48
-   clips of the 12 held-out triples, 33 frames of 64x64 at 16 fps;
+1. ``make-demo-data OUT/data``: the torus world (``demo.synthetic``): 2048 training videos of 1 to 3 clips (2-6 s,
+   60 of the 72 colour/shape/direction triples), 768 story videos of 2-3 segments whose direction changes at each
+   boundary (one caption per segment, in the reference's interactive layout), and held-out videos of every length
+   plus one story per held-out triple; 64x64 at 16 fps;
 2. ``train-vae``: the demo VAE (``demo/configs/vae.toml``) on short training clips, PSNR on held-out clips;
    then ``train-vae`` of its decoder alone on whole 33-frame clips (``demo/configs/vae_decoder.toml``;
    the encoder, hence every latent and bit, stays as it is);
 3. a base pipeline folder ``OUT/base``: the ``demo`` preset (random transformer, the word-level text
    encoder) with the trained VAE;
-4. ``extract-features``: the latents of the first ``feature_clips`` training clips under that VAE, in
-   ``workers`` processes of one thread each;
-5. ``train``: the transformer (``demo/configs/transformer.toml``) on the cached latents;
+4. ``extract-features``: the latents of the first ``feature_clips`` training videos and ``feature_stories``
+   stories under that VAE, in ``workers`` processes of one thread each;
+5. ``train``: the transformer (``demo/configs/transformer.toml``) on the cached latents, every task at once:
+   text-to-video of 1-3 clips, image-to-video and extension (given first frame / clips) and interactive turns
+   of the stories (``train.tasks``);
 6. ``export``: the pipeline folder ``OUT/model``;
-7. ``evaluate``: the demo judge on seen and held-out prompts and the tokenizer's PSNR on the held-out clips
-   (``OUT/eval/report.md``).
+7. ``evaluate``: the demo judge on every task for the held-out triples and the tokenizer's PSNR on the
+   held-out videos of every length (``OUT/eval/report.md``).
 
 ``--ship`` finally writes ``OUT/model`` into the package (``infinitystar/demo/weights``), which is how
 the weights that ship were made. The config files hold every hyper-parameter (``batch_size`` is per
@@ -50,6 +54,9 @@ __all__ = ["DEFAULT_CONFIG_DIR", "RecipeOptions", "build_base", "run_recipe", "s
 # The recipe's committed hyper-parameters: infinitystar/demo/configs, package data (so train-demo also runs from an
 # installed wheel, not only from a source tree).
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# The world the recipe's data shows (demo.synthetic): objects on a torus, videos of 1-3 clips, stories. A shipped
+# model's training_source.json names it; the targets of tests/test_demo_targets.py hold for a model of this world.
+WORLD = "torus"
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,13 @@ class RecipeOptions:
 
     clips: int = 2048
     heldout_clips: int = 48
+    # Story videos (interactive training) and held-out stories (12: one per held-out triple, its middle segment).
+    stories: int = 768
+    heldout_stories: int = 12
     # Training clips whose latents the transformer trains on (the first N of train.jsonl; all 60 triples occur).
     feature_clips: int = 1024
+    # Stories whose latents the transformer trains on (the first N of train_stories.jsonl).
+    feature_stories: int = 512
     # Parallel single-thread extraction processes (the VAE encoder is fastest with one thread per process).
     workers: int = 2
     # Data-parallel processes of the two trainers (torchrun, one thread each). The configs' batch_size is per
@@ -72,7 +84,8 @@ class RecipeOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("clips", "feature_clips", "workers", "processes", "eval_clips_per_prompt"):
+        for name in ("clips", "stories", "feature_clips", "feature_stories", "workers", "processes",
+                     "eval_clips_per_prompt"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"RecipeOptions.{name} must be an int >= 1, got {v!r}")
@@ -81,6 +94,11 @@ class RecipeOptions:
                              f"got {self.heldout_clips}")
         if self.feature_clips > self.clips:
             raise ValueError(f"RecipeOptions.feature_clips ({self.feature_clips}) exceeds clips ({self.clips})")
+        if self.feature_stories > self.stories:
+            raise ValueError(f"RecipeOptions.feature_stories ({self.feature_stories}) exceeds stories "
+                             f"({self.stories})")
+        if self.heldout_stories < 0:
+            raise ValueError(f"RecipeOptions.heldout_stories must be >= 0, got {self.heldout_stories}")
 
 
 def _log(msg: str) -> None:
@@ -160,6 +178,7 @@ def ship(model_dir: str | os.PathLike, dest: str | os.PathLike = DEMO_WEIGHTS,
     if src_info.is_file():
         info = json.loads(src_info.read_text(encoding="utf-8"))
         info.pop("run", None), info.pop("checkpoint", None)  # absolute paths of the machine that trained
+        info["world"] = WORLD  # the demo world it learned (tests/test_demo_targets.py asserts its targets)
         atomic_write_json(Path(dest) / "training_source.json", info)
     return Path(dest)
 
@@ -169,7 +188,8 @@ CAPTION_KEYS = ("tarsier2_caption", "MiniCPM_V_2_6_caption")
 
 
 def caption_words(jsonl: str | os.PathLike) -> list[str]:
-    """The words (``text.word_tokens``) of every caption of a reference-format jsonl (both caption fields)."""
+    """The words (``text.word_tokens``) of every caption of a reference-format jsonl (both caption fields and a
+    story's ``segment_captions``)."""
     words: set[str] = set()
     for line in Path(jsonl).read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -177,13 +197,15 @@ def caption_words(jsonl: str | os.PathLike) -> list[str]:
             for key in CAPTION_KEYS:
                 if isinstance(row.get(key), str):
                     words.update(word_tokens(row[key]))
+            for segment in row.get("segment_captions") or ():  # a story's captions, one per segment
+                words.update(word_tokens(segment))
     return sorted(words)
 
 
 def _subset_jsonl(src: Path, dest: Path, n: int) -> Path:
     lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(lines) < n:
-        raise ValueError(f"{src} has {len(lines)} records, fewer than feature_clips={n}")
+        raise ValueError(f"{src} has {len(lines)} records, fewer than the {n} the features take")
     atomic_write_text(dest, "\n".join(lines[:n]) + "\n")
     return dest
 
@@ -201,9 +223,10 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     data = out / "data"
 
     # 1. data
-    if not (data / "train.jsonl").is_file() or not (data / "heldout.jsonl").is_file():
+    if not all((data / name).is_file() for name in ("train.jsonl", "heldout.jsonl", "train_stories.jsonl")):
         timings["make_demo_data"] = _run(
             ["make-demo-data", str(data), "--clips", str(opts.clips), "--heldout-clips", str(opts.heldout_clips),
+             "--stories", str(opts.stories), "--heldout-stories", str(opts.heldout_stories),
              "--seed", str(opts.seed)], logs / "make_demo_data.log", "make-demo-data")
 
     # One thread per trainer process when several share the cores; a single process keeps every thread (the VAE
@@ -245,14 +268,17 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     tr_cfg = read_config_file(cfg_dir / "transformer.toml")
     data_cfg = dict(tr_cfg.get("data", {}))
     subset = _subset_jsonl(data / "train.jsonl", data / f"train_first{opts.feature_clips}.jsonl", opts.feature_clips)
+    stories = _subset_jsonl(data / "train_stories.jsonl", data / f"train_stories_first{opts.feature_stories}.jsonl",
+                            opts.feature_stories)
     cache = out / "cache"
-    done_marker = cache / f".complete_{opts.feature_clips}"
+    done_marker = cache / f".complete_{opts.feature_clips}_{opts.feature_stories}"
     if not done_marker.is_file():
         t0 = time.perf_counter()
-        args = ["extract-features", str(subset), "--cache-dir", str(cache), "--vae",
+        args = ["extract-features", str(subset), str(stories), "--cache-dir", str(cache), "--vae",
                 str(base / "vae" / "model.safetensors"), "--pipeline", str(base),
                 "--max-seconds", str(data_cfg.get("max_seconds", 2)), "--quiet"]
-        _log(f"extract-features: {opts.workers} process(es) over {opts.feature_clips} clips")
+        _log(f"extract-features: {opts.workers} process(es) over {opts.feature_clips} videos and "
+             f"{opts.feature_stories} stories")
         procs = [_cli([*args, "--rank", str(r), "--world-size", str(opts.workers)],
                       logs / f"extract_features_{r}.log", threads=1) for r in range(opts.workers)]
         _wait(procs, "extract-features")
@@ -261,7 +287,7 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
         _log(f"extract-features: done in {timings['extract_features']:.0f} s")
 
     # 5. transformer, 6. export
-    data_cfg.update(jsonl=[str(subset)], cache_dir=str(cache))
+    data_cfg.update(jsonl=[str(subset), str(stories)], cache_dir=str(cache))
     tr_cfg.update(out_dir=str(out / "run"), data=data_cfg)
     _set(tr_cfg, "model", pipeline=str(base))
     if opts.transformer_steps is not None:
@@ -275,7 +301,7 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     if not (model / "text_encoder" / VOCABULARY_FILE).is_file():
         # The word encoder's closed vocabulary: every word of the captions the transformer trained on. The pipeline
         # reads it back (capabilities.vocabulary) and warns about prompt words outside it.
-        write_vocabulary(model / "text_encoder", caption_words(subset))
+        write_vocabulary(model / "text_encoder", sorted(set(caption_words(subset)) | set(caption_words(stories))))
 
     # 7. evaluation
     report = out / "eval"
