@@ -38,7 +38,7 @@ N_TRAIN, N_HELD, SEED = 24, 12, 3
 def dataset(tmp_path_factory) -> Path:
     """A small dataset written by the ordinary command."""
     out = tmp_path_factory.mktemp("demo") / "data"
-    rc = main(["make-demo-data", str(out), "--clips", str(N_TRAIN), "--heldout-clips", str(N_HELD),
+    rc = main(["make-demo-data", str(out), "--frames", "33", "--clips", str(N_TRAIN), "--heldout-clips", str(N_HELD),
                "--seed", str(SEED)])
     assert rc == 0
     return out

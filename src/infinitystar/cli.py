@@ -20,7 +20,7 @@ from infinitystar.config import get_preset, precision_for_dtype, replace
 from infinitystar.demo import evaluate as demo_evaluate
 from infinitystar.demo import load_pipeline, model_from_run_name, run_model_name
 from infinitystar.demo.recipe import DEFAULT_CONFIG_DIR, RecipeOptions, run_recipe
-from infinitystar.demo.synthetic import make_dataset
+from infinitystar.demo.synthetic import STORY_PROMPTS, STORY_REFERENCE, make_dataset, make_stories, make_videos
 from infinitystar.errors import run_command
 from infinitystar.memory import MEMORY_MODES
 from infinitystar.outputs import RunRecord, now_iso, output_name, read_record, record_path, save_output_with_record
@@ -152,10 +152,27 @@ def _add_interactive(subparsers: argparse._SubParsersAction) -> None:
                    f"(default: {OUTPUT_DIR}/<time>_<first prompt>_s<seed>.mp4)")
     p.add_argument("--video", metavar="PATH", help="reference video for segment 0: its last clip, at the aspect "
                    "nearest its own unless --aspect is given (default: generate segment 0)")
+    p.add_argument("--story", metavar="DIR", help="a story folder in the reference's interactive layout: "
+                   f"DIR/{STORY_PROMPTS} (line 0 describes the reference video) and DIR/{STORY_REFERENCE} (the "
+                   "reference video); instead of PROMPTS_FILE and --video")
     p.add_argument("--save-segments", action="store_true", help="also write OUTPUT_0000.mp4, ... per segment")
     _add_model_options(p, _SEED_HELP)
     _add_run_options(p)
     p.set_defaults(func=_run_interactive)
+
+
+def _story_inputs(folder: str, args: argparse.Namespace) -> tuple[Path, str]:
+    """(prompts file, reference video) of a story folder (``--story``), checked before any model loads."""
+    if args.prompts_file is not None or args.video is not None:
+        raise ValueError("--story DIR gives the prompts and the reference video: drop PROMPTS_FILE and --video")
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--story {root} is not a folder")
+    prompts, video = root / STORY_PROMPTS, root / STORY_REFERENCE
+    for path, what in ((prompts, "prompts (one per line)"), (video, "reference video")):
+        if not path.is_file():
+            raise FileNotFoundError(f"story folder {root} has no {path.name} (its {what})")
+    return prompts, str(video)
 
 
 def _check_output(path: Path, is_image: bool) -> None:
@@ -323,6 +340,8 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def _run_interactive(args: argparse.Namespace) -> int:
+    if args.story is not None:
+        args.prompts_file, args.video = _story_inputs(args.story, args)
     prompts = None if args.prompts_file is None else _read_prompts(Path(args.prompts_file))
     if args.from_json is not None:
         record = _read_run(args.from_json, interactive=True)
@@ -389,31 +408,73 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 def _add_make_demo_data(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "make-demo-data", help="write the synthetic demo dataset (mp4 clips + jsonl)",
-        description="Render captioned clips of one coloured shape moving in a straight line (infinitystar.demo."
-        "synthetic) as mp4 files plus train.jsonl and heldout.jsonl in the reference's metadata format. "
-        "The 12 held-out (colour, shape, direction) triples appear only in heldout.jsonl. Deterministic by seed.")
+        "make-demo-data", help="write the synthetic demo dataset (mp4 videos, stories + jsonl)",
+        description="Render captioned videos of one coloured shape moving on a torus (what leaves one edge re-enters "
+        "at the opposite one; infinitystar.demo.synthetic) as mp4 files plus train.jsonl and heldout.jsonl in the "
+        "reference's metadata format: videos of --segments 2 s segments. --stories adds story videos whose "
+        "direction changes at every segment boundary, one caption per segment, in the reference's interactive "
+        "layout (stories/<id>/prompt.txt, 0000_refine_720p.mp4, story.mp4) and train_stories.jsonl. The 12 "
+        "held-out (colour, shape, direction) triples appear only in the held-out files. Deterministic by seed. "
+        "--frames N writes the former one-clip dataset of in-frame straight paths instead.")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--clips", type=int, default=2048, help="training clips (default: 2048)")
-    p.add_argument("--heldout-clips", type=int, default=48, help="held-out clips (default: 48; 0 = none)")
+    p.add_argument("--clips", type=int, default=2048, help="training videos (default: 2048)")
+    p.add_argument("--heldout-clips", type=int, default=48, help="held-out videos (default: 48; 0 = none)")
+    p.add_argument("--segments", default="1,2,3", metavar="LIST",
+                   help="segment counts of the videos, drawn uniformly (default: 1,2,3 = 2, 4 or 6 s)")
+    p.add_argument("--stories", type=int, default=0, help="training stories (default: 0)")
+    p.add_argument("--heldout-stories", type=int, default=0,
+                   help="held-out stories: one per held-out triple, its direction in the middle segment (12 = all)")
+    p.add_argument("--story-segments", default="2,3", metavar="LIST", help="segment counts of the training stories "
+                   "(default: 2,3; held-out stories have 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="frame side in pixels (default: 64)")
-    p.add_argument("--frames", type=int, default=33, help="frames per clip (default: 33 = 2 s at 16 fps)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="the former dataset: one clip of this many frames per video, in-frame straight paths")
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--crf", type=int, default=0, help="libx264 quality, 0 = lossless (default)")
     p.set_defaults(func=_run_make_demo_data)
 
 
+def _segment_counts(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated whole numbers like 1,2,3, got {text!r}") from None
+    return counts
+
+
 def _run_make_demo_data(args: argparse.Namespace) -> int:
-    if args.heldout_clips < 0:
-        raise ValueError(f"--heldout-clips must be >= 0, got {args.heldout_clips}")
+    for flag, value in (("--clips", args.clips), ("--heldout-clips", args.heldout_clips), ("--stories", args.stories),
+                        ("--heldout-stories", args.heldout_stories)):
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+    if not args.clips:
+        raise ValueError("--clips must be >= 1 (the training videos)")
     t0 = time.perf_counter()
-    common = dict(seed=args.seed, size=args.size, frames=args.frames, fps=args.fps, crf=args.crf)
-    train = make_dataset(args.out_dir, args.clips, split="train", **common)
-    print(f"wrote {train} ({args.clips} clips)")
-    if args.heldout_clips:
-        held = make_dataset(args.out_dir, args.heldout_clips, split="heldout", **common)
-        print(f"wrote {held} ({args.heldout_clips} clips)")
+    if args.frames is not None:
+        if args.stories or args.heldout_stories:
+            raise ValueError("--frames writes the former one-clip dataset, which has no stories")
+        common = dict(seed=args.seed, size=args.size, frames=args.frames, fps=args.fps, crf=args.crf)
+        def clips(n: int, split: str) -> Path:
+            return make_dataset(args.out_dir, n, split=split, **common)
+
+        jobs = [("train", args.clips, clips, "clips"), ("heldout", args.heldout_clips, clips, "clips")]
+    else:
+        segments = _segment_counts(args.segments, "--segments")
+        story_segments = _segment_counts(args.story_segments, "--story-segments")
+        common = dict(seed=args.seed, size=args.size, fps=args.fps, crf=args.crf)
+
+        def videos(n: int, split: str) -> Path:
+            return make_videos(args.out_dir, n, split=split, segments=segments, **common)
+
+        def stories(n: int, split: str) -> Path:
+            return make_stories(args.out_dir, n, split=split, segments=story_segments, **common)
+
+        jobs = [("train", args.clips, videos, "videos"), ("heldout", args.heldout_clips, videos, "videos"),
+                ("train", args.stories, stories, "stories"), ("heldout", args.heldout_stories, stories, "stories")]
+    for split, n, write, what in jobs:
+        if n:
+            print(f"wrote {write(n, split)} ({n} {what})")
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -546,7 +607,7 @@ def _run_extract_features(args: argparse.Namespace) -> int:
 
 def _add_train_demo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train-demo", help="retrain the embedded demo model (the whole recipe, CPU, about 2 hours)",
+        "train-demo", help="retrain the embedded demo model (the whole recipe, CPU, under 3 hours)",
         description="Run the demo model's whole recipe into OUT_DIR with the ordinary commands: make-demo-data -> "
         "train-vae (vae.toml, then vae_decoder.toml) -> extract-features -> train (transformer.toml) -> export "
         "(OUT_DIR/model) -> evaluate (OUT_DIR/eval); the three configs ship in the package (infinitystar/demo/"
@@ -559,6 +620,9 @@ def _add_train_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--clips", type=int, default=2048, help="training clips (default: 2048)")
     p.add_argument("--feature-clips", type=int, default=1024,
                    help="training clips the transformer sees (the first N; default: 1024)")
+    p.add_argument("--stories", type=int, default=768, help="story videos (interactive training; default: 768)")
+    p.add_argument("--feature-stories", type=int, default=512,
+                   help="stories the transformer sees (the first N; default: 512)")
     p.add_argument("--workers", type=int, default=2, help="parallel feature-extraction processes (default: 2)")
     p.add_argument("--processes", type=int, default=2,
                    help="data-parallel processes of train-vae and train, one thread each (default: 2; the configs' "
@@ -570,7 +634,8 @@ def _add_train_demo(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_train_demo(args: argparse.Namespace) -> int:
-    options = RecipeOptions(clips=args.clips, feature_clips=args.feature_clips, workers=args.workers,
+    options = RecipeOptions(clips=args.clips, feature_clips=args.feature_clips, stories=args.stories,
+                            feature_stories=args.feature_stories, workers=args.workers,
                             processes=args.processes, vae_steps=args.vae_steps, transformer_steps=args.steps)
     result = run_recipe(args.out_dir, options, args.config_dir or DEFAULT_CONFIG_DIR, do_ship=args.ship)
     print(json.dumps(result, indent=2))

@@ -18,12 +18,24 @@ ground truth of each clip.
 
 Everything is deterministic by seed: clip ``i`` of a split depends only on ``(seed, split, i)`` and the
 clip size, so a larger dataset starts with the clips of a smaller one.
+
+**The torus world** (what the demo model is trained on; ``make-demo-data``'s default): the frame is a torus, so a
+shape leaving one edge re-enters at the opposite one and a direction means the same at every moment of a video of
+any length. A video (:class:`VideoSpec`, :func:`render_video`) is the first frame plus 1 to 3 *segments* of
+:data:`SEGMENT_FRAMES` frames (one clip of the demo model each: 2 s), the shape moving at one constant speed from a
+start anywhere on the torus. A plain video keeps one direction; a *story* changes direction at every segment
+boundary and has one caption per segment. :func:`make_videos` writes plain videos (``{split}.jsonl``) and
+:func:`make_stories` stories in the reference's interactive data layout (``stories/<id>/prompt.txt``, one caption
+per line, line 0 describing the reference video ``0000_refine_720p.mp4``: the first frame and segment 0) plus the
+whole story ``story.mp4`` and ``{split}_stories.jsonl`` (training rows with ``segment_captions``). No held-out
+triple occurs in any training video or in any segment of a training story.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -36,6 +48,18 @@ from ..fileio import atomic_write_text, make_folder
 
 __all__ = [
     "ALL_TRIPLES",
+    "SEGMENT_FRAMES",
+    "WORLD",
+    "DemoStory",
+    "DemoVideo",
+    "VideoSpec",
+    "make_stories",
+    "make_videos",
+    "read_videos",
+    "render_video",
+    "sample_stories",
+    "sample_videos",
+    "video_frames",
     "CAPTION_TEMPLATES",
     "COLOURS",
     "DIRECTIONS",
@@ -374,8 +398,9 @@ def read_ground_truth(jsonl: str | os.PathLike) -> list[tuple[Path, Triple]]:
         demo = rec.get("demo")
         if not isinstance(demo, dict):
             raise ValueError(f"{path}:{n}: record has no 'demo' ground truth (not written by make_dataset?)")
-        out.append((path.parent / rec["video_path"], _checked_triple((demo["colour"], demo["shape"],
-                                                                      demo["direction"]))))
+        # A torus-world row holds a direction per segment; its triple is the first segment's (a plain video's only).
+        direction = demo["direction"] if "direction" in demo else (demo.get("directions") or [None])[0]
+        out.append((path.parent / rec["video_path"], _checked_triple((demo["colour"], demo["shape"], direction))))
     return out
 
 
@@ -385,3 +410,308 @@ def count_triples(clips: Iterable[DemoClip]) -> dict[Triple, int]:
     for c in clips:
         counts[c.spec.triple] = counts.get(c.spec.triple, 0) + 1
     return counts
+
+
+# ---------------------------------------------------------------------------------------------- the torus world
+
+# The world the demo model learns: objects on a torus, videos of whole segments (recorded in every row's ``demo``).
+WORLD = "torus"
+# Frames per segment after the first frame: one clip of the demo model (8 latent frames x 4), 2 s at 16 fps.
+SEGMENT_FRAMES = 32
+MAX_SEGMENTS = 64
+# Speed as the fraction of the frame side travelled per segment: 0.6 .. 1.1 px per frame at 64 px.
+_SEGMENT_TRAVEL = (0.30, 0.55)
+
+
+def video_frames(segments: int) -> int:
+    """Frames of a video of ``segments`` segments: the first frame plus ``SEGMENT_FRAMES`` per segment."""
+    if not isinstance(segments, int) or not 1 <= segments <= MAX_SEGMENTS:
+        raise ValueError(f"a video has 1..{MAX_SEGMENTS} segments, got {segments!r}")
+    return 1 + SEGMENT_FRAMES * segments
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """One video of the torus world: a shape moving at ``speed`` pixels per frame from ``start`` (its centre at frame
+    0), in ``directions[k]`` during segment k (frames ``32k + 1 .. 32(k + 1)``: the step from frame t-1 to t
+    belongs to the segment of frame t). Positions are unwrapped; the renderer wraps them onto the torus."""
+
+    colour: str
+    shape: str
+    size: float
+    start: tuple[float, float]
+    speed: float
+    directions: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "directions", tuple(self.directions))
+        for d in self.directions:
+            _checked_triple((self.colour, self.shape, d))
+        video_frames(len(self.directions))  # checks the count
+
+    @property
+    def segments(self) -> int:
+        return len(self.directions)
+
+    @property
+    def frames(self) -> int:
+        return video_frames(self.segments)
+
+    def direction_at(self, t: int) -> str:
+        """Direction of the step from frame ``t - 1`` to frame ``t`` (t >= 1)."""
+        if t < 1:
+            raise ValueError(f"frame {t} has no step before it")
+        return self.directions[min((t - 1) // SEGMENT_FRAMES, self.segments - 1)]
+
+    def position(self, t: float) -> tuple[float, float]:
+        """Unwrapped centre at frame ``t`` (a float: sub-frame positions interpolate the straight pieces)."""
+        x, y = self.start
+        done = 0.0
+        for k, d in enumerate(self.directions):
+            end = float(SEGMENT_FRAMES * (k + 1)) if k < self.segments - 1 else math.inf
+            step = min(t, end) - done
+            if step <= 0:
+                break
+            dx, dy = DIRECTION_VECTORS[d]
+            x, y = x + dx * self.speed * step, y + dy * self.speed * step
+            done += step
+        return x, y
+
+    def triples(self) -> tuple[Triple, ...]:
+        """(colour, shape, direction) of every segment."""
+        return tuple((self.colour, self.shape, d) for d in self.directions)
+
+
+def torus_coverage(shape: str, cx: float, cy: float, size: float, side: int) -> np.ndarray:
+    """:func:`shape_coverage` on a ``side`` x ``side`` torus: the centre taken modulo the side, and the pieces of a
+    shape that crosses an edge drawn at the opposite one (the periodic copies; they never overlap, the shape being
+    smaller than the frame)."""
+    cx, cy = cx % side, cy % side
+    cov = np.zeros((side, side), np.float32)
+    half = size / 2
+    for ox in (-side, 0, side):
+        if cx + ox + half <= 0 or cx + ox - half >= side:
+            continue
+        for oy in (-side, 0, side):
+            if cy + oy + half <= 0 or cy + oy - half >= side:
+                continue
+            cov += shape_coverage(shape, cx + ox, cy + oy, size, side, side)
+    return np.minimum(cov, 1.0)
+
+
+def render_video(spec: VideoSpec, size: int = 64) -> np.ndarray:
+    """The video of ``spec`` on a ``size`` x ``size`` torus: uint8 RGB ``[frames, size, size, 3]``."""
+    check_clip_shape(size, spec.frames)
+    if spec.size >= size:
+        raise ValueError(f"a shape of {spec.size:g} px does not fit a {size} px torus")
+    rgb = np.asarray(COLOURS[spec.colour], np.float32)
+    out = np.empty((spec.frames, size, size, 3), np.uint8)
+    for t in range(spec.frames):
+        cx, cy = spec.position(t)
+        out[t] = np.rint(torus_coverage(spec.shape, cx, cy, spec.size, size)[..., None] * rgb).astype(np.uint8)
+    return out
+
+
+def _torus_spec(rng: np.random.Generator, colour: str, shape: str, directions: Sequence[str], size: int) -> VideoSpec:
+    side = rng.uniform(*_SIZE_RANGE) * size
+    speed = rng.uniform(*_SEGMENT_TRAVEL) * size / SEGMENT_FRAMES
+    start = (float(rng.uniform(0, size)), float(rng.uniform(0, size)))
+    return VideoSpec(colour, shape, float(side), start, float(speed), tuple(directions))
+
+
+@dataclass(frozen=True)
+class DemoVideo:
+    """One plain video of a split: its spec and two captions from different templates (one direction throughout)."""
+
+    index: int
+    split: str
+    spec: VideoSpec
+    caption: str
+    alt_caption: str
+
+
+@dataclass(frozen=True)
+class DemoStory:
+    """One story of a split: its spec and one caption per segment."""
+
+    index: int
+    split: str
+    spec: VideoSpec
+    captions: tuple[str, ...]
+
+
+def _check_counts(name: str, counts: Sequence[int], lowest: int) -> tuple[int, ...]:
+    counts = tuple(counts)
+    if not counts or any(not isinstance(c, int) or not lowest <= c <= MAX_SEGMENTS for c in counts):
+        raise ValueError(f"{name} must be segment counts in {lowest}..{MAX_SEGMENTS}, got {list(counts)}")
+    return counts
+
+
+def _check_sampling(n: int, seed: int) -> None:
+    if not isinstance(n, int) or n < 1 or n > MAX_CLIPS:
+        raise ValueError(f"the number of videos must be an integer in 1..{MAX_CLIPS}, got {n!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+
+
+def sample_videos(n: int, seed: int, split: str = "train", segments: Sequence[int] = (1, 2, 3),
+                  size: int = 64) -> list[DemoVideo]:
+    """The first ``n`` plain videos of ``split`` (triples balanced as :func:`sample_clips`; the segment count drawn
+    uniformly from ``segments``); nothing is rendered."""
+    _check_sampling(n, seed)
+    counts = _check_counts("segments", segments, 1)
+    out = []
+    for i, (colour, shape, direction) in enumerate(_triple_order(seed, split, n)):
+        rng = np.random.default_rng([seed, _split_seed(split), 2, i])
+        k = int(counts[int(rng.integers(len(counts)))])
+        spec = _torus_spec(rng, colour, shape, (direction,) * k, size)
+        t1, t2 = rng.choice(len(CAPTION_TEMPLATES), size=2, replace=False)
+        triple = (colour, shape, direction)
+        out.append(DemoVideo(i, split, spec, caption(triple, int(t1)), caption(triple, int(t2))))
+    return out
+
+
+def _pairs() -> tuple[tuple[str, str], ...]:
+    return tuple(itertools.product(COLOURS, SHAPES))
+
+
+def _allowed_directions(colour: str, shape: str) -> tuple[str, ...]:
+    """The directions of (colour, shape) that training may show: all but its held-out one."""
+    return tuple(d for d in DIRECTIONS if (colour, shape, d) not in HELD_OUT)
+
+
+def _story_directions(rng: np.random.Generator, allowed: Sequence[str], k: int) -> list[str]:
+    """``k`` directions from ``allowed``, each different from the one before (a change at every boundary)."""
+    dirs = [str(allowed[int(rng.integers(len(allowed)))])]
+    while len(dirs) < k:
+        choices = [d for d in allowed if d != dirs[-1]]
+        dirs.append(str(choices[int(rng.integers(len(choices)))]))
+    return dirs
+
+
+def sample_stories(n: int, seed: int, split: str = "train", segments: Sequence[int] = (2, 3),
+                   size: int = 64) -> list[DemoStory]:
+    """The first ``n`` stories of ``split``; nothing is rendered.
+
+    'train': (colour, shape) pairs in balanced rounds, the segment count drawn from ``segments``, directions drawn
+    from the pair's non-held-out ones, each different from the previous. 'heldout': story ``i`` is about held-out
+    triple ``i mod 12`` (c, s, d): three segments ``[a, d, b]`` (the held-out direction in the middle; ``a`` and
+    ``b`` non-held-out, each different from d).
+    """
+    _check_sampling(n, seed)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    counts = _check_counts("story segments", segments, 2)
+    order_rng = np.random.default_rng([seed, _split_seed(split), 3])
+    pairs = _pairs()
+    order: list[tuple[str, str]] = []
+    while len(order) < n:
+        order.extend(pairs[i] for i in order_rng.permutation(len(pairs)))
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, _split_seed(split), 4, i])
+        if split == "train":
+            colour, shape = order[i]
+            k = int(counts[int(rng.integers(len(counts)))])
+            dirs = _story_directions(rng, _allowed_directions(colour, shape), k)
+        else:
+            colour, shape, held = HELD_OUT[i % len(HELD_OUT)]
+            outer = [d for d in _allowed_directions(colour, shape) if d != held]
+            dirs = [str(outer[int(rng.integers(len(outer)))]), held, str(outer[int(rng.integers(len(outer)))])]
+        spec = _torus_spec(rng, colour, shape, dirs, size)
+        templates = rng.integers(len(CAPTION_TEMPLATES), size=len(dirs))
+        out.append(DemoStory(i, split, spec, tuple(caption(t, int(j)) for t, j in zip(spec.triples(), templates))))
+    return out
+
+
+def _ground_truth(spec: VideoSpec, split: str, seed: int, index: int, **extra) -> dict:
+    return {"world": WORLD, "split": split, "seed": seed, "index": index, "colour": spec.colour, "shape": spec.shape,
+            "size": spec.size, "start": list(spec.start), "speed": spec.speed, "directions": list(spec.directions),
+            "segments": spec.segments, **extra}
+
+
+def _video_row(rel: str, spec: VideoSpec, size: int, fps: int, captions: Sequence[str]) -> dict:
+    return {"video_path": rel, "begin_frame_id": 0, "end_frame_id": spec.frames, "fps": float(fps),
+            "tarsier2_caption": captions[0], **({"MiniCPM_V_2_6_caption": captions[1]} if len(captions) > 1 else {}),
+            "width": size, "height": size}
+
+
+def _check_fps(fps: int) -> None:
+    if not isinstance(fps, int) or fps < 1:
+        raise ValueError(f"fps must be a positive integer, got {fps!r}")
+
+
+def make_videos(out_dir: str | os.PathLike, n: int, seed: int, split: str = "train",
+                segments: Sequence[int] = (1, 2, 3), size: int = 64, fps: int = 16, crf: int = 0) -> Path:
+    """Render ``n`` plain torus videos of ``split`` into ``out_dir/videos/{split}_{i:06d}.mp4`` and write
+    ``out_dir/{split}.jsonl`` (reference rows plus the ``demo`` ground truth: spec, segments, world). Atomic files;
+    returns the jsonl."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    _check_fps(fps)
+    videos = sample_videos(n, seed, split, segments, size)
+    root = Path(out_dir)
+    make_folder(root / "videos", "data folder")
+    rows = []
+    for v in videos:
+        rel = f"videos/{split}_{v.index:06d}.mp4"
+        media.write_video(render_video(v.spec, size), root / rel, fps=fps, crf=crf)
+        row = _video_row(rel, v.spec, size, fps, (v.caption, v.alt_caption))
+        row["demo"] = _ground_truth(v.spec, split, seed, v.index)
+        rows.append(json.dumps(row))
+    jsonl = root / f"{split}.jsonl"
+    atomic_write_text(jsonl, "".join(r + "\n" for r in rows))
+    return jsonl
+
+
+# The reference's interactive layout: a story folder holds its prompts and its reference video under these names.
+STORY_PROMPTS = "prompt.txt"
+STORY_REFERENCE = "0000_refine_720p.mp4"
+STORY_VIDEO = "story.mp4"
+
+
+def make_stories(out_dir: str | os.PathLike, n: int, seed: int, split: str = "train",
+                 segments: Sequence[int] = (2, 3), size: int = 64, fps: int = 16, crf: int = 0) -> Path:
+    """Render ``n`` stories of ``split`` in the reference's interactive layout.
+
+    Under ``out_dir/stories/{split}_{i:06d}/``: ``prompt.txt`` (one caption per segment), ``0000_refine_720p.mp4``
+    (the reference video: the first frame and segment 0) and ``story.mp4`` (the whole story); plus
+    ``out_dir/{split}_stories.jsonl``, one training row per story with ``segment_captions``. Atomic files; returns
+    the jsonl."""
+    _check_fps(fps)
+    stories = sample_stories(n, seed, split, segments, size)
+    root = Path(out_dir)
+    rows = []
+    for st in stories:
+        rel = f"stories/{split}_{st.index:06d}"
+        folder = make_folder(root / rel, "story folder")
+        frames = render_video(st.spec, size)
+        media.write_video(frames, folder / STORY_VIDEO, fps=fps, crf=crf)
+        media.write_video(frames[: video_frames(1)], folder / STORY_REFERENCE, fps=fps, crf=crf)
+        atomic_write_text(folder / STORY_PROMPTS, "".join(c + "\n" for c in st.captions))
+        row = _video_row(f"{rel}/{STORY_VIDEO}", st.spec, size, fps, st.captions[:1])
+        row["segment_captions"] = list(st.captions)
+        row["demo"] = _ground_truth(st.spec, split, seed, st.index, story=rel)
+        rows.append(json.dumps(row))
+    jsonl = root / f"{split}_stories.jsonl"
+    atomic_write_text(jsonl, "".join(r + "\n" for r in rows))
+    return jsonl
+
+
+def read_videos(jsonl: str | os.PathLike) -> list[tuple[Path, VideoSpec]]:
+    """(absolute video path, spec) of every row of a jsonl written by :func:`make_videos`, :func:`make_stories` or
+    :func:`make_dataset` (a one-clip row is a one-segment spec; its in-frame path never wraps)."""
+    path = Path(jsonl)
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        demo = rec.get("demo")
+        if not isinstance(demo, dict):
+            raise ValueError(f"{path}:{n}: record has no 'demo' ground truth (not written by make-demo-data?)")
+        directions = demo.get("directions") or [demo["direction"]]
+        spec = VideoSpec(demo["colour"], demo["shape"], float(demo["size"]), tuple(demo["start"]),
+                         float(demo["speed"]), tuple(directions))
+        out.append((path.parent / rec["video_path"], spec))
+    return out
