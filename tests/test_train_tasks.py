@@ -261,3 +261,38 @@ def test_a_multi_clip_training_sample_gives_the_generation_logits(clips):
         generated = event.branches_Bnd2[0:1]
         tol = float32_rounding_tolerance(max(train.hidden.abs().max().item(), generated.abs().max().item()), path)
         assert (train.logits[k] - generated).abs().max() <= tol, f"scale {si}"
+
+
+# ----------------------------------------------------------------------------------------------- a run
+
+
+def test_a_run_trains_every_task_from_written_videos_and_stories(tmp_path):
+    """make-demo-data's videos and stories -> extract-features -> train: every task reaches the packed steps."""
+    from infinitystar.demo import synthetic as syn
+    from infinitystar.pipeline import InfinityStarPipeline
+    from infinitystar.train.config import TrainConfig, config_from_dict
+    from infinitystar.train.features import extract_features
+    from infinitystar.train.runlog import read_log
+    from infinitystar.train.trainer import Trainer
+
+    root = tmp_path / "data"
+    videos = syn.make_videos(root, 4, seed=0, segments=(2, 3))
+    stories = syn.make_stories(root, 3, seed=0)
+    data = DataConfig(jsonl=(str(videos), str(stories)), cache_dir=str(tmp_path / "cache"), max_seconds=6,
+                      image_to_video_prob=0.3, extension_prob=0.4, cond_dropout=0.0)
+    pipe = InfinityStarPipeline.from_preset("demo", seed=0)
+    assert extract_features(data, pipe.config, pipe.vae, progress=False).written == 7
+    cfg = config_from_dict(TrainConfig, {
+        "out_dir": str(tmp_path / "run"), "model": {"pipeline": "demo"}, "training": {"steps": 8, "batch_size": 3},
+        "optimizer": {"lr": 1e-3}, "checkpoint": {"every": 8}, "scale_subsets": {"var_len": False},
+        "parallelism": {"activation_checkpointing": False, "device": "cpu"}})
+    cfg = replace(cfg, data=data)
+    result = Trainer(cfg, progress=False).run()
+    assert all(0 < result.losses[s] < 1 for s in range(1, 9))
+    steps = [r for r in read_log(tmp_path / "run" / "train_log.jsonl") if r.get("event") == "step"]
+    tasks = {t for r in steps for t in r["tasks"]}
+    assert tasks == {"text-to-video", "image-to-video", "video-extension", "interactive"}, tasks
+    keys = {k for r in steps for k in r["per_scale"]}
+    assert {f"turn/s{i:03d}" for i in range(4)} <= keys
+    # A 6 s text-to-video sample trains the scales of its third clip (scales 12..15).
+    assert any(k.startswith("t06.0s/s015") for k in keys) or any(k.startswith("t04.0s/s011") for k in keys)

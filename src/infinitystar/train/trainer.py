@@ -64,7 +64,7 @@ from infinitystar.generation.schedules import (
 from infinitystar.pipeline import InfinityStarPipeline
 from infinitystar.train import checkpointing, runlog
 from infinitystar.train.config import TrainConfig, config_from_dict, config_to_dict
-from infinitystar.train.dataset import LatentDataset
+from infinitystar.train.dataset import TRAIN_TASKS, LatentDataset
 from infinitystar.train.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -343,8 +343,9 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         text_tokens = sum(int(s.text.shape[0]) for s in samples)
+        tasks = [sum(getattr(ds, "task", "text-to-video") == t for ds in batch) for t in TRAIN_TASKS]
         sums = all_reduce_sum([mass * metrics.loss, mass * metrics.acc, len(samples), metrics.visual_tokens,
-                               text_tokens, sum(uncond), left_out], info)
+                               text_tokens, sum(uncond), left_out, *tasks], info)
         per_scale = self._per_scale(samples, metrics.per_scale)
         self.step = step + 1
         dt = time.perf_counter() - t0
@@ -354,6 +355,7 @@ class Trainer:
             "grad_norm": metrics.grad_norm, "lr": lr, "samples": int(sums[2]), "visual_tokens": int(sums[3]),
             "text_tokens": int(sums[4]), "uncond": int(sums[5]), "left_out_for_budget": int(sums[6]),
             "seq_len": metrics.seq_len, "step_time_s": dt, "samples_per_s": sums[2] / dt, "tokens_per_s": tokens / dt,
+            "tasks": {t: int(n) for t, n in zip(TRAIN_TASKS, sums[7:]) if n},  # the batch's samples per task
             "per_scale": per_scale,
         }
 
