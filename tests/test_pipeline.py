@@ -264,6 +264,23 @@ def test_image_to_video_frame_count(pipe, tmp_path):
     assert out.frames.shape == (9, SIZE, SIZE, 3)
 
 
+def test_arrays_condition_as_the_same_picture_in_a_file_or_a_tensor(pipe, tmp_path):
+    """uint8 arrays (what output_type="np" returns) are accepted as image= and video=, meaning the same frames."""
+    frames = ((_smooth_video(5, 3).permute(1, 2, 3, 0) + 1) * 127.5).round().byte().numpy()  # [5, H, W, 3]
+    path = tmp_path / "first.png"
+    Image.fromarray(frames[0]).save(path)
+    kw = dict(num_frames=9, output_type="np", progress=False, seed=4)
+    assert np.array_equal(pipe(PROMPT, image=frames[0], **kw).frames, pipe(PROMPT, image=path, **kw).frames)
+    as_tensor = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 255 * 2 - 1
+    with pytest.warns(UserWarning, match="only whole clips are kept"):  # the 5 frames are less than a clip here
+        from_array, from_tensor = pipe(PROMPT, video=frames, **kw).frames, pipe(PROMPT, video=as_tensor, **kw).frames
+    assert np.array_equal(from_array, from_tensor)
+    with pytest.raises(ValueError, match=r"the image array must be uint8 \[H, W, 3\] RGB, got float32"):
+        pipe(PROMPT, image=frames[0].astype(np.float32), **kw)
+    with pytest.raises(ValueError, match=r"the video array must be uint8 \[T, H, W, 3\] RGB, got uint8 of shape"):
+        pipe(PROMPT, video=frames[0], **kw)
+
+
 def test_interactive_frame_counts(pipe2i):
     seg_frames = 1 + SHORT_CLIPS.frames_per_clip  # segment 0: first frame + one clip
     out = pipe2i.interactive(["a red ball", "the ball stops", "a cat walks in"], output_type="pt", seed=2,

@@ -422,6 +422,12 @@ def _to_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, A
     return device, dtype
 
 
+def _check_frames_array(arr: np.ndarray, what: str, layout: str, ndim: int) -> None:
+    """One clear line unless ``arr`` is uint8 RGB frames of ``ndim`` dims (``layout``), as ``output_type="np"``."""
+    if arr.dtype != np.uint8 or arr.ndim != ndim or arr.shape[-1] != 3 or 0 in arr.shape:
+        raise ValueError(f"the {what} array must be uint8 {layout} RGB, got {arr.dtype} of shape {arr.shape}")
+
+
 def _frame_hw(video: Tensor | np.ndarray) -> tuple[int, int]:
     """(H, W) of uint8 frames [T, H, W, 3] or of a float video [..., H, W]."""
     if isinstance(video, np.ndarray):
@@ -896,6 +902,9 @@ class InfinityStarPipeline:
                 if x.dim() == 4:  # [3, 1, H, W] or a batch of one [1, 3, H, W]
                     x = x[None] if x.shape[0] == 3 else x[:, :, None]
                 return _check_condition_tensor(x, "image", (1, 3, 1, h, w), image.shape)
+            if isinstance(image, np.ndarray):  # uint8 [H, W, 3] (a frame of output_type="np"), resized to fit
+                _check_frames_array(image, "image", "[H, W, 3]", 3)
+                return media.frames_to_tensor(media.resize_and_center_crop(image[None], h, w))[None]
             if isinstance(image, (str, os.PathLike)):
                 media.check_input_size(image, "image", max_bytes=self.limits.max_upload_bytes,
                                        max_pixels=self.limits.max_upload_pixels)
@@ -905,6 +914,9 @@ class InfinityStarPipeline:
                 x = video if video.dim() == 5 else video[None]  # [1, 3, T, H, W] or [3, T, H, W]
                 t = x.shape[2] if x.dim() == 5 else -1
                 return _check_condition_tensor(x, "video", (1, 3, t, h, w), video.shape)
+            if isinstance(video, np.ndarray):  # uint8 [T, H, W, 3], frame for frame as a tensor, resized to fit
+                _check_frames_array(video, "video", "[T, H, W, 3]", 4)
+                return media.frames_to_tensor(media.resize_and_center_crop(video, h, w))[None]
             media.check_input_size(video, "video", max_bytes=self.limits.max_upload_bytes,
                                    max_pixels=self.limits.max_upload_pixels)
             if total_latents is None:
@@ -1208,9 +1220,11 @@ class InfinityStarPipeline:
     ) -> InfinityStarPipelineOutput | tuple[Any]:
         """Generate an image (``num_frames=1``) or a video per prompt and seed.
 
-        ``image`` makes it image-to-video (the image is the first frame); ``video`` makes it a video
-        extension: its first whole clips, at most all but the output's last, are kept (a file's frames picked as
-        the reference picks them, :func:`extension_frames`; a tensor's frame for frame), the rest generated.
+        ``image`` makes it image-to-video (the image is the first frame): a file, a PIL image, uint8 ``[H, W, 3]``
+        or a float tensor at the output size; ``video`` makes it a video extension: its first whole clips, at most
+        all but the output's last, are kept (a file's frames picked as the reference picks them,
+        :func:`extension_frames`; uint8 frames ``[T, H, W, 3]`` or a float tensor frame for frame), the rest
+        generated. Files and arrays are resized and centre-cropped to the output size.
 
         Several videos (a list of prompts, ``num_videos_per_prompt > 1``) are generated one after the other, not
         as a batch: the transformer's batch holds the guidance pair, and batching videos would change the
