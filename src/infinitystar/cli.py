@@ -20,7 +20,16 @@ from infinitystar.config import get_preset, precision_for_dtype, replace
 from infinitystar.demo import evaluate as demo_evaluate
 from infinitystar.demo import load_pipeline, model_from_run_name, run_model_name
 from infinitystar.demo.recipe import DEFAULT_CONFIG_DIR, RecipeOptions, run_recipe
-from infinitystar.demo.synthetic import STORY_PROMPTS, STORY_REFERENCE, make_dataset, make_stories, make_videos
+from infinitystar.demo.synthetic import (
+    MAX_SEGMENTS,
+    STORY_PROMPTS,
+    STORY_REFERENCE,
+    check_clip_shape,
+    make_dataset,
+    make_stories,
+    make_videos,
+    video_frames,
+)
 from infinitystar.errors import run_command
 from infinitystar.memory import MEMORY_MODES
 from infinitystar.outputs import RunRecord, now_iso, output_name, read_record, record_path, save_output_with_record
@@ -169,7 +178,7 @@ def _story_inputs(folder: str, args: argparse.Namespace) -> tuple[Path, str]:
     if not root.is_dir():
         raise FileNotFoundError(f"--story {root} is not a folder")
     prompts, video = root / STORY_PROMPTS, root / STORY_REFERENCE
-    for path, what in ((prompts, "prompts (one per line)"), (video, "reference video")):
+    for path, what in ((prompts, "prompts, one per line"), (video, "reference video")):
         if not path.is_file():
             raise FileNotFoundError(f"story folder {root} has no {path.name} (its {what})")
     return prompts, str(video)
@@ -419,12 +428,12 @@ def _add_make_demo_data(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--clips", type=int, default=2048, help="training videos (default: 2048)")
     p.add_argument("--heldout-clips", type=int, default=48, help="held-out videos (default: 48; 0 = none)")
-    p.add_argument("--segments", default="1,2,3", metavar="LIST",
+    p.add_argument("--segments", default=None, metavar="LIST",
                    help="segment counts of the videos, drawn uniformly (default: 1,2,3 = 2, 4 or 6 s)")
     p.add_argument("--stories", type=int, default=0, help="training stories (default: 0)")
     p.add_argument("--heldout-stories", type=int, default=0,
                    help="held-out stories: one per held-out triple, its direction in the middle segment (12 = all)")
-    p.add_argument("--story-segments", default="2,3", metavar="LIST", help="segment counts of the training stories "
+    p.add_argument("--story-segments", default=None, metavar="LIST", help="segment counts of the training stories "
                    "(default: 2,3; held-out stories have 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="frame side in pixels (default: 64)")
@@ -435,11 +444,18 @@ def _add_make_demo_data(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_make_demo_data)
 
 
-def _segment_counts(text: str, flag: str) -> tuple[int, ...]:
+def _segment_counts(text: str | None, flag: str, default: tuple[int, ...], lowest: int) -> tuple[int, ...]:
+    """The segment counts of ``flag`` ("1,2,3"), checked before anything is rendered (a bad --story-segments must
+    not surface after the videos took their minutes)."""
+    if text is None:
+        return default
     try:
         counts = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise ValueError(f"{flag} must be comma-separated whole numbers like 1,2,3, got {text!r}") from None
+    bad = [c for c in counts if not lowest <= c <= MAX_SEGMENTS]
+    if bad:
+        raise ValueError(f"{flag} counts must be in {lowest}..{MAX_SEGMENTS} segments, got {bad[0]} in {text!r}")
     return counts
 
 
@@ -452,16 +468,22 @@ def _run_make_demo_data(args: argparse.Namespace) -> int:
         raise ValueError("--clips must be >= 1 (the training videos)")
     t0 = time.perf_counter()
     if args.frames is not None:
-        if args.stories or args.heldout_stories:
-            raise ValueError("--frames writes the former one-clip dataset, which has no stories")
+        torus = [flag for flag, value in (("--stories", args.stories), ("--heldout-stories", args.heldout_stories),
+                                          ("--segments", args.segments), ("--story-segments", args.story_segments))
+                 if value]
+        if torus:
+            raise ValueError(f"--frames writes the former one-clip dataset, which has no segments or stories: drop "
+                             f"{torus[0]}")
         common = dict(seed=args.seed, size=args.size, frames=args.frames, fps=args.fps, crf=args.crf)
+
         def clips(n: int, split: str) -> Path:
             return make_dataset(args.out_dir, n, split=split, **common)
 
         jobs = [("train", args.clips, clips, "clips"), ("heldout", args.heldout_clips, clips, "clips")]
     else:
-        segments = _segment_counts(args.segments, "--segments")
-        story_segments = _segment_counts(args.story_segments, "--story-segments")
+        segments = _segment_counts(args.segments, "--segments", (1, 2, 3), 1)
+        story_segments = _segment_counts(args.story_segments, "--story-segments", (2, 3), 2)
+        check_clip_shape(args.size, video_frames(max(segments + story_segments)))
         common = dict(seed=args.seed, size=args.size, fps=args.fps, crf=args.crf)
 
         def videos(n: int, split: str) -> Path:

@@ -59,6 +59,7 @@ __all__ = [
     "render_video",
     "sample_stories",
     "sample_videos",
+    "torus_coverage",
     "video_frames",
     "CAPTION_TEMPLATES",
     "COLOURS",
@@ -418,7 +419,8 @@ def count_triples(clips: Iterable[DemoClip]) -> dict[Triple, int]:
 WORLD = "torus"
 # Frames per segment after the first frame: one clip of the demo model (8 latent frames x 4), 2 s at 16 fps.
 SEGMENT_FRAMES = 32
-MAX_SEGMENTS = 64
+# The longest video make-demo-data renders: within its frame bound (MAX_FRAMES = 1 + 32 * 32).
+MAX_SEGMENTS = (MAX_FRAMES - 1) // SEGMENT_FRAMES
 # Speed as the fraction of the frame side travelled per segment: 0.6 .. 1.1 px per frame at 64 px.
 _SEGMENT_TRAVEL = (0.30, 0.55)
 
@@ -560,6 +562,7 @@ def sample_videos(n: int, seed: int, split: str = "train", segments: Sequence[in
     uniformly from ``segments``); nothing is rendered."""
     _check_sampling(n, seed)
     counts = _check_counts("segments", segments, 1)
+    check_clip_shape(size, video_frames(max(counts)))  # before any folder is made or frame rendered
     out = []
     for i, (colour, shape, direction) in enumerate(_triple_order(seed, split, n)):
         rng = np.random.default_rng([seed, _split_seed(split), 2, i])
@@ -602,6 +605,7 @@ def sample_stories(n: int, seed: int, split: str = "train", segments: Sequence[i
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     counts = _check_counts("story segments", segments, 2)
+    check_clip_shape(size, video_frames(3 if split == "heldout" else max(counts)))  # held-out stories have 3
     order_rng = np.random.default_rng([seed, _split_seed(split), 3])
     pairs = _pairs()
     order: list[tuple[str, str]] = []
