@@ -93,6 +93,7 @@ from .text import (
     word_tokens,
     write_vocabulary,
 )
+from .transformer import lora
 from .transformer.model import InfinityStarTransformer
 from .vae.model import VideoVAE
 
@@ -459,6 +460,8 @@ class InfinityStarPipeline:
         self._memory: MemoryMode = MEMORY_MODES["plain"]
         self._block_offload: BlockOffload | None = None
         self._quantized: str | None = None  # "int8"/"fp8" once the blocks' linear weights were quantized
+        self._lora: dict[str, float] = {}  # loaded LoRA adapters -> weight (see load_lora_weights)
+        self._lora_fused = False
         # None: the precision follows the device (see set_precision); the weights arrive in float32.
         self._precision_request: str | None = None
         self._policy: PrecisionPolicy = precision_policy("fp32", interactive=config.interactive)
@@ -570,6 +573,10 @@ class InfinityStarPipeline:
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write our layout: ``model_index.json`` + ``transformer/``, ``vae/``, ``text_encoder/`` (safetensors)."""
+        if self._lora:
+            raise ConfigError(f"this pipeline holds LoRA adapters ({', '.join(self._lora)}); save_pretrained writes "
+                              f"the base model only: save from a pipeline without adapters (each adapter is its own "
+                              f"folder already)")
         root = Path(path)
         for sub in ("transformer", "vae", "text_encoder"):
             make_folder(root / sub, "model folder")
@@ -593,6 +600,70 @@ class InfinityStarPipeline:
             warnings.warn("the text encoder is not a module; save its folder separately", stacklevel=2)
         atomic_write_json(root / MODEL_INDEX,
                           {"_class_name": type(self).__name__, "config": _pipeline_config_to_dict(self.config)})
+
+    # ------------------------------------------------------------------------------------------
+    # LoRA adapters (transformer.lora; diffusers' names)
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def lora_adapters(self) -> dict[str, float]:
+        """The loaded adapters and their weights (0 for a loaded but inactive one)."""
+        return dict(self._lora)
+
+    def load_lora_weights(self, path: str | os.PathLike, adapter_name: str | None = None,
+                          scale: float = 1.0) -> str:
+        """Load a LoRA adapter folder (``train`` with a ``[lora]`` section, then ``export``; or PEFT's layout) into
+        the transformer as ``adapter_name`` (default ``adapter_<n>``) with weight ``scale``, active together with
+        the adapters already loaded. An adapter made for another base model is refused in one line. Returns the
+        name."""
+        adapter = lora.read_adapter(path)
+        if self._lora_fused:
+            raise ConfigError("adapters are fused into the weights: unfuse_lora() before loading another")
+        if self._quantized is not None or self._block_offload is not None:
+            raise ConfigError(f"load LoRA adapters in memory mode plain or model_offload (now {self._memory.name}): "
+                              f"quantized or block-offloaded weights cannot take them")
+        lora.check_base(adapter, self.config.name, lora.base_identity(self.transformer))
+        name = adapter_name if adapter_name is not None else f"adapter_{len(self._lora)}"
+        if name in self._lora:
+            raise ValueError(f"an adapter named {name!r} is loaded already")
+        lora.load_adapter_weights(self.transformer, adapter, name)
+        self._lora[name] = float(scale)
+        lora.set_adapter_scales(self.transformer, self._lora)
+        return name
+
+    def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights: float | Sequence[float] | None = None
+                     ) -> None:
+        """Use exactly ``adapter_names`` (the others become inactive), with ``adapter_weights`` (default 1 each)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if adapter_weights is None:
+            weights = [1.0] * len(names)
+        elif isinstance(adapter_weights, int | float):
+            weights = [float(adapter_weights)] * len(names)
+        else:
+            weights = [float(w) for w in adapter_weights]
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} adapter names but {len(weights)} weights")
+        if self._lora_fused:
+            raise ConfigError("adapters are fused into the weights: unfuse_lora() before changing them")
+        unknown = [n for n in names if n not in self._lora]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown[0]!r}; loaded: {', '.join(self._lora) or 'none'}")
+        lora.set_adapter_scales(self.transformer, dict(zip(names, weights)))
+        self._lora = {n: dict(zip(names, weights)).get(n, 0.0) for n in self._lora}
+
+    def fuse_lora(self) -> None:
+        """Merge the active adapters, at their weights, into the transformer's weights (no per-step LoRA cost)."""
+        if not self._lora:
+            raise ValueError("no LoRA adapter is loaded")
+        if not self._lora_fused:
+            lora.fuse_adapters(self.transformer)
+            self._lora_fused = True
+
+    def unfuse_lora(self) -> None:
+        """Undo :meth:`fuse_lora` (the base weights come back up to the float rounding of the add and subtract)."""
+        if self._lora_fused:
+            lora.unfuse_adapters(self.transformer)
+            self._lora_fused = False
 
     # ------------------------------------------------------------------------------------------
     # Devices
@@ -685,6 +756,9 @@ class InfinityStarPipeline:
         Quantization cannot be undone in place (the float weights are gone): leaving it needs a reload.
         """
         mode = memory_mode(mode)
+        if self._lora and (mode.quantize is not None or mode.offload == "block"):
+            raise ConfigError(f"memory mode {mode.name} quantizes or streams the blocks, which cannot carry the loaded "
+                              f"LoRA adapters; use plain or model_offload")
         if device is None and self._device.type == "cpu" and torch.cuda.is_available():
             device = "cuda"
         return self._change(device=None if device is None else resolve_device(device), memory=mode)

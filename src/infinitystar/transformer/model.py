@@ -156,9 +156,16 @@ class InfinityStarTransformer(nn.Module):
     def bit_logits(self, h_BLC: torch.Tensor, semantic: bool) -> torch.Tensor:
         """Final norm, then the chosen head in true float32: ``[B, L, d, 2]`` (``[..., j, v]`` = logit of bit j = v)."""
         head = self.semantic_head if semantic else self.detail_head
+        base = getattr(head, "base_layer", head)  # a LoRA-adapted head (transformer.lora) wraps the nn.Linear
         h = self.final_norm(h_BLC).float()
         with torch.autocast(h.device.type, enabled=False):
-            out = nn.functional.linear(h, head.weight.float(), head.bias.float() if head.bias is not None else None)
+            out = nn.functional.linear(h, base.weight.float(), base.bias.float() if base.bias is not None else None)
+            if not getattr(head, "merged", True):  # unmerged adapters add their low-rank update, also in float32
+                for name in head.active_adapters:
+                    if name in head.lora_A:
+                        a, b = head.lora_A[name].weight.float(), head.lora_B[name].weight.float()
+                        low = nn.functional.linear(head.lora_dropout[name](h), a)
+                        out = out + nn.functional.linear(low, b) * head.scaling[name]
         return out.unflatten(-1, (-1, 2))
 
     # ------------------------------------------------------------------ training
