@@ -215,12 +215,18 @@ def _quiet_single_process():
 Parts = dict[str, tuple[nn.Module, "torch.optim.Optimizer | None"]]
 
 
+def _options(trainable_only: bool, strict: bool = True) -> StateDictOptions:
+    # A LoRA run saves and restores its adapter only: the frozen base weights come from the base model every time.
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=strict)
+
+
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
-           ema: dict[str, torch.Tensor] | None, parts: Parts | None = None) -> dict[str, Any]:
+           ema: dict[str, torch.Tensor] | None, parts: Parts | None = None,
+           trainable_only: bool = False) -> dict[str, Any]:
     if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
     else:
-        model_sd, optim_sd = get_model_state_dict(model), None
+        model_sd, optim_sd = get_model_state_dict(model, options=_options(trainable_only)), None
     state: dict[str, Any] = {"model": model_sd}
     if optim_sd is not None:
         state["optim"] = optim_sd
@@ -250,14 +256,14 @@ def _keep_saved_optimizer_state(state: dict[str, Any], saved: set[str], prefix: 
 
 
 def _set_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any],
-               parts: Parts | None = None, strict: bool = True) -> None:
+               parts: Parts | None = None, strict: bool = True, trainable_only: bool = False) -> None:
     if optimizer is not None:
         # strict=False lets parameters without saved optimizer state keep none (see _keep_saved_optimizer_state);
         # DCP has already checked that every requested entry, the model's included, was in the checkpoint.
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=StateDictOptions(strict=strict))
+                       options=_options(trainable_only, strict and not trainable_only))
     else:
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state["model"], options=_options(trainable_only, not trainable_only))
     for name, (module, opt) in (parts or {}).items():
         _set_state(module, opt, state[name], strict=strict)
 
@@ -275,12 +281,14 @@ def save_checkpoint(
     generators: dict[str, torch.Generator] | None = None,
     keep_last_k: int | None = None,
     parts: Parts | None = None,
+    trainable_only: bool = False,
 ) -> Path:
     """Collective: every rank calls it. Writes ``step_{step:08d}`` atomically and prunes old checkpoints.
 
     ``data_position`` (JSON-serialisable) and the RNG states are stored per rank; ``extra`` (rank 0's) is
     stored as is (e.g. the config, the sample counter). ``parts``: further named (module, optimizer) pairs.
-    Replicated state (data parallel without sharding) is written once.
+    Replicated state (data parallel without sharding) is written once. ``trainable_only`` leaves the frozen
+    parameters out (a LoRA run: its base weights are never written).
     """
     root = Path(ckpt_dir)
     final = root / step_dir_name(step)
@@ -292,7 +300,8 @@ def save_checkpoint(
         tmp.mkdir()
     barrier(info)
     with _quiet_single_process():
-        dcp.save(_state(model, optimizer, ema, parts), checkpoint_id=str(tmp), no_dist=not info.distributed)
+        dcp.save(_state(model, optimizer, ema, parts, trainable_only), checkpoint_id=str(tmp),
+                 no_dist=not info.distributed)
     per_rank = gather_objects({"data_position": data_position, "rng": capture_rng_state(generators)}, info)
     if info.is_main:
         record = {"step": int(step), "world_size": info.world_size,
@@ -334,6 +343,7 @@ def load_checkpoint(
     generators: dict[str, torch.Generator] | None = None,
     restore_rng: bool = True,
     parts: Parts | None = None,
+    trainable_only: bool = False,
 ) -> dict[str, Any]:
     """Collective: load model/optimizer (and EMA, in place) from a complete checkpoint; return ``complete.json``
     with ``data_position`` set to this rank's entry."""
@@ -342,12 +352,12 @@ def load_checkpoint(
         raise ValueError(f"checkpoint {path} was written by {record['world_size']} processes, this run has "
                          f"{info.world_size}: the per-rank data positions and RNG states cannot be mapped; resume with "
                          f"{record['world_size']} processes, or start a new run (another out_dir, or --resume none)")
-    state = _state(model, optimizer, ema, parts)
+    state = _state(model, optimizer, ema, parts, trainable_only)
     saved = set(safe_dcp.read_metadata(path).state_dict_metadata)
     partial = _keep_saved_optimizer_state(state, saved)
     with _quiet_single_process():
         safe_dcp.load(state, path, no_dist=not info.distributed)
-    _set_state(model, optimizer, state, parts, strict=not partial)
+    _set_state(model, optimizer, state, parts, strict=not partial, trainable_only=trainable_only)
     if restore_rng:
         restore_rng_state(record["rng"][info.rank], generators)
     record = dict(record)
@@ -355,14 +365,16 @@ def load_checkpoint(
     return record
 
 
-def load_model_weights(path: str | os.PathLike, model: nn.Module, *, use_ema: bool = False) -> None:
+def load_model_weights(path: str | os.PathLike, model: nn.Module, *, use_ema: bool = False,
+                       trainable_only: bool = False) -> None:
     """Load the (unsharded) model weights of a training checkpoint into a plain module, in one process.
 
     DCP reassembles the full tensors from however many ranks wrote them. ``use_ema`` loads the EMA
     weights instead (error if the run kept none).
     """
     read_complete(path)
-    target = {k: v for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    target = {k: v for k, v in model.state_dict().items() if not trainable_only or k in trainable}
     key = "ema" if use_ema else "model"
     state = {key: target}
     try:
@@ -372,4 +384,4 @@ def load_model_weights(path: str | os.PathLike, model: nn.Module, *, use_ema: bo
         raise
     except Exception as exc:  # DCP raises a generic CheckpointException listing the missing keys
         raise ValueError(f"cannot load {key!r} weights from {path}: {exc}") from exc
-    model.load_state_dict(state[key], strict=True)
+    model.load_state_dict(state[key], strict=not trainable_only)

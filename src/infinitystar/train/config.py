@@ -33,6 +33,7 @@ from typing import Any, ClassVar, TypeVar
 from infinitystar.config import ConfigError, get_preset
 from infinitystar.train.loss import LossWeighting
 from infinitystar.train.scale_subsets import ScaleSubsetConfig
+from infinitystar.transformer.lora import LoRAConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -314,6 +315,32 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class LoRATrainConfig:
+    """A LoRA fine-tune (``[lora]``, ``transformer.lora``): with ``enabled`` the base transformer stays frozen (its
+    weights are never written: checkpoints hold the adapter and its optimizer state only) and one adapter of
+    ``rank``/``alpha``/``dropout`` on the ``targets`` layers trains; ``infinitystar export`` then writes the adapter
+    folder (PEFT's layout) that ``pipe.load_lora_weights`` and ``--lora`` load. ``targets``: ``attention``, ``mlp``,
+    ``heads`` or regular expressions over module names."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("attention", "mlp")
+
+    def __post_init__(self) -> None:
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        object.__setattr__(self, "targets", targets)
+        try:
+            self.adapter()
+        except ValueError as err:
+            raise ConfigError(f"lora: {err}") from None
+
+    def adapter(self) -> LoRAConfig:
+        return LoRAConfig(rank=self.rank, alpha=float(self.alpha), dropout=float(self.dropout), targets=self.targets)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One transformer training run (``infinitystar train CONFIG``; ``train/trainer.py``).
 
@@ -341,11 +368,15 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    # A LoRA fine-tune instead of training every weight (off by default).
+    lora: LoRATrainConfig = field(default_factory=LoRATrainConfig)
 
     def __post_init__(self) -> None:
         _check_sections(self)
         _require(isinstance(self.out_dir, str) and bool(self.out_dir),
                  f"out_dir must be a non-empty path, got {self.out_dir!r}")
+        _require(not (self.lora.enabled and self.training.ema_decay > 0),
+                 "training.ema_decay with lora.enabled: an EMA of the adapter is not supported (set ema_decay = 0)")
 
 
 # ----------------------------------------------------------------------------------------------

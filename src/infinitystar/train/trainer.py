@@ -82,10 +82,15 @@ from infinitystar.train.loss import LossWeighting, raw_scale_weights
 from infinitystar.train.scale_subsets import ScaleSubsetConfig, outcome_table
 from infinitystar.train.step import TrainSample, make_optimizer, prepare_packed_batch, train_step
 from infinitystar.train.tasks import given_prefix_sample, interactive_turn_sample
+from infinitystar.transformer.lora import add_adapter, base_identity, save_adapter
 
 # ----------------------------------------------------------------------------------------------
 # Small pure pieces
 # ----------------------------------------------------------------------------------------------
+
+
+# The adapter of a LoRA run (one per run; pipe.load_lora_weights names it anew when it is loaded).
+ADAPTER_NAME = "default"
 
 
 def sample_generator(seed: int, step: int, global_index: int) -> torch.Generator:
@@ -203,6 +208,10 @@ class Trainer:
         vae = pipe.vae
         model = pipe.transformer
         del pipe
+        # A LoRA run: the adapter is the only trainable part; the base stays frozen and is never written.
+        self.lora = cfg.lora.enabled
+        if self.lora:
+            add_adapter(model, cfg.lora.adapter(), ADAPTER_NAME)
         self.model = self._parallelize(model)
         opt = cfg.optimizer
         self.optimizer = make_optimizer(self.model, lr=opt.lr_at(0, cfg.training.steps), betas=opt.betas,
@@ -233,7 +242,9 @@ class Trainer:
     def _parallelize(self, model: nn.Module) -> nn.Module:
         """Train mode, activation checkpointing, device, then FSDP2 over the dp mesh when there are several ranks."""
         cfg, info = self.cfg, self.info
-        model.train().requires_grad_(True)
+        model.train()
+        if not self.lora:  # (a LoRA run keeps the requires_grad add_adapter set: the adapter only)
+            model.requires_grad_(True)
         if cfg.parallelism.activation_checkpointing:
             apply_activation_checkpointing(model)
         model.to(self.device)
@@ -252,7 +263,8 @@ class Trainer:
         if path is None:
             return
         record = checkpointing.load_checkpoint(path, self.info, self.model, self.optimizer,
-                                               ema=self.ema.state_dict() if self.ema is not None else None)
+                                               ema=self.ema.state_dict() if self.ema is not None else None,
+                                               trainable_only=self.lora)
         self.step = int(record["step"])
         self.resumed_from = self.step
         state = record["data_position"]
@@ -387,7 +399,8 @@ class Trainer:
         path = checkpointing.save_checkpoint(
             self.ckpt_dir, self.step, self.info, self.model, self.optimizer,
             ema=self.ema.state_dict() if self.ema is not None else None, data_position=state,
-            extra={"config": config_to_dict(self.cfg)}, keep_last_k=self.cfg.checkpoint.keep_last_k)
+            extra={"config": config_to_dict(self.cfg)}, keep_last_k=self.cfg.checkpoint.keep_last_k,
+            trainable_only=self.lora)
         self._log({"event": "checkpoint", "step": self.step, "path": str(path)})
         return path
 
@@ -452,7 +465,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
 
     The VAE and text encoder are the run's base pipeline's (they are not trained); the transformer weights
     come from ``checkpoint`` (default: the newest complete checkpoint of the run), the EMA weights with
-    ``use_ema``. Runs in one process whatever the number of processes that trained.
+    ``use_ema``. Runs in one process whatever the number of processes that trained. A LoRA run (``[lora]``) writes
+    its adapter folder instead (``transformer.lora``: PEFT's layout and the base model's identity).
     """
     run = Path(run_dir)
     cfg = load_run_config(run)
@@ -463,10 +477,19 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
     else:
         ckpt = Path(checkpoint)
     pipe = load_base_pipeline(cfg)
+    record = checkpointing.read_complete(ckpt)
+    if cfg.lora.enabled:
+        # The adapter alone, in PEFT's layout, with the identity of the base it was trained on.
+        base = {"name": pipe.config.name, "identity": base_identity(pipe.transformer), "source": cfg.model.pipeline}
+        add_adapter(pipe.transformer, cfg.lora.adapter(), ADAPTER_NAME)
+        checkpointing.load_model_weights(ckpt, pipe.transformer, trainable_only=True)
+        training = {"run": str(run.resolve()), "step": record["step"], "lr": cfg.optimizer.lr,
+                    "batch_size": cfg.training.batch_size, "data": list(cfg.data.jsonl)}
+        return save_adapter(out_dir, pipe.transformer, cfg.lora.adapter(), adapter_name=ADAPTER_NAME, base=base,
+                            training=training)
     checkpointing.load_model_weights(ckpt, pipe.transformer, use_ema=use_ema)
     out = Path(out_dir)
     pipe.save_pretrained(out)
-    record = checkpointing.read_complete(ckpt)
     atomic_write_json(out / "training_source.json", {"run": str(run.resolve()), "checkpoint": str(Path(ckpt).resolve()),
                                                      "step": record["step"], "ema": use_ema})
     return out
