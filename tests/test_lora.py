@@ -219,3 +219,30 @@ def test_lora_config_errors_are_one_line():
         config_from_dict(TrainConfig, {"lora": {"enabled": True, "rank": 0}})
     with pytest.raises(ConfigError, match="an EMA of the adapter is not supported"):
         config_from_dict(TrainConfig, {"lora": {"enabled": True}, "training": {"ema_decay": 0.9}})
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def test_cli_lora_option_scales_records_and_replays(tmp_path, capsys):
+    from infinitystar import media
+    from infinitystar.cli import main
+    from infinitystar.outputs import read_record
+
+    _random_adapter(_pipe(), tmp_path / "a")
+    common = ["generate", PROMPT, "--preset", "tiny-test", "--frames", "9", "--seed", "3", "--quiet"]
+    assert main([*common, "-o", str(tmp_path / "base.mp4")]) == 0
+    assert main([*common, "--lora", f"{tmp_path / 'a'}:0", "-o", str(tmp_path / "zero.mp4")]) == 0
+    assert main([*common, "--lora", str(tmp_path / "a"), "-o", str(tmp_path / "one.mp4")]) == 0
+    base, zero, one = (media.read_video(tmp_path / f"{n}.mp4")[0] for n in ("base", "zero", "one"))
+    assert np.array_equal(base, zero) and not np.array_equal(base, one)
+    assert read_record(tmp_path / "one.mp4").loras == (str(tmp_path / "a"),)
+    assert main(["generate", "--from-json", str(tmp_path / "one.json"), "-o", str(tmp_path / "again.mp4"),
+                 "--quiet"]) == 0
+    assert np.array_equal(media.read_video(tmp_path / "again.mp4")[0], one)
+    capsys.readouterr()
+    assert main([*common, "--lora", str(tmp_path / "missing"), "-o", str(tmp_path / "x.mp4")]) != 0
+    err = capsys.readouterr().err
+    assert "is not a folder" in err and len(err.strip().splitlines()) == 1
+    assert lora.parse_lora_spec("runs/a:0.5") == ("runs/a", 0.5)
+    assert lora.parse_lora_spec("C:/x/ad") == ("C:/x/ad", 1.0)

@@ -85,6 +85,12 @@ def _add_model_options(p: argparse.ArgumentParser, seed_help: str = "sampling se
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_lora_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA adapter folder (infinitystar train with [lora], then export) and its weight "
+                   "(default 1); repeat for several, which add up")
+
+
 def _add_device_options(p: argparse.ArgumentParser) -> None:
     """Where and how the model runs: device, dtype, memory mode, compile (every command that generates)."""
     p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
@@ -147,6 +153,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", choices=["480p", "720p"], default=None,
                    help="must match the model (720p or 480p checkpoint)")
     _add_model_options(p, _SEED_HELP)
+    _add_lora_option(p)
     _add_run_options(p)
     p.set_defaults(func=_run_generate)
 
@@ -166,6 +173,7 @@ def _add_interactive(subparsers: argparse._SubParsersAction) -> None:
                    "reference video); instead of PROMPTS_FILE and --video")
     p.add_argument("--save-segments", action="store_true", help="also write OUTPUT_0000.mp4, ... per segment")
     _add_model_options(p, _SEED_HELP)
+    _add_lora_option(p)
     _add_run_options(p)
     p.set_defaults(func=_run_interactive)
 
@@ -222,6 +230,8 @@ def _apply_record(args: argparse.Namespace, record: RunRecord, fields: dict[str,
             setattr(args, arg, getattr(record, field_name))
     if args.model is None and args.preset is None:
         args.model, args.preset = model_from_run_name(record.model, record.preset)
+    if not args.lora and record.loras:
+        args.lora = list(record.loras)
 
 
 # Options of both commands and the record fields they come from under --from-json.
@@ -250,7 +260,8 @@ def _settle_defaults(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace) -> InfinityStarPipeline:
     return load_pipeline(args.model, args.preset, device=args.device, precision=args.precision,
-                         memory_mode=args.memory_mode, compile_blocks=args.compile, limits=args.request_limit)
+                         memory_mode=args.memory_mode, compile_blocks=args.compile, limits=args.request_limit,
+                         loras=getattr(args, "lora", ()))
 
 
 def _write_progress(quiet: bool) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
@@ -317,7 +328,8 @@ def _run_generate(args: argparse.Namespace) -> int:
                        num_frames=t, fps=result.fps, height=h, width=w, guidance_scale=args.guidance,
                        aspect=args.aspect, resolution=args.resolution, model=run_model_name(args.model, args.preset),
                        preset=args.preset, precision=pipe.precision, memory_mode=args.memory_mode,
-                       device=str(pipe.device), created=created, input_image=args.image, input_video=args.video)
+                       device=str(pipe.device), created=created, input_image=args.image, input_video=args.video,
+                       loras=tuple(args.lora) or None)
     _save(frames, out, record, result.fps, args)
     print(f"wrote {out} ({t} frames, {w}x{h}, seed {args.seed}, {time.perf_counter() - t0:.1f} s); "
           f"run record {record_path(out)}")
@@ -374,7 +386,7 @@ def _run_interactive(args: argparse.Namespace) -> int:
                        height=h, width=w, guidance_scale=args.guidance, aspect=args.aspect,
                        model=run_model_name(args.model, args.preset), preset=args.preset, precision=pipe.precision,
                        memory_mode=args.memory_mode, device=str(pipe.device), created=created,
-                       input_video=args.video, prompts=tuple(prompts))
+                       input_video=args.video, prompts=tuple(prompts), loras=tuple(args.lora) or None)
     _save(frames, out, record, result.fps, args)
     for path, seg in zip(segment_paths, result.segments):
         _save(_uint8_frames(seg), path, record, result.fps, args)  # each segment names the run it belongs to

@@ -93,10 +93,14 @@ class RunRecord:
     input_image: str | None = None
     input_video: str | None = None
     prompts: tuple[str, ...] | None = None
+    # LoRA adapters as given (``PATH[:SCALE]``, the CLI's --lora); None: none.
+    loras: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.prompts is not None and not isinstance(self.prompts, tuple):
-            object.__setattr__(self, "prompts", tuple(self.prompts))  # a list is accepted; stored hashable
+        for name in ("prompts", "loras"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))  # a list is accepted; stored hashable
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name))
         if self.task not in TASKS:
@@ -141,7 +145,7 @@ class RunRecord:
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "seed": (int,), "num_frames": (int,), "fps": (int,), "height": (int,), "width": (int,),
     "guidance_scale": (int, float, type(None)),
-    "prompts": (tuple, type(None)),
+    "prompts": (tuple, type(None)), "loras": (tuple, type(None)),
 }
 
 
@@ -153,8 +157,8 @@ def _check_type(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, want):
         kinds = " or ".join("null" if t is type(None) else t.__name__ for t in want)
         raise ValueError(f"run record: {name} must be {kinds}, got {value!r}")
-    if name == "prompts" and value is not None and not all(isinstance(p, str) for p in value):
-        raise ValueError(f"run record: prompts must be a list of strings, got {list(value)!r}")
+    if name in ("prompts", "loras") and value is not None and not all(isinstance(p, str) for p in value):
+        raise ValueError(f"run record: {name} must be a list of strings, got {list(value)!r}")
     if name == "guidance_scale" and value is not None and not math.isfinite(value):
         raise ValueError(f"run record: guidance_scale must be finite, got {value!r}")
 

@@ -24,6 +24,7 @@ from ..config import RequestLimits, check_precision, precision_policy, resolve_d
 from ..hardware import cpu_precision
 from ..memory import memory_mode as memory_mode_named
 from ..pipeline import DEMO_MODEL_ID, InfinityStarPipeline
+from ..transformer.lora import parse_lora_spec, read_adapter
 
 __all__ = ["DEMO_MODEL_ID", "DEMO_WEIGHTS", "FALLBACK_PRESET", "demo_weights_shipped", "load_pipeline",
            "model_from_run_name", "random_weights", "run_model_name"]
@@ -43,7 +44,8 @@ def demo_weights_shipped() -> bool:
 
 def load_pipeline(model: str | None, preset: str | None, *, device: str = "auto", precision: str | None = None,
                   limits: Sequence[str] = (),
-                  memory_mode: str = "plain", compile_blocks: bool = False) -> InfinityStarPipeline:
+                  memory_mode: str = "plain", compile_blocks: bool = False,
+                  loras: Sequence[str] = ()) -> InfinityStarPipeline:
     """The pipeline a front door runs: ``model`` (a folder), else the demo model, else random weights.
 
     ``preset`` with ``model`` picks the transformer of an official download; without ``model`` it asks for random
@@ -54,10 +56,15 @@ def load_pipeline(model: str | None, preset: str | None, *, device: str = "auto"
     and a CPU's choice is reported on stderr in one line. ``memory_mode``: a name of
     :data:`~infinitystar.memory.MEMORY_MODES`. ``compile_blocks``: torch.compile the transformer blocks.
     ``limits``: ``NAME=VALUE`` changes of the request limits (:class:`~infinitystar.config.RequestLimits`).
+    ``loras``: LoRA adapter folders as ``PATH[:SCALE]``, loaded
+    before the memory mode is set.
     """
     dev = resolve_device(device)  # before loading any weights
     mode = memory_mode_named(memory_mode)
     request_limits = RequestLimits().with_overrides(limits)
+    adapters = [parse_lora_spec(spec) for spec in loras]
+    for path, _ in adapters:
+        read_adapter(path)  # a missing or broken adapter fails before any weights load
     if precision is not None:
         check_precision(precision)
     if model is not None:
@@ -77,6 +84,8 @@ def load_pipeline(model: str | None, preset: str | None, *, device: str = "auto"
         pipe = InfinityStarPipeline.from_preset(FALLBACK_PRESET)
     if precision is not None:
         pipe.set_precision(precision)
+    for path, scale in adapters:
+        pipe.load_lora_weights(path, scale=scale)
     pipe.set_memory_mode(mode, dev)
     if precision is None and dev.type == "cpu":
         print(f"note: {cpu_precision().reason} (choose with --dtype)", file=sys.stderr)

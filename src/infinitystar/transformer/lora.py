@@ -36,8 +36,9 @@ from torch import nn
 from ..fileio import atomic_output, atomic_write_json, make_folder
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_META", "ADAPTER_WEIGHTS", "TARGET_GROUPS", "AdapterFile", "LoRAConfig",
-           "adapter_layers", "add_adapter", "base_identity", "check_base", "fuse_adapters", "read_adapter",
-           "save_adapter", "set_adapter_scales", "target_module_names", "trainable_state_dict", "unfuse_adapters"]
+           "adapter_layers", "adapter_names", "add_adapter", "base_identity", "check_base", "fuse_adapters",
+           "load_adapter_weights", "parse_lora_spec", "read_adapter", "save_adapter", "set_adapter_scales",
+           "target_module_names", "trainable_state_dict", "unfuse_adapters"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's names
 ADAPTER_CONFIG = "adapter_config.json"
@@ -307,3 +308,17 @@ def unfuse_adapters(model: nn.Module) -> None:
     """Undo :func:`fuse_adapters` (the base weights come back up to float rounding of the add and subtract)."""
     for layer in adapter_layers(model):
         layer.unmerge()
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``PATH[:SCALE]`` (the CLI's ``--lora``) -> ``(path, scale)``; the scale defaults to 1. A last ``:``-part that
+    is not a number belongs to the path."""
+    path, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    if not spec:
+        raise ValueError("--lora needs a folder: --lora PATH or --lora PATH:SCALE")
+    return spec, 1.0
