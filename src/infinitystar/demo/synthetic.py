@@ -68,7 +68,10 @@ __all__ = [
     "EVAL_TEMPLATES",
     "HELD_OUT",
     "SHAPES",
+    "NEW_SHAPE",
+    "NEW_SHAPE_TRIPLES",
     "SPLITS",
+    "VIDEO_SPLITS",
     "TRAIN_TRIPLES",
     "ClipSpec",
     "DemoClip",
@@ -118,6 +121,11 @@ HELD_OUT: tuple[Triple, ...] = (
 )
 TRAIN_TRIPLES: tuple[Triple, ...] = tuple(t for t in ALL_TRIPLES if t not in set(HELD_OUT))
 SPLITS: tuple[str, ...] = ("train", "heldout")
+# A shape the demo model never saw, for teaching it a new word with a LoRA adapter (``demo.lora``): a square turned
+# 45 degrees. Renderable everywhere, never in the base world's splits; split ``"diamond"`` draws its 24 triples.
+NEW_SHAPE = "diamond"
+NEW_SHAPE_TRIPLES: tuple[Triple, ...] = tuple(itertools.product(COLOURS, (NEW_SHAPE,), DIRECTIONS))
+VIDEO_SPLITS: tuple[str, ...] = (*SPLITS, NEW_SHAPE)
 
 # Caption templates. Placeholders: {colour}, {shape}, {dir} (left/right/up/down) and {towards}
 # ("to the left", "to the right", "upwards", "downwards"). Colour and shape words never vary (a small
@@ -163,8 +171,8 @@ def _checked_triple(triple: Sequence[str]) -> Triple:
     colour, shape, direction = triple
     if colour not in COLOURS:
         raise ValueError(f"unknown colour {colour!r}; valid: {', '.join(COLOURS)}")
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
+    if shape not in SHAPES and shape != NEW_SHAPE:
+        raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)} (and {NEW_SHAPE})")
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     return colour, shape, direction
@@ -176,6 +184,8 @@ def triples_for_split(split: str) -> tuple[Triple, ...]:
         return TRAIN_TRIPLES
     if split == "heldout":
         return HELD_OUT
+    if split == NEW_SHAPE:
+        return NEW_SHAPE_TRIPLES
     raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
 
 
@@ -213,6 +223,8 @@ def _half_width(shape: str, dy: np.ndarray, half: float) -> np.ndarray:
     if shape == "triangle":
         # Apex at (0, -half), base from (-half, half) to (half, half): the half-width grows linearly downwards.
         return np.where(np.abs(dy) <= half, (dy + half) / 2, -1.0)
+    if shape == NEW_SHAPE:  # corners at (0, +-half) and (+-half, 0): as wide as it is tall, like the square
+        return np.where(np.abs(dy) <= half, half - np.abs(dy), -1.0)
     raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
 
 
@@ -308,7 +320,7 @@ class DemoClip:
 
 
 def _split_seed(split: str) -> int:
-    return SPLITS.index(split) if split in SPLITS else -1
+    return VIDEO_SPLITS.index(split) if split in VIDEO_SPLITS else -1
 
 
 def _triple_order(seed: int, split: str, n: int) -> list[Triple]:
@@ -650,8 +662,8 @@ def make_videos(out_dir: str | os.PathLike, n: int, seed: int, split: str = "tra
     """Render ``n`` plain torus videos of ``split`` into ``out_dir/videos/{split}_{i:06d}.mp4`` and write
     ``out_dir/{split}.jsonl`` (reference rows plus the ``demo`` ground truth: spec, segments, world). Atomic files;
     returns the jsonl."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if split not in VIDEO_SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(VIDEO_SPLITS)}")
     _check_fps(fps)
     videos = sample_videos(n, seed, split, segments, size)
     root = Path(out_dir)
