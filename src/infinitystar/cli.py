@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(subparsers)  # train, export
     add_train_vae_command(subparsers)
     _add_train_demo(subparsers)
+    _add_train_demo_lora(subparsers)
     _add_serve(subparsers)
     return parser
 
@@ -665,6 +666,33 @@ def _add_train_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="override the transformer config's steps")
     p.add_argument("--ship", action="store_true", help="write the trained model into infinitystar/demo/weights")
     p.set_defaults(func=_run_train_demo)
+
+
+def _add_train_demo_lora(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-demo-lora", help="teach the demo model a new word (diamond) with a LoRA adapter (CPU, minutes)",
+        description="Render diamond videos plus replay videos of the demo world, extract their latents with the demo "
+        "model's VAE, train a LoRA adapter on the frozen demo transformer, export it (OUT_DIR/adapter) and judge the "
+        "base model and base + adapter on the same seeds: the new word and the old vocabulary (OUT_DIR/report.json). "
+        "Resumable: run it again to continue.")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--base", default=None, metavar="DIR", help="base model folder (default: the shipped demo model)")
+    p.add_argument("--videos", type=int, default=384, help="diamond videos (default: 384)")
+    p.add_argument("--replay", type=int, default=384, help="videos of the base world mixed in (default: 384)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
+    p.add_argument("--clips-per-prompt", type=int, default=2, help="evaluation clips per prompt (default: 2)")
+    p.set_defaults(func=_run_train_demo_lora)
+
+
+def _run_train_demo_lora(args: argparse.Namespace) -> int:
+    from infinitystar.demo.lora import LoRADemoOptions, run_lora_demo
+
+    options = LoRADemoOptions(videos=args.videos, replay=args.replay, steps=args.steps, rank=args.rank,
+                              eval_clips_per_prompt=args.clips_per_prompt)
+    result = run_lora_demo(args.out_dir, options, **({"base": args.base} if args.base else {}))
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def _run_train_demo(args: argparse.Namespace) -> int:
