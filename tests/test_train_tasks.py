@@ -296,3 +296,18 @@ def test_a_run_trains_every_task_from_written_videos_and_stories(tmp_path):
     assert {f"turn/s{i:03d}" for i in range(4)} <= keys
     # A 6 s text-to-video sample trains the scales of its third clip (scales 12..15).
     assert any(k.startswith("t06.0s/s015") for k in keys) or any(k.startswith("t04.0s/s011") for k in keys)
+
+
+def test_a_run_starts_from_float32_weights_whatever_the_host_prefers(tmp_path, monkeypatch):
+    """A model folder loads in the host's inference precision (bf16 on a CPU with native bf16); training keeps
+    float32 master weights, so the run's base must come in float32 there too."""
+    from infinitystar.pipeline import InfinityStarPipeline
+    from infinitystar.train.config import TrainConfig, config_from_dict
+    from infinitystar.train.trainer import load_base_pipeline
+
+    InfinityStarPipeline.from_preset("tiny-test").save_pretrained(tmp_path / "base")
+    monkeypatch.setenv("INFINITYSTAR_CPU_PRECISION", "bf16")
+    assert InfinityStarPipeline.from_pretrained(tmp_path / "base").dtype == torch.bfloat16  # the inference default
+    cfg = config_from_dict(TrainConfig, {"model": {"pipeline": str(tmp_path / "base")}})
+    pipe = load_base_pipeline(cfg)
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.float32}

@@ -122,7 +122,9 @@ def load_base_pipeline(cfg: TrainConfig):
     """The pipeline a run starts from: a model folder (fine-tuning) or a preset with seeded random weights."""
     model = cfg.model
     if Path(model.pipeline).is_dir():
-        return InfinityStarPipeline.from_pretrained(model.pipeline, preset=model.pipeline_preset)
+        # float32 weights whatever the host prefers for inference (a CPU with native bf16 would otherwise load bf16
+        # blocks): training keeps fp32 master weights and autocasts (training.bf16 on CUDA).
+        return InfinityStarPipeline.from_pretrained(model.pipeline, preset=model.pipeline_preset, precision="fp32")
     get_preset("pipeline", model.pipeline)  # a clear error listing the presets if neither folder nor preset
     return InfinityStarPipeline.from_preset(model.pipeline, seed=cfg.training.seed)
 
