@@ -516,18 +516,30 @@ def _run_make_demo_data(args: argparse.Namespace) -> int:
 
 def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "evaluate", help="score a model on the demo domain (seen and held-out prompts)",
+        "evaluate", help="score a model on the demo domain (seen and held-out prompts, or the tasks of issue 18)",
         description="Generate clips for 12 seen and the 12 held-out demo prompts and judge colour, shape and "
         "direction from the frames (infinitystar.demo.evaluate). Writes report.md (table), report.json and "
-        "contact_sheet.png to --out. --check-judge N instead measures the judge on N ground-truth clips.")
-    p.add_argument("--clips-per-prompt", type=int, default=4, metavar="N", help="clips per prompt (default: 4)")
+        "contact_sheet.png to --out. --tasks instead runs tasks on the 12 held-out triples (t2v-2s, t2v-6s, story, "
+        "i2v, extension, long) and writes report.md (task, metric, value, target, met?), report.json and one "
+        "contact_<task>.png per task. --check-judge N instead measures the judge on ground truth of every kind.")
+    p.add_argument("--clips-per-prompt", type=int, default=4, metavar="N",
+                   help="clips (with --tasks: videos of each task) per prompt (default: 4)")
+    p.add_argument("--tasks", default=None, metavar="T1,T2,...",
+                   help=f"run these tasks instead of the seen/held-out clips: {', '.join(demo_evaluate.TASKS)}")
+    p.add_argument("--long-prompts", type=int, default=None, metavar="K",
+                   help="with --tasks long: 30 s videos for the first K prompts only (default: every prompt)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="with --tasks long: skip the peak-memory comparison of a 6 s and a 30 s video (two fresh "
+                   "processes)")
     p.add_argument("--out", default="outputs/evaluate", metavar="DIR", help="report folder")
-    p.add_argument("--frames", type=int, default=33, help="frames per clip (default: 33 = 2 s)")
+    p.add_argument("--frames", type=int, default=33, help="frames per clip (default: 33 = 2 s; not with --tasks)")
     p.add_argument("--limit", type=int, default=None, metavar="K", help="only the first K prompts of each set")
     p.add_argument("--template", type=int, default=0, help="caption template of the prompts (default: 0)")
     p.add_argument("--save-clips", action="store_true", help="also write every clip as mp4 under OUT/clips")
     p.add_argument("--check-judge", type=int, default=None, metavar="N",
-                   help="no model: report the judge's accuracy on N ground-truth clips")
+                   help="no model: report the judge's accuracy on about N ground-truth items of every kind (plain "
+                   "2 s and 6 s videos per segment, stories, shapes across the edges, image-to-video, extension, "
+                   "H.264 round trip), and on N in-frame clips")
     p.add_argument("--vae-data", default=None, metavar="JSONL",
                    help="also measure the tokenizer's reconstruction PSNR on the clips of this demo jsonl "
                    "(e.g. heldout.jsonl of make-demo-data)")
@@ -536,14 +548,61 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_evaluate)
 
 
+def _run_check_judge(args: argparse.Namespace) -> int:
+    acc, misses = demo_evaluate.check_judge(args.check_judge, seed=args.seed or 0, frames=args.frames)
+    print(f"judge on {acc['n']} ground-truth clips: colour {acc['colour']:.1%}, shape {acc['shape']:.1%}, "
+          f"direction {acc['direction']:.1%}, all three {acc['all']:.1%}")
+    for truth, j in misses[:10]:
+        print(f"  miss: {' '.join(truth)} judged {j.colour} {j.shape} {j.direction}")
+    kinds, kind_misses = demo_evaluate.check_judge_all(args.check_judge, seed=args.seed or 0)
+    for kind, scores in kinds.items():
+        parts = ", ".join(f"{k} {v:.1%}" for k, v in scores.items() if k != "n")
+        print(f"judge on {kind} ({scores['n']} {'videos' if kind in ('i2v', 'extension') else 'segments'}): {parts}")
+    for m in kind_misses[:10]:
+        print(f"  miss: {m}")
+    return 0
+
+
+def _run_evaluate_tasks(args: argparse.Namespace) -> int:
+    tasks = demo_evaluate.check_tasks(args.tasks)  # before loading anything
+    if args.frames != 33:
+        raise ValueError("--frames does not apply to --tasks (each task has its own length)")
+    if args.long_prompts is not None and args.long_prompts < 1:
+        raise ValueError(f"--long-prompts must be >= 1, got {args.long_prompts}")
+    pipe = _load(args)
+    kwargs = {k: v for k, v in (("guidance_scale", args.guidance), ("aspect", args.aspect)) if v is not None}
+    memory_model = None if args.no_memory else run_model_name(args.model, args.preset)
+    done = []
+
+    def report_sample(s: demo_evaluate.TaskSample) -> None:
+        done.append(s)
+        if not args.quiet:
+            judged = "; ".join(" ".join(str(x) for x in j) for j in s.judged)
+            scores = ", ".join(f"{k} {h}/{c}" for k, (h, c) in s.scores.items())
+            print(f"[{len(done)}] {s.task}: {' / '.join(s.prompts)} (seed {s.seed}): {judged} -- {scores} "
+                  f"({s.seconds:.1f} s)", flush=True)
+
+    t0 = time.perf_counter()
+    report = demo_evaluate.evaluate_tasks(pipe, tasks, args.clips_per_prompt, args.seed or 0, limit=args.limit,
+                                          memory_model=memory_model, long_prompts=args.long_prompts,
+                                          on_sample=report_sample, **kwargs)
+    paths = report.save(Path(args.out))
+    print(report.table())
+    if report.memory is not None:
+        print(report.memory["summary"])
+    print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
+    if args.clips_per_prompt < 1:
+        raise ValueError(f"--clips-per-prompt must be >= 1, got {args.clips_per_prompt}")
     if args.check_judge is not None:
-        acc, misses = demo_evaluate.check_judge(args.check_judge, seed=args.seed or 0, frames=args.frames)
-        print(f"judge on {acc['n']} ground-truth clips: colour {acc['colour']:.1%}, shape {acc['shape']:.1%}, "
-              f"direction {acc['direction']:.1%}, all three {acc['all']:.1%}")
-        for truth, j in misses[:10]:
-            print(f"  miss: {' '.join(truth)} judged {j.colour} {j.shape} {j.direction}")
-        return 0
+        if args.check_judge < 1:
+            raise ValueError(f"--check-judge must be >= 1, got {args.check_judge}")
+        return _run_check_judge(args)
+    if args.tasks is not None:
+        return _run_evaluate_tasks(args)
     prompts = demo_evaluate.default_prompts(args.template)
     if args.limit is not None:
         if args.limit < 1:
