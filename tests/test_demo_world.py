@@ -435,3 +435,24 @@ def test_interactive_runs_a_story_folder(tmp_path, capsys, two_segment_story):
     assert list(record.prompts) == lines and record.prompt == lines[0]
     assert Path(record.input_video).name == "0000_refine_720p.mp4"
     assert isinstance(record.seed, int) and f"seed {record.seed}" in stdout
+
+
+def test_the_new_shape_diamond_is_rendered_and_judged():
+    """The word a LoRA adapter teaches the demo model (demo.lora): rendered as a square turned 45 degrees, read by
+    the judge, and never part of the base world's training or held-out triples."""
+    from infinitystar.demo.evaluate import judge_clip, parse_prompt
+
+    assert syn.NEW_SHAPE == "diamond" and syn.NEW_SHAPE not in syn.SHAPES
+    assert not any(t[1] == syn.NEW_SHAPE for t in syn.TRAIN_TRIPLES + syn.HELD_OUT)
+    spec = syn.VideoSpec("blue", "diamond", 20.0, (20.5, 30.5), 0.8, ("right",))
+    frame = syn.render_video(spec)[0]
+    mask = frame[..., 2] > 127
+    rows = np.nonzero(mask.any(axis=1))[0]
+    widths = mask.sum(axis=1)[rows]
+    # Widest in the middle row and narrowing towards both tips: a diamond, not a square.
+    assert widths.max() >= 18 and widths[0] <= 3 and widths[-1] <= 3
+    videos = syn.sample_videos(24, seed=0, split=syn.NEW_SHAPE)
+    assert {v.spec.triples()[0] for v in videos} == set(syn.NEW_SHAPE_TRIPLES)
+    judged = [judge_clip(syn.render_video(v.spec)) for v in videos]
+    assert all(j.triple == v.spec.triples()[0] for j, v in zip(judged, videos))
+    assert parse_prompt(videos[0].caption) == videos[0].spec.triples()[0]

@@ -54,6 +54,7 @@ from .synthetic import (
     DIRECTIONS,
     EVAL_TEMPLATES,
     HELD_OUT,
+    NEW_SHAPE,
     SEGMENT_FRAMES,
     SHAPES,
     TRAIN_TRIPLES,
@@ -110,6 +111,9 @@ MIN_AREA = 8.0  # pixels of soft mask; less is treated as "nothing there"
 # Shape thresholds (see the module docstring for the values each shape gives).
 TRIANGLE_SKEW = 0.3
 SQUARE_CROSS = 0.85
+# A diamond (the square turned 45 degrees, synthetic.NEW_SHAPE: the word a LoRA adapter teaches) has x and y
+# anti-correlated in magnitude: E[x^2 y^2] / (E[x^2] E[y^2]) = 0.4, against 2/3 for a disc; halfway between.
+DIAMOND_CROSS = 0.54
 
 _PALETTE_NAMES = tuple(COLOURS)
 _PALETTE = np.asarray([COLOURS[c] for c in _PALETTE_NAMES], np.float64) / 255.0
@@ -256,6 +260,8 @@ def _box3_max(v_THW: np.ndarray) -> np.ndarray:
 def _classify_shape(skew: float, cross: float) -> str:
     if skew > TRIANGLE_SKEW:
         return "triangle"
+    if cross < DIAMOND_CROSS:
+        return NEW_SHAPE
     return "square" if cross > SQUARE_CROSS else "circle"
 
 
@@ -592,7 +598,7 @@ def judge_extension(given_frames: Any, frames: Any, segment_frames: int = SEGMEN
 
 
 _COLOUR_WORDS = {c: c for c in COLOURS}
-_SHAPE_WORDS = {s: s for s in SHAPES}
+_SHAPE_WORDS = {s: s for s in (*SHAPES, NEW_SHAPE)}
 _DIRECTION_WORDS = {
     "left": "left", "leftward": "left", "leftwards": "left",
     "right": "right", "rightward": "right", "rightwards": "right",
