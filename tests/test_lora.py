@@ -292,3 +292,32 @@ def test_lora_with_fsdp_on_two_processes_matches_one(tiny_data, tmp_path):
 
     adapter = lora.read_adapter(export_run(tmp_path / "two", tmp_path / "adapter"))
     assert adapter.meta["base"]["identity"] == lora.base_identity(_pipe().transformer)
+
+
+def test_the_base_identity_ignores_the_precision_the_weights_are_held_in():
+    pipe = _pipe()
+    fp32 = lora.base_identity(pipe.transformer)
+    pipe.set_precision("bf16")
+    assert pipe.dtype == torch.bfloat16
+    assert lora.base_identity(pipe.transformer) == fp32 != lora.base_identity(_pipe(seed=5).transformer)
+
+
+@pytest.mark.slow
+def test_the_demo_lora_recipe_runs_end_to_end(tmp_path):
+    """train-demo-lora on a toy budget: data, features, LoRA training on the shipped model, export, the judge
+    before and after (the figures of the full budget are in the README)."""
+    from infinitystar.demo import DEMO_WEIGHTS
+    from infinitystar.demo.lora import LoRADemoOptions, run_lora_demo
+
+    if not (DEMO_WEIGHTS / "model_index.json").is_file():
+        pytest.skip("the demo weights are not shipped in this tree")
+    result = run_lora_demo(tmp_path, LoRADemoOptions(videos=8, replay=8, steps=4, batch_size=2, eval_limit=1,
+                                                     eval_clips_per_prompt=1))
+    for when in ("before", "after"):
+        assert set(result[when]) == {"new_word", "old_vocabulary"}
+        assert result[when]["new_word"]["diamond"]["n"] == 1
+    assert 0 < result["adapter_parameters"] < result["model_parameters"] // 10
+    assert result["adapter_bytes"] < 1 << 20
+    assert lora.read_adapter(tmp_path / "adapter").base["name"] == "demo"
+    again = run_lora_demo(tmp_path, LoRADemoOptions(videos=8, replay=8, steps=4))  # done: read back, not rerun
+    assert again == json.loads((tmp_path / "report.json").read_text())

@@ -120,7 +120,8 @@ def target_module_names(model: nn.Module, targets: Sequence[str]) -> list[str]:
 
 def base_identity(model: nn.Module) -> str:
     """A short fingerprint of the *base* weights (adapters excluded, fused or not fused as they are now): a hash of
-    every base parameter's name, shape, dtype and a strided sample of its values. Two fine-tunes of one
+    every base parameter's name, shape and a strided sample of its values rounded to bf16 (so a float32 and a bf16
+    copy of the same weights agree). Two fine-tunes of one
     architecture differ; the same weights loaded anywhere agree. Cheap even for the 8B (a sample per tensor)."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
@@ -129,8 +130,9 @@ def base_identity(model: nn.Module) -> str:
         base_name = name.replace(".base_layer.", ".")
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 64)
-        sample = flat[::step][:64].to("cpu", torch.float32)
-        h.update(f"{base_name}:{tuple(p.shape)}:{p.dtype}\0".encode())
+        # Rounded to bf16: the same weights held in float32 (training) or bf16 (inference) give one identity.
+        sample = flat[::step][:64].to("cpu", torch.bfloat16).to(torch.float32)
+        h.update(f"{base_name}:{tuple(p.shape)}\0".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
 
