@@ -32,21 +32,26 @@ def main() -> None:
         video = pipe(prompt, seed=0, progress=False).frames  # [T, H, W, 3] uint8
         tiles = [np.kron(video[i], np.ones((SCALE, SCALE, 1), np.uint8)) for i in FRAMES]
         rows.append((prompt + ("   (held out: never seen in training)" if triple in HELD_OUT else ""), tiles))
+    save_sheet(rows, OUT, GAP, LABEL)
+
+
+def save_sheet(rows: list[tuple[str, list[np.ndarray]]], out: Path, gap: int, label: int) -> None:
+    """Labelled rows of equal-size tiles on a dark background, written atomically as png (docs/make_*.py)."""
     th, tw = rows[0][1][0].shape[:2]
-    width = len(FRAMES) * tw + (len(FRAMES) + 1) * GAP
-    height = len(rows) * (th + LABEL + GAP) + GAP
+    columns = max(len(tiles) for _, tiles in rows)
+    width = columns * tw + (columns + 1) * gap
+    height = len(rows) * (th + label + gap) + gap
     sheet = Image.new("RGB", (width, height), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
-    y = GAP
-    for label, tiles in rows:
-        draw.text((GAP, y), label, fill=(230, 230, 230))
+    y = gap
+    for text, tiles in rows:
+        draw.text((gap, y), text, fill=(230, 230, 230))
         for j, tile in enumerate(tiles):
-            sheet.paste(Image.fromarray(tile), (GAP + j * (tw + GAP), y + LABEL))
-        y += th + LABEL + GAP
-    with atomic_output(OUT) as tmp:
+            sheet.paste(Image.fromarray(tile), (gap + j * (tw + gap), y + label))
+        y += th + label + gap
+    with atomic_output(out) as tmp:
         sheet.save(tmp, format="PNG")
-    print(f"wrote {OUT} ({width}x{height})")
-
+    print(f"wrote {out} ({width}x{height})")
 
 if __name__ == "__main__":
     main()

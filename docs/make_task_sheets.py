@@ -13,10 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from make_contact_sheet import save_sheet
 
 from infinitystar.demo.synthetic import VideoSpec, caption, render_video
-from infinitystar.fileio import atomic_output
 from infinitystar.pipeline import InfinityStarPipeline
 
 SCALE, GAP, LABEL, BORDER = 2, 4, 16, 2
@@ -64,23 +63,7 @@ def _rows(pipe: InfinityStarPipeline) -> list[tuple[str, list[np.ndarray]]]:
 
 def main() -> None:
     pipe = InfinityStarPipeline.from_pretrained(str(Path(__file__).parents[1] / "src/infinitystar/demo/weights"))
-    rows = _rows(pipe)
-    th, tw = rows[0][1][0].shape[:2]
-    columns = max(len(tiles) for _, tiles in rows)
-    width = columns * tw + (columns + 1) * GAP
-    height = len(rows) * (th + LABEL + GAP) + GAP
-    sheet = Image.new("RGB", (width, height), (24, 24, 24))
-    draw = ImageDraw.Draw(sheet)
-    y = GAP
-    for label, tiles in rows:
-        draw.text((GAP, y), label, fill=(230, 230, 230))
-        for j, tile in enumerate(tiles):
-            sheet.paste(Image.fromarray(tile), (GAP + j * (tw + GAP), y + LABEL))
-        y += th + LABEL + GAP
-    with atomic_output(OUT) as tmp:
-        sheet.save(tmp, format="PNG")
-    print(f"wrote {OUT} ({width}x{height})")
-
+    save_sheet(_rows(pipe), OUT, GAP, LABEL)
 
 if __name__ == "__main__":
     main()
