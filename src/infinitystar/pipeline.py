@@ -645,11 +645,9 @@ class InfinityStarPipeline:
             raise ValueError(f"{len(names)} adapter names but {len(weights)} weights")
         if self._lora_fused:
             raise ConfigError("adapters are fused into the weights: unfuse_lora() before changing them")
-        unknown = [n for n in names if n not in self._lora]
-        if unknown:
-            raise ValueError(f"no adapter named {unknown[0]!r}; loaded: {', '.join(self._lora) or 'none'}")
-        lora.set_adapter_scales(self.transformer, dict(zip(names, weights)))
-        self._lora = {n: dict(zip(names, weights)).get(n, 0.0) for n in self._lora}
+        chosen = dict(zip(names, weights))
+        lora.set_adapter_scales(self.transformer, chosen)  # checks the names against the loaded adapters
+        self._lora = {n: chosen.get(n, 0.0) for n in self._lora}
 
     def fuse_lora(self) -> None:
         """Merge the active adapters, at their weights, into the transformer's weights (no per-step LoRA cost)."""

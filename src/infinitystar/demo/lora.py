@@ -25,14 +25,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..fileio import atomic_write_json, atomic_write_text
 from ..pipeline import InfinityStarPipeline
 from ..train.config import DataConfig, TrainConfig, config_from_dict
 from ..train.features import extract_features
 from ..train.trainer import Trainer, export_run
-from ..transformer.lora import ADAPTER_WEIGHTS
+from ..transformer.lora import ADAPTER_META, ADAPTER_WEIGHTS
 from . import DEMO_WEIGHTS
 from .evaluate import default_prompts, evaluate_pipeline
 from .synthetic import EVAL_TEMPLATES, NEW_SHAPE, NEW_SHAPE_TRIPLES, caption, make_videos
@@ -92,7 +90,9 @@ def run_lora_demo(out_dir: str | os.PathLike, options: LoRADemoOptions | None = 
     opts = options or LoRADemoOptions()
     out = Path(out_dir).resolve()
     data, timings = out / "data", {}
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    report = out / "report.json"
+    if report.is_file():  # a finished run: its figures, nothing loaded or rerun
+        return json.loads(report.read_text(encoding="utf-8"))
 
     t0 = time.perf_counter()
     jsonls = [data / f"{NEW_SHAPE}.jsonl"] + ([data / "train.jsonl"] if opts.replay else [])
@@ -130,21 +130,16 @@ def run_lora_demo(out_dir: str | os.PathLike, options: LoRADemoOptions | None = 
         export_run(out / "run", adapter)
         timings["train"] = time.perf_counter() - t0
 
-    report = out / "report.json"
-    if report.is_file():
-        result = json.loads(report.read_text(encoding="utf-8"))
-    else:
-        t0 = time.perf_counter()
-        _log("evaluate: base model, then base + adapter")
-        before = _scores(pipe, opts)
-        pipe.load_lora_weights(adapter, adapter_name=NEW_SHAPE)
-        after = _scores(pipe, opts)
-        timings["evaluate"] = time.perf_counter() - t0
-        meta = json.loads((adapter / "infinitystar_adapter.json").read_text(encoding="utf-8"))
-        result = {"before": before, "after": after, "timings_s": timings,
-                  "adapter_bytes": (adapter / ADAPTER_WEIGHTS).stat().st_size,
-                  "adapter_parameters": meta["parameters"],
-                  "model_parameters": sum(p.numel() for n, p in pipe.transformer.named_parameters()
-                                          if ".lora_" not in n)}
-        atomic_write_json(report, result)
+    t0 = time.perf_counter()
+    _log("evaluate: base model, then base + adapter")
+    model_parameters = sum(p.numel() for p in pipe.transformer.parameters())
+    before = _scores(pipe, opts)
+    pipe.load_lora_weights(adapter, adapter_name=NEW_SHAPE)
+    after = _scores(pipe, opts)
+    timings["evaluate"] = time.perf_counter() - t0
+    meta = json.loads((adapter / ADAPTER_META).read_text(encoding="utf-8"))
+    result = {"before": before, "after": after, "timings_s": timings,
+              "adapter_bytes": (adapter / ADAPTER_WEIGHTS).stat().st_size,
+              "adapter_parameters": meta["parameters"], "model_parameters": model_parameters}
+    atomic_write_json(report, result)
     return result

@@ -37,7 +37,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -400,20 +400,26 @@ def make_dataset(out_dir: str | os.PathLike, n_clips: int, seed: int, size: int 
     return jsonl
 
 
-def read_ground_truth(jsonl: str | os.PathLike) -> list[tuple[Path, Triple]]:
-    """(absolute video path, triple) for each record of a jsonl written by :func:`make_dataset`."""
+def _ground_truth_rows(jsonl: str | os.PathLike) -> Iterator[tuple[Path, dict]]:
+    """(absolute video path, ``demo`` ground truth) of every row of a jsonl written by make-demo-data."""
     path = Path(jsonl)
-    out = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         rec = json.loads(line)
         demo = rec.get("demo")
         if not isinstance(demo, dict):
-            raise ValueError(f"{path}:{n}: record has no 'demo' ground truth (not written by make_dataset?)")
+            raise ValueError(f"{path}:{n}: record has no 'demo' ground truth (not written by make-demo-data?)")
+        yield path.parent / rec["video_path"], demo
+
+
+def read_ground_truth(jsonl: str | os.PathLike) -> list[tuple[Path, Triple]]:
+    """(absolute video path, triple) for each record of a jsonl written by make-demo-data."""
+    out = []
+    for video, demo in _ground_truth_rows(jsonl):
         # A torus-world row holds a direction per segment; its triple is the first segment's (a plain video's only).
         direction = demo["direction"] if "direction" in demo else (demo.get("directions") or [None])[0]
-        out.append((path.parent / rec["video_path"], _checked_triple((demo["colour"], demo["shape"], direction))))
+        out.append((video, _checked_triple((demo["colour"], demo["shape"], direction))))
     return out
 
 
@@ -717,17 +723,10 @@ def make_stories(out_dir: str | os.PathLike, n: int, seed: int, split: str = "tr
 def read_videos(jsonl: str | os.PathLike) -> list[tuple[Path, VideoSpec]]:
     """(absolute video path, spec) of every row of a jsonl written by :func:`make_videos`, :func:`make_stories` or
     :func:`make_dataset` (a one-clip row is a one-segment spec; its in-frame path never wraps)."""
-    path = Path(jsonl)
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        demo = rec.get("demo")
-        if not isinstance(demo, dict):
-            raise ValueError(f"{path}:{n}: record has no 'demo' ground truth (not written by make-demo-data?)")
+    for video, demo in _ground_truth_rows(jsonl):
         directions = demo.get("directions") or [demo["direction"]]
         spec = VideoSpec(demo["colour"], demo["shape"], float(demo["size"]), tuple(demo["start"]),
                          float(demo["speed"]), tuple(directions))
-        out.append((path.parent / rec["video_path"], spec))
+        out.append((video, spec))
     return out

@@ -323,10 +323,11 @@ class LoRATrainConfig:
     ``heads`` or regular expressions over module names."""
 
     enabled: bool = False
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("attention", "mlp")
+    # The adapter's shape, with LoRAConfig's defaults (one place for them).
+    rank: int = LoRAConfig.rank
+    alpha: float = LoRAConfig.alpha
+    dropout: float = LoRAConfig.dropout
+    targets: tuple[str, ...] = LoRAConfig.targets
 
     def __post_init__(self) -> None:
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)

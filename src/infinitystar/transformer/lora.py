@@ -93,13 +93,8 @@ def _peft() -> Any:
 
 def _linear_names(model: nn.Module) -> list[str]:
     """Names of the model's ``nn.Linear`` layers (the base layer's name when PEFT already wrapped one)."""
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and ".lora_" not in name and not name.endswith("base_layer"):
-            names.append(name)
-        elif name.endswith(".base_layer") or name == "base_layer":
-            names.append(name.rsplit(".base_layer", 1)[0])
-    return sorted(set(names))
+    return sorted({name.removesuffix(".base_layer") for name, module in model.named_modules()
+                   if isinstance(module, nn.Linear) and ".lora_" not in name})
 
 
 def target_module_names(model: nn.Module, targets: Sequence[str]) -> list[str]:
@@ -121,8 +116,8 @@ def target_module_names(model: nn.Module, targets: Sequence[str]) -> list[str]:
 def base_identity(model: nn.Module) -> str:
     """A short fingerprint of the *base* weights (adapters excluded, fused or not fused as they are now): a hash of
     every base parameter's name, shape and a strided sample of its values rounded to bf16 (so a float32 and a bf16
-    copy of the same weights agree). Two fine-tunes of one
-    architecture differ; the same weights loaded anywhere agree. Cheap even for the 8B (a sample per tensor)."""
+    copy of the same weights agree). Two fine-tunes of one architecture differ; the same weights loaded anywhere
+    agree. Cheap even for the 8B (a sample per tensor)."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if ".lora_" in name:
