@@ -363,6 +363,7 @@ class _ShiftPipe:
 def test_reconstruction_psnr_compares_the_files_frames_with_the_round_trip(dataset):
     exact = ev.reconstruction_psnr(_ShiftPipe(0), dataset / "heldout.jsonl", n_clips=2)
     assert exact["psnr_db"] == float("inf") and exact["clips"] == 2 and exact["frames"] == [33]
+    assert exact["by_frames"] == {33: {"psnr_db": float("inf"), "min_db": float("inf"), "clips": 2}}
     # Every value off by exactly one level: MSE 1, PSNR = 10 log10(255^2) = 48.13 dB.
     one = ev.reconstruction_psnr(_ShiftPipe(1), dataset / "heldout.jsonl")
     assert one["clips"] == N_HELD
@@ -371,6 +372,23 @@ def test_reconstruction_psnr_compares_the_files_frames_with_the_round_trip(datas
     assert four["psnr_db"] == pytest.approx(48.1308 - 20 * math.log10(4), abs=1e-3)
     with pytest.raises(ValueError, match="n_clips"):
         ev.reconstruction_psnr(_ShiftPipe(0), dataset / "heldout.jsonl", n_clips=0)
+
+
+def test_tokenizer_metrics_hold_each_clip_length_against_30_db():
+    rows = ev.tokenizer_metrics({"psnr_db": 30.5, "clips": 3, "by_frames": {
+        33: {"psnr_db": 31.0, "min_db": 29.0, "clips": 2}, 65: {"psnr_db": 29.5, "min_db": 29.5, "clips": 1}}})
+    assert [(r.metric, r.value, r.n, r.met) for r in rows] == [
+        ("PSNR, 33-frame held-out clips", 31.0, 2, True), ("PSNR, 65-frame held-out clips", 29.5, 1, False),
+        ("PSNR, all held-out clips", 30.5, 3, True)]
+    assert all(r.target == 30.0 and r.unit == "dB" for r in rows)
+
+
+def test_an_upper_bound_target_is_met_at_or_below_it():
+    ratio = ev.TaskMetric("long", "peak RSS ratio", 1.04, 1.05, 1, "ratio", at_most=True)
+    assert ratio.met and not ev.TaskMetric("long", "peak RSS ratio", 1.06, 1.05, 1, "ratio", at_most=True).met
+    assert not ev.TaskMetric("t2v-2s", "colour", 0.97, 0.98, 100).met
+    table = ev.TaskReport([], [ratio]).table()
+    assert "| long | peak RSS ratio | 1.040 | ≤ 1.05 | yes |" in table
 
 
 def test_evaluate_command_measures_the_tokenizer(dataset, tmp_path, capsys):
@@ -400,3 +418,15 @@ def test_recipe_vocabulary_is_the_shipped_one(tmp_path):
 
     jsonl = make_dataset(tmp_path, n_clips=200, seed=0, size=32, frames=5)
     assert caption_words(jsonl) == sorted(read_vocabulary(DEMO_WEIGHTS / "text_encoder"))
+
+
+def test_evaluate_tasks_command_holds_the_tokenizer_against_its_target(dataset, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--tasks", "i2v", "--limit", "1", "--clips-per-prompt", "1", "--out", str(out), "--quiet",
+               "--vae-data", str(dataset / "heldout.jsonl"), "--vae-clips", "2"])
+    assert rc == 0
+    rows = {(m["task"], m["metric"]): m for m in json.loads((out / "report.json").read_text())["metrics"]}
+    for name in ("PSNR, 33-frame held-out clips", "PSNR, all held-out clips"):
+        row = rows[("tokenizer", name)]
+        assert row["n"] == 2 and row["target"] == ev.TOKENIZER_PSNR_TARGET and row["met"] == (row["value"] >= 30)
+    assert "| tokenizer | PSNR, all held-out clips |" in capsys.readouterr().out

@@ -703,3 +703,19 @@ def test_clips_are_decoded_while_the_loop_runs_and_equal_the_whole_decode(pipe2,
     finally:
         pipe2.set_memory_mode("plain")
     assert torch.equal(torch.cat(tiled_clips, dim=1), tiled.frames)
+
+
+def test_streamed_clips_are_kept_as_uint8_frames_and_join_to_the_whole_decode(pipe2):
+    """np/pil output with stream_clips: each finished clip is held as its uint8 frames (not the decoder's float32,
+    so a long video does not hold a float32 copy of itself) and the joined output is the whole decode's frames
+    bit for bit (17 frames: the clips cut the decoder's chunks where the whole decode does)."""
+    clips = []
+    streamed = pipe2(PROMPT, num_frames=17, output_type="np", progress=False, seed=3, stream_clips=True,
+                     callback_on_clip_end=lambda i, frames: clips.append(frames))
+    whole = pipe2(PROMPT, num_frames=17, output_type="np", progress=False, seed=3)
+    assert len(clips) > 1 and all(c.dtype == np.uint8 for c in clips) and streamed.frames.dtype == np.uint8
+    assert np.array_equal(np.concatenate(clips), streamed.frames)
+    assert np.array_equal(streamed.frames, whole.frames)
+    pil = pipe2(PROMPT, num_frames=17, output_type="pil", progress=False, seed=3, stream_clips=True,
+                callback_on_clip_end=lambda i, frames: None)
+    assert np.array_equal(np.stack([np.asarray(im) for im in pil.frames]), whole.frames)

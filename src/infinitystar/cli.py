@@ -586,6 +586,9 @@ def _run_evaluate_tasks(args: argparse.Namespace) -> int:
     report = demo_evaluate.evaluate_tasks(pipe, tasks, args.clips_per_prompt, args.seed or 0, limit=args.limit,
                                           memory_model=memory_model, long_prompts=args.long_prompts,
                                           on_sample=report_sample, **kwargs)
+    if args.vae_data is not None:
+        report.metrics += demo_evaluate.tokenizer_metrics(
+            demo_evaluate.reconstruction_psnr(pipe, args.vae_data, args.vae_clips))
     paths = report.save(Path(args.out))
     print(report.table())
     if report.memory is not None:

@@ -1196,23 +1196,39 @@ class InfinityStarPipeline:
         return self.vae_tile_size is None and not self._offloaded(self.vae)
 
     def _clip_streamer(self, plan: GenerationPlan, output_type: str, reporter: _Reporter,
-                       callback: Callable[[int, Any], None]) -> tuple[Callable[[int, Tensor], None], list[Tensor]]:
+                       callback: Callable[[int, Any], None]) -> tuple[Callable[[int, Tensor], None], list[Any]]:
         """``on_clip`` for the loop that decodes each clip as soon as its codes are complete (the VAE's causal cache
         carried from clip to clip: the same frames as decoding the whole latent after the loop) and hands it to
-        ``callback``; and the list the decoded clips collect in."""
+        ``callback``; and the list the finished clips collect in, already in ``output_type``'s form (joined by
+        :meth:`_join_clips`).
+
+        Only the output form is kept: for np/pil the uint8 frames (1 byte a value, not the decoder's 4), so a long
+        video's peak memory grows by its uint8 frames and not by a float32 copy of the whole video (issue 18: a 30 s
+        video peaks like a 6 s one)."""
         decoder = self.vae.stream_decoder()
-        decoded: list[Tensor] = []
+        finished: list[Any] = []
         clips = len(plan.clip_pixel_frames)
 
         def on_clip(index: int, codes: Tensor) -> None:
             with reporter.stage("decode", clips, clip=index + 1) as update:
                 update(index)
-                frames = decoder.decode(codes.to(self.device).float()).clamp(-1, 1)
+                decoded = decoder.decode(codes.to(self.device).float()).clamp(-1, 1)
                 update(index + 1)
-            decoded.append(frames)
-            callback(index, self._format(frames, output_type))
+            clip = decoded[0].cpu() if output_type == "pt" else media.tensor_to_frames(decoded[0].cpu())
+            del decoded
+            finished.append(clip)
+            callback(index, [Image.fromarray(f) for f in clip] if output_type == "pil" else clip)
 
-        return on_clip, decoded
+        return on_clip, finished
+
+    @staticmethod
+    def _join_clips(clips: Sequence[Any], output_type: str) -> Any:
+        """The streamed clips (:meth:`_clip_streamer`'s list) as one output of ``output_type``, as :meth:`_format`
+        gives it for the whole decoded video (per value the same conversion, so the same frames)."""
+        if output_type == "pt":
+            return torch.cat(list(clips), dim=1)
+        frames = np.concatenate(list(clips), axis=0)
+        return [Image.fromarray(f) for f in frames] if output_type == "pil" else frames
 
     def _decode(self, latent: Tensor, reporter: _Reporter, clip: int | None = None) -> Tensor:
         with reporter.stage("decode", clip=clip) as update:
@@ -1373,11 +1389,13 @@ class InfinityStarPipeline:
                 frames.append(result.summed_codes)
                 continue
             if streamed and not result.interrupted:
-                video_out = torch.cat(streamed, dim=2)
-            else:  # an interrupted video ends in a partial clip: decoded whole, as it stands
-                video_out = self._decode(result.summed_codes, reporter)
-                if callback_on_clip_end is not None and not result.interrupted:
-                    self._emit_clips(plan.clip_pixel_frames, video_out, output_type, callback_on_clip_end)
+                frames.append(self._join_clips(streamed, output_type))
+                streamed.clear()
+                continue
+            # not streamed, or interrupted (a video that ends in a partial clip): decoded whole, as it stands
+            video_out = self._decode(result.summed_codes, reporter)
+            if callback_on_clip_end is not None and not result.interrupted:
+                self._emit_clips(plan.clip_pixel_frames, video_out, output_type, callback_on_clip_end)
             frames.append(self._format(video_out, output_type))
         seeds = [s for _, s in generators[:len(frames)]]
         one = isinstance(prompt, str) and num_videos_per_prompt == 1

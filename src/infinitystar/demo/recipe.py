@@ -21,8 +21,9 @@ machine is 1.6-2x faster than one process of two threads:
    text-to-video of 1-3 clips, image-to-video and extension (given first frame / clips) and interactive turns
    of the stories (``train.tasks``);
 6. ``export``: the pipeline folder ``OUT/model``;
-7. ``evaluate``: the demo judge on every task for the held-out triples and the tokenizer's PSNR on the
-   held-out videos of every length (``OUT/eval/report.md``).
+7. ``evaluate --tasks t2v-2s,t2v-6s,story,i2v,extension,long``: the demo judge on every task for the held-out
+   triples against the issue's targets, the peak memory of a 30 s against a 6 s video, and the tokenizer's PSNR on
+   the held-out videos of every length (``OUT/eval/report.md``).
 
 ``--ship`` finally writes ``OUT/model`` into the package (``infinitystar/demo/weights``), which is how
 the weights that ship were made. The config files hold every hyper-parameter (``batch_size`` is per
@@ -44,6 +45,7 @@ from typing import Any
 from infinitystar.checkpoints import load_vae
 from infinitystar.config import replace
 from infinitystar.demo import DEMO_WEIGHTS
+from infinitystar.demo.evaluate import TASKS
 from infinitystar.fileio import atomic_write_json, atomic_write_text
 from infinitystar.pipeline import InfinityStarPipeline
 from infinitystar.text import VOCABULARY_FILE, word_tokens, write_vocabulary
@@ -77,7 +79,7 @@ class RecipeOptions:
     # Data-parallel processes of the two trainers (torchrun, one thread each). The configs' batch_size is per
     # process, so another count trains on another global batch: the shipped weights used 2.
     processes: int = 2
-    # Clips per prompt of the final evaluation (24 prompts: 12 seen, 12 held-out).
+    # Videos per prompt and task of the final evaluation (``evaluate --tasks``: the 12 held-out triples).
     eval_clips_per_prompt: int = 4
     vae_steps: int | None = None  # None = the config file's
     transformer_steps: int | None = None
@@ -306,14 +308,16 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     # 7. evaluation
     report = out / "eval"
     if not (report / "report.json").is_file():
-        timings["evaluate"] = _run(["evaluate", "--model", str(model), "--out", str(report), "--clips-per-prompt",
-                                    str(opts.eval_clips_per_prompt), "--vae-data", str(data / "heldout.jsonl"),
-                                    "--quiet"], logs / "evaluate.log", "evaluate")
+        timings["evaluate"] = _run(["evaluate", "--model", str(model), "--out", str(report), "--tasks", ",".join(TASKS),
+                                    "--clips-per-prompt", str(opts.eval_clips_per_prompt),
+                                    "--vae-data", str(data / "heldout.jsonl"), "--quiet"],
+                                   logs / "evaluate.log", "evaluate")
     summary = json.loads((report / "report.json").read_text(encoding="utf-8"))
     if do_ship:
         dest = ship(model)
         _log(f"shipped {model} -> {dest}")
-    result = {"out_dir": str(out), "timings_s": timings, "evaluation": summary.get("summary", summary),
-              "reconstruction": summary.get("reconstruction")}
+    result = {"out_dir": str(out), "timings_s": timings,
+              "evaluation": [{k: m[k] for k in ("task", "metric", "value", "target", "n", "unit", "met")}
+                             for m in summary["metrics"]]}
     atomic_write_json(out / "recipe_result.json", result)
     return result
