@@ -1199,8 +1199,8 @@ class InfinityStarPipeline:
                        callback: Callable[[int, Any], None]) -> tuple[Callable[[int, Tensor], None], list[Any]]:
         """``on_clip`` for the loop that decodes each clip as soon as its codes are complete (the VAE's causal cache
         carried from clip to clip: the same frames as decoding the whole latent after the loop) and hands it to
-        ``callback``; and the list the finished clips collect in, already in ``output_type``'s form (joined by
-        :meth:`_join_clips`).
+        ``callback``; and the list the finished clips collect in, already in ``output_type``'s form (:meth:`_format`;
+        joined by :meth:`_join_clips`).
 
         Only the output form is kept: for np/pil the uint8 frames (1 byte a value, not the decoder's 4), so a long
         video's peak memory grows by its uint8 frames and not by a float32 copy of the whole video (issue 18: a 30 s
@@ -1214,10 +1214,9 @@ class InfinityStarPipeline:
                 update(index)
                 decoded = decoder.decode(codes.to(self.device).float()).clamp(-1, 1)
                 update(index + 1)
-            clip = decoded[0].cpu() if output_type == "pt" else media.tensor_to_frames(decoded[0].cpu())
-            del decoded
+            clip = self._format(decoded, output_type)
             finished.append(clip)
-            callback(index, [Image.fromarray(f) for f in clip] if output_type == "pil" else clip)
+            callback(index, clip)
 
         return on_clip, finished
 
@@ -1227,8 +1226,9 @@ class InfinityStarPipeline:
         gives it for the whole decoded video (per value the same conversion, so the same frames)."""
         if output_type == "pt":
             return torch.cat(list(clips), dim=1)
-        frames = np.concatenate(list(clips), axis=0)
-        return [Image.fromarray(f) for f in frames] if output_type == "pil" else frames
+        if output_type == "pil":
+            return [image for clip in clips for image in clip]
+        return np.concatenate(list(clips), axis=0)
 
     def _decode(self, latent: Tensor, reporter: _Reporter, clip: int | None = None) -> Tensor:
         with reporter.stage("decode", clip=clip) as update:
@@ -1390,7 +1390,6 @@ class InfinityStarPipeline:
                 continue
             if streamed and not result.interrupted:
                 frames.append(self._join_clips(streamed, output_type))
-                streamed.clear()
                 continue
             # not streamed, or interrupted (a video that ends in a partial clip): decoded whole, as it stands
             video_out = self._decode(result.summed_codes, reporter)
