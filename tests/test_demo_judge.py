@@ -359,13 +359,24 @@ def test_a_model_that_is_not_interactive_reports_the_story_as_not_measured():
 # ---------------------------------------------------------------------------------------------- the command
 
 
-def test_evaluate_tasks_command_errors_are_one_line(tmp_path, capsys):
+def test_evaluate_tasks_command_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert main(["evaluate", "--tasks", "t2v-2s,bogus", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["infinitystar evaluate: error: unknown task 'bogus'; valid: t2v-2s, t2v-6s, story, i2v, extension, "
                    "long"]
     assert main(["evaluate", "--tasks", "t2v-2s", "--frames", "9", "--out", str(tmp_path)]) == 2
     assert "--frames does not apply" in capsys.readouterr().err
+    # A missing --vae-data file is named before the model is even loaded.
+    import infinitystar.cli as cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --vae-data was checked")
+
+    monkeypatch.setattr(cli, "_load", no_loading)
+    missing = tmp_path / "missing.jsonl"
+    assert main(["evaluate", "--tasks", "t2v-2s", "--vae-data", str(missing), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0] and not (tmp_path / "r").exists()
 
 
 def test_evaluate_check_judge_covers_every_kind(capsys):

@@ -604,6 +604,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         if args.check_judge < 1:
             raise ValueError(f"--check-judge must be >= 1, got {args.check_judge}")
         return _run_check_judge(args)
+    if args.vae_data is not None:  # a missing or broken jsonl fails now, not after the whole evaluation
+        demo_evaluate.read_ground_truth(args.vae_data)
     if args.tasks is not None:
         return _run_evaluate_tasks(args)
     prompts = demo_evaluate.default_prompts(args.template)
