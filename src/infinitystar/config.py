@@ -64,6 +64,9 @@ class VAEConfig:
     decode_latent_batch: int = 2
     # Initial value of the latent scale (the checkpoint overrides it).
     latent_scale_init: float = 1.0
+    # How every convolution pads a frame's borders: "zeros" (the reference, every official preset) or "circular"
+    # (each frame wraps around: the demo world is a torus, so an object that leaves one edge is at the other).
+    spatial_padding: str = "zeros"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
@@ -88,6 +91,8 @@ class VAEConfig:
                  f"got {self.encode_frame_batch}")
         _require(self.decode_latent_batch > 0,
                  f"VAEConfig.decode_latent_batch must be > 0, got {self.decode_latent_batch}")
+        _require(self.spatial_padding in ("zeros", "circular"),
+                 f"VAEConfig.spatial_padding must be 'zeros' or 'circular', got {self.spatial_padding!r}")
 
     @property
     def space_stride(self) -> int:
@@ -636,7 +641,9 @@ __all__ += ["PRECISIONS", "PrecisionPolicy", "check_precision", "default_precisi
 # 64x64 frames -> a 4x4 latent with the usual 16x/4x VAE; the 1:1 ladder's first 4 grids (1x1 .. 4x4) are the
 # pyramid. The three small grids are semantic (16 bits), the 4x4 grid is detail (64 bits): both the tokenizer
 # rule (h*w < 16) and the transformer's inference rule (scale index < 3) give this split.
-_DEMO_VAE = VAEConfig(block_out_channels=(16, 32, 64, 64, 64), layers_per_block=1)
+# Circular padding: the demo world is a torus (demo.synthetic). The weights shipped before it (the in-frame world)
+# were trained zero-padded; their model_index.json has no spatial_padding and so loads as "zeros".
+_DEMO_VAE = VAEConfig(block_out_channels=(16, 32, 64, 64, 64), layers_per_block=1, spatial_padding="circular")
 _DEMO_QUANTIZER = QuantizerConfig(detail_scale_min_tokens=16)
 _DEMO_TRANSFORMER = TransformerConfig(
     depth=4, embed_dim=192, num_heads=3, num_kv_heads=3, head_dim=64, mlp_intermediate=512, text_channels=64,

@@ -122,18 +122,35 @@ def use_fast_conv(x_BCTHW: Tensor, weight: Tensor) -> bool:
     return weight.shape[-1] > 1 and x_BCTHW.shape[-2] * x_BCTHW.shape[-1] >= FAST_CONV_MIN_PLANE
 
 
+SPATIAL_PADDINGS = ("zeros", "circular")
+
+
 class CausalConv3d(nn.Module):
-    """k x k x k convolution, causal in time, zero-padded in space, stride 1.
+    """k x k x k convolution, causal in time, padded in space (zeros, or circular: see below), stride 1.
 
     The temporal context of the first frame is ``k - 1`` copies of that frame (replicate padding, as
     the reference does: not zeros). With a cache, the context is the previous chunk's last frames.
+
+    ``spatial_padding="circular"`` wraps each frame around (its left neighbour of column 0 is the last column):
+    the convolution of a frame drawn on a torus, as the demo world is. The reference, and every official preset,
+    pads with zeros. The weights are the same either way; only the border arithmetic differs.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
+                 spatial_padding: str = "zeros") -> None:
         super().__init__()
         self.kernel_size = kernel_size
-        # Spatial padding is done by the conv itself (zeros, same as an explicit constant pad).
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, padding=(0, kernel_size // 2, kernel_size // 2))
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size)
+        self.spatial_padding = "zeros"
+        self.set_spatial_padding(spatial_padding)
+
+    def set_spatial_padding(self, mode: str) -> None:
+        """Switch between zero padding (done by the conv itself) and circular padding (an explicit wrap first)."""
+        if mode not in SPATIAL_PADDINGS:
+            raise ValueError(f"spatial_padding must be one of {SPATIAL_PADDINGS}, got {mode!r}")
+        self.spatial_padding = mode
+        half = self.kernel_size // 2
+        self.conv.padding = (0, half, half) if mode == "zeros" else (0, 0, 0)
 
     def forward(self, x_BCTHW: Tensor, cache: FeatureCache | None = None) -> Tensor:
         context = self.kernel_size - 1
@@ -154,6 +171,9 @@ class CausalConv3d(nn.Module):
         The direct call takes ``conv.weight``/``conv.bias`` themselves (nothing derived or cached), so weight
         updates are always seen and autograd reaches the parameters as through ``nn.Conv3d``.
         """
+        half = self.kernel_size // 2
+        if self.spatial_padding == "circular" and half:
+            x_BCTHW = F.pad(x_BCTHW, (half, half, half, half, 0, 0), mode="circular")
         if use_fast_conv(x_BCTHW, self.conv.weight):
             return onednn_conv(x_BCTHW, self.conv)
         return self.conv(x_BCTHW)

@@ -201,6 +201,9 @@ class VideoVAE(nn.Module):
         self.proj_up_two = nn.Linear(d, d)
         # Only element 0 (the latent scale) is used; the others belong to upstream's dead training path.
         self.scale_learnable_parameters = nn.Parameter(torch.full((4,), float(config.latent_scale_init)))
+        for module in self.modules():
+            if isinstance(module, CausalConv3d):
+                module.set_spatial_padding(config.spatial_padding)
 
     # ------------------------------------------------------------------------------------------
     # Input validation
@@ -400,6 +403,10 @@ class VideoVAE(nn.Module):
             overlap = tile_size // 4 if tile_overlap is None else tile_overlap
             if not 0 <= overlap < tile_size:
                 raise ValueError(f"tile_overlap must be in [0, tile_size={tile_size}); got {overlap}")
+        if tiled and self.config.spatial_padding != "zeros":
+            # A tile is not a whole frame: wrapping its borders around would join pixels that are not neighbours.
+            raise ValueError(f"tiled decoding needs a zero-padded VAE; this one pads {self.config.spatial_padding!r} "
+                             "(decode without tile_size)")
         after_chunk = None
         if on_chunk is not None:
             tiles = 1
