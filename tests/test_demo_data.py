@@ -412,9 +412,9 @@ def test_recipe_vocabulary_is_the_shipped_one(tmp_path):
     """The recipe writes the words of the training captions as the demo model's vocabulary (what the pipeline warns
     against); 200 clips cover every training template and triple, so they give exactly the shipped list."""
     from infinitystar.demo import DEMO_WEIGHTS
-    from infinitystar.demo.recipe import caption_words
     from infinitystar.demo.synthetic import make_dataset
     from infinitystar.text import read_vocabulary
+    from infinitystar.train.data import caption_words
 
     jsonl = make_dataset(tmp_path, n_clips=200, seed=0, size=32, frames=5)
     assert caption_words(jsonl) == sorted(read_vocabulary(DEMO_WEIGHTS / "text_encoder"))

@@ -26,7 +26,7 @@ def _pipe(seed: int = 0) -> InfinityStarPipeline:
 
 
 def _random_adapter(pipe: InfinityStarPipeline, folder, targets=("attention", "mlp", "heads"), seed: int = 1,
-                    rank: int = 4):
+                    rank: int = 4, vocabulary=None):
     """An adapter of ``pipe``'s transformer with random A and B (PEFT starts B at 0: no effect), saved to ``folder``."""
     cfg = lora.LoRAConfig(rank=rank, alpha=8.0, targets=targets)
     model = _pipe().transformer  # tiny-test's seed-0 weights: the base the adapter is made for
@@ -38,7 +38,7 @@ def _random_adapter(pipe: InfinityStarPipeline, folder, targets=("attention", "m
             if ".lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     lora.save_adapter(folder, model, cfg, base={"name": pipe.config.name, "identity": identity},
-                      training={"steps": 0})
+                      training={"steps": 0}, vocabulary=vocabulary)
     return cfg
 
 
@@ -142,6 +142,36 @@ def test_an_adapter_of_another_base_model_is_refused_in_one_line(tmp_path):
         lora.add_adapter(_pipe().transformer, lora.LoRAConfig(targets=("blocks\\.9\\..*",)))
 
 
+def _unknown_word_warnings(pipe: InfinityStarPipeline) -> list[str]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe(PROMPT, **CALL)
+    return [str(w.message) for w in caught if "was not trained on" in str(w.message)]
+
+
+def test_an_active_adapter_teaches_the_words_of_its_captions(tmp_path):
+    """A closed-vocabulary model warns about a word it never saw; an adapter trained on that word records it, and
+    while the adapter is active (weight != 0) the word is known; at weight 0 the warning is back."""
+    from infinitystar.text import word_tokens
+
+    pipe = _pipe()
+    pipe.text_encoder.vocabulary = tuple(w for w in word_tokens(PROMPT) if w != "circle")
+    assert "'circle'" in " ".join(_unknown_word_warnings(pipe))
+    _random_adapter(pipe, tmp_path / "a", vocabulary=["circle", "a"])
+    assert json.loads((tmp_path / "a" / lora.ADAPTER_META).read_text())["vocabulary"] == ["a", "circle"]
+    name = pipe.load_lora_weights(tmp_path / "a")
+    assert "circle" in pipe.capabilities.vocabulary and _unknown_word_warnings(pipe) == []
+    pipe.set_adapters([name], [0.0])
+    assert "circle" not in pipe.capabilities.vocabulary and len(_unknown_word_warnings(pipe)) == 1
+
+    meta = json.loads((tmp_path / "a" / lora.ADAPTER_META).read_text())
+    (tmp_path / "a" / lora.ADAPTER_META).write_text(json.dumps({**meta, "vocabulary": "circle"}))
+    with pytest.raises(ValueError, match="'vocabulary' must be a list of words"):
+        _pipe().load_lora_weights(tmp_path / "a")
+
+
 # ----------------------------------------------------------------------------------------------- training
 
 
@@ -210,6 +240,25 @@ def test_lora_training_lowers_the_loss_never_writes_the_base_and_resumes_exactly
     base = pipe(PROMPT, **CALL).frames
     pipe.load_lora_weights(folder)
     assert not np.array_equal(pipe(PROMPT, **CALL).frames, base)
+
+
+def test_export_records_the_caption_words_for_a_closed_vocabulary_base(tiny_data, tmp_path):
+    """The adapter of a run on a word-encoder base lists the words of the run's captions (and a T5/bytes base none)."""
+    from dataclasses import replace
+
+    from infinitystar.text import write_vocabulary
+    from infinitystar.train.data import caption_words
+    from infinitystar.train.trainer import Trainer, export_run
+
+    base = _pipe()
+    base.config = replace(base.config, text_encoder="words")
+    base.save_pretrained(tmp_path / "base")
+    write_vocabulary(tmp_path / "base" / "text_encoder", ["a", "moving"])
+    cfg = _lora_run(tiny_data, tmp_path / "run", 2)
+    cfg = replace(cfg, model=replace(cfg.model, pipeline=str(tmp_path / "base")))
+    Trainer(cfg, progress=False).run()
+    meta = json.loads((export_run(tmp_path / "run", tmp_path / "adapter") / lora.ADAPTER_META).read_text())
+    assert meta["vocabulary"] == caption_words(tiny_data.jsonl[0]) and "circle" in meta["vocabulary"]
 
 
 def test_lora_config_errors_are_one_line():

@@ -479,3 +479,15 @@ def test_record_generators_are_independent_of_order():
     assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
     assert not torch.equal(torch.rand(4, generator=record_generator(0, 2, "x")),
                            torch.rand(4, generator=record_generator(0, 1, "x")))
+
+
+def test_caption_words_reads_every_caption_field_and_story_segments(tmp_path):
+    from infinitystar.train.data import caption_words
+
+    rows = [{"tarsier2_caption": "A red circle", "MiniCPM_V_2_6_caption": "the circle moves"},
+            {"caption": "Blue square.", "segment_captions": ["up", "then Down"]},
+            {"text": "green", "segment_captions": "not a list"}, [1, 2]]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert caption_words(jsonl) == sorted(["a", "red", "circle", "the", "moves", "blue", "square", ".", "up", "then",
+                                           "down", "green"])

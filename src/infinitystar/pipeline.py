@@ -164,7 +164,8 @@ class Capabilities:
     ``tasks``: a subset of :data:`TASKS`; ``aspects`` the "W:H" ratios the preset generates and ``sizes`` their
     pixel (height, width); ``fps`` the frame rate it generates at; ``max_seconds`` the longest video (None: no limit,
     long videos continue past the RoPE range by anchoring; 0 for an image-only model); ``vocabulary`` the words a
-    closed-vocabulary text encoder was trained on (None: an open vocabulary, e.g. Flan-T5 or the byte encoder).
+    closed-vocabulary text encoder was trained on, with those of the active LoRA adapters (None: an open vocabulary,
+    e.g. Flan-T5 or the byte encoder).
     """
 
     tasks: tuple[str, ...]
@@ -461,6 +462,7 @@ class InfinityStarPipeline:
         self._block_offload: BlockOffload | None = None
         self._quantized: str | None = None  # "int8"/"fp8" once the blocks' linear weights were quantized
         self._lora: dict[str, float] = {}  # loaded LoRA adapters -> weight (see load_lora_weights)
+        self._lora_words: dict[str, tuple[str, ...]] = {}  # adapter -> the words of its training captions
         self._lora_fused = False
         # None: the precision follows the device (see set_precision); the weights arrive in float32.
         self._precision_request: str | None = None
@@ -626,8 +628,10 @@ class InfinityStarPipeline:
         name = adapter_name if adapter_name is not None else f"adapter_{len(self._lora)}"
         if name in self._lora:
             raise ValueError(f"an adapter named {name!r} is loaded already")
+        words = lora.adapter_vocabulary(adapter)
         lora.load_adapter_weights(self.transformer, adapter, name)
         self._lora[name] = float(scale)
+        self._lora_words[name] = words
         lora.set_adapter_scales(self.transformer, self._lora)
         return name
 
@@ -711,7 +715,7 @@ class InfinityStarPipeline:
         longest = (rope - 1) * cfg.vae.time_stride / cfg.fps
         return Capabilities(tasks=tuple(tasks), aspects=tuple(sizes), sizes=sizes, fps=cfg.fps,
                             max_seconds=None if unlimited else longest,
-                            vocabulary=getattr(self.text_encoder, "vocabulary", None))
+                            vocabulary=self._vocabulary())
 
     @property
     def interrupt(self) -> bool:
@@ -1124,15 +1128,23 @@ class InfinityStarPipeline:
         # On the device that samples: the same seed on the same device gives the same video.
         return [(torch.Generator(device=self.device).manual_seed(base + k), base + k) for k in range(count)]
 
+    def _vocabulary(self) -> tuple[str, ...] | None:
+        """The words a closed-vocabulary text encoder was trained on, plus those of the active LoRA adapters'
+        training captions (an adapter teaches the model its words); None for an open vocabulary."""
+        vocabulary = getattr(self.text_encoder, "vocabulary", None)
+        if vocabulary is None:
+            return None
+        taught = {w for name, weight in self._lora.items() if weight != 0 for w in self._lora_words.get(name, ())}
+        return tuple(sorted(set(vocabulary) | taught)) if taught else tuple(vocabulary)
+
     def _warn_unknown_words(self, prompts: Sequence[str | None]) -> None:
         """One UserWarning naming the prompts' words a closed-vocabulary text encoder was not trained on."""
-        vocabulary = getattr(self.text_encoder, "vocabulary", None)
-        words = unknown_words(vocabulary, [w for p in prompts if p for w in word_tokens(p)])
+        words = unknown_words(self._vocabulary(), [w for p in prompts if p for w in word_tokens(p)])
         if words:
             # stacklevel 4: this helper, the public method, torch.no_grad's wrapper, the caller.
             warnings.warn(f"the model's text encoder was not trained on {', '.join(map(repr, words))}: those words "
-                          f"condition it on vectors it never saw (capabilities.vocabulary lists the words it knows)",
-                          UserWarning, stacklevel=4)
+                          f"condition it on vectors it never saw (capabilities.vocabulary lists the words it knows, "
+                          f"with those of the active LoRA adapters)", UserWarning, stacklevel=4)
 
     def _step_callbacks(self, callback_on_step_end: Callable[..., Any] | None, tensor_inputs: tuple[str, ...],
                         callback_on_scale_step: Callable[[InfinityStarPipeline, StepEvent], None] | None,

@@ -48,8 +48,9 @@ from infinitystar.demo import DEMO_WEIGHTS
 from infinitystar.demo.evaluate import TASKS
 from infinitystar.fileio import atomic_write_json, atomic_write_text
 from infinitystar.pipeline import InfinityStarPipeline
-from infinitystar.text import VOCABULARY_FILE, word_tokens, write_vocabulary
+from infinitystar.text import VOCABULARY_FILE, write_vocabulary
 from infinitystar.train.config import read_config_file
+from infinitystar.train.data import caption_words
 
 __all__ = ["DEFAULT_CONFIG_DIR", "RecipeOptions", "build_base", "run_recipe", "ship"]
 
@@ -183,25 +184,6 @@ def ship(model_dir: str | os.PathLike, dest: str | os.PathLike = DEMO_WEIGHTS,
         info["world"] = WORLD  # the demo world it learned (tests/test_demo_targets.py asserts its targets)
         atomic_write_json(Path(dest) / "training_source.json", info)
     return Path(dest)
-
-
-# The caption fields make_dataset writes (synthetic._record): the reference's two video caption fields.
-CAPTION_KEYS = ("tarsier2_caption", "MiniCPM_V_2_6_caption")
-
-
-def caption_words(jsonl: str | os.PathLike) -> list[str]:
-    """The words (``text.word_tokens``) of every caption of a reference-format jsonl (both caption fields and a
-    story's ``segment_captions``)."""
-    words: set[str] = set()
-    for line in Path(jsonl).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            for key in CAPTION_KEYS:
-                if isinstance(row.get(key), str):
-                    words.update(word_tokens(row[key]))
-            for segment in row.get("segment_captions") or ():  # a story's captions, one per segment
-                words.update(word_tokens(segment))
-    return sorted(words)
 
 
 def _subset_jsonl(src: Path, dest: Path, n: int) -> Path:

@@ -50,7 +50,7 @@ from infinitystar.generation.schedules import (
     spatial_ladder,
     video_scale_schedule,
 )
-from infinitystar.text import maybe_truncate_sentences, training_caption
+from infinitystar.text import maybe_truncate_sentences, training_caption, word_tokens
 from infinitystar.train.config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ __all__ = [
     "bucket_for_size",
     "bucket_for_template",
     "bucket_sizes",
+    "caption_words",
     "draw_caption",
     "load_records",
     "map_duration",
@@ -78,6 +79,25 @@ __all__ = [
 _CUT_CLIP_MARKER = "/vdataset/clip"
 _VIDEO_CAPTION_FIELDS = ("tarsier2_caption", "MiniCPM_V_2_6_caption")
 _GENERIC_CAPTION_FIELDS = ("caption", "text")
+
+
+def caption_words(jsonl: str | os.PathLike) -> list[str]:
+    """The words (``text.word_tokens``) of every caption of a reference-format jsonl: the video caption fields, the
+    generic ones and a story's ``segment_captions``. A closed-vocabulary text encoder knows these after training."""
+    words: set[str] = set()
+    for line in Path(jsonl).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not isinstance(row, dict):
+            continue
+        for key in (*_VIDEO_CAPTION_FIELDS, *_GENERIC_CAPTION_FIELDS):
+            if isinstance(row.get(key), str):
+                words.update(word_tokens(row[key]))
+        segments = row.get("segment_captions")
+        if isinstance(segments, list):
+            words.update(w for c in segments if isinstance(c, str) for w in word_tokens(c))
+    return sorted(words)
 
 
 class RecordError(ValueError):

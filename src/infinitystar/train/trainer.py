@@ -64,6 +64,7 @@ from infinitystar.generation.schedules import (
 from infinitystar.pipeline import InfinityStarPipeline
 from infinitystar.train import checkpointing, runlog
 from infinitystar.train.config import TrainConfig, config_from_dict, config_to_dict
+from infinitystar.train.data import caption_words, resolve_jsonl_files
 from infinitystar.train.dataset import TRAIN_TASKS, LatentDataset
 from infinitystar.train.distributed import (
     DistInfo,
@@ -487,8 +488,13 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
         checkpointing.load_model_weights(ckpt, pipe.transformer, trainable_only=True)
         training = {"run": str(run.resolve()), "step": record["step"], "lr": cfg.optimizer.lr,
                     "batch_size": cfg.training.batch_size, "data": list(cfg.data.jsonl)}
+        # A closed-vocabulary base (the demo's word encoder) warns about words it was not trained on; the adapter
+        # records the words of its own captions, so that loading it makes them known (pipeline.load_lora_weights).
+        vocabulary = None
+        if getattr(pipe.text_encoder, "vocabulary", None) is not None:
+            vocabulary = sorted({w for f in resolve_jsonl_files(cfg.data.jsonl) for w in caption_words(f)})
         return save_adapter(out_dir, pipe.transformer, cfg.lora.adapter(), adapter_name=ADAPTER_NAME, base=base,
-                            training=training)
+                            training=training, vocabulary=vocabulary)
     checkpointing.load_model_weights(ckpt, pipe.transformer, use_ema=use_ema)
     out = Path(out_dir)
     pipe.save_pretrained(out)

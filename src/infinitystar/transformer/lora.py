@@ -36,9 +36,9 @@ from torch import nn
 from ..fileio import atomic_output, atomic_write_json, make_folder
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_META", "ADAPTER_WEIGHTS", "TARGET_GROUPS", "AdapterFile", "LoRAConfig",
-           "adapter_layers", "adapter_names", "add_adapter", "base_identity", "check_base", "fuse_adapters",
-           "load_adapter_weights", "parse_lora_spec", "read_adapter", "save_adapter", "set_adapter_scales",
-           "target_module_names", "trainable_state_dict", "unfuse_adapters"]
+           "adapter_layers", "adapter_names", "adapter_vocabulary", "add_adapter", "base_identity", "check_base",
+           "fuse_adapters", "load_adapter_weights", "parse_lora_spec", "read_adapter", "save_adapter",
+           "set_adapter_scales", "target_module_names", "trainable_state_dict", "unfuse_adapters"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's names
 ADAPTER_CONFIG = "adapter_config.json"
@@ -190,9 +190,11 @@ class AdapterFile:
 
 
 def save_adapter(folder: str | os.PathLike, model: nn.Module, cfg: LoRAConfig, *, adapter_name: str = "default",
-                 base: Mapping[str, Any], training: Mapping[str, Any] | None = None) -> Path:
+                 base: Mapping[str, Any], training: Mapping[str, Any] | None = None,
+                 vocabulary: Sequence[str] | None = None) -> Path:
     """Write adapter ``adapter_name`` of ``model`` to ``folder`` in PEFT's layout plus ``infinitystar_adapter.json``
-    (``base``: the base model's ``name`` and ``identity``; ``training``: the run's settings). Atomic files."""
+    (``base``: the base model's ``name`` and ``identity``; ``training``: the run's settings; ``vocabulary``: the
+    words of its training captions, for a base with a closed-vocabulary text encoder). Atomic files."""
     from safetensors.torch import save_file
 
     peft = _peft()
@@ -209,8 +211,18 @@ def save_adapter(folder: str | os.PathLike, model: nn.Module, cfg: LoRAConfig, *
     atomic_write_json(out / ADAPTER_META, {"format": 1, "base": dict(base), "lora": asdict(cfg),
                                            "target_modules": targets, "parameters": sum(v.numel() for v in
                                                                                         weights.values()),
-                                           "training": dict(training or {})})
+                                           "training": dict(training or {}),
+                                           **({"vocabulary": sorted(set(vocabulary))} if vocabulary is not None
+                                              else {})})
     return out
+
+
+def adapter_vocabulary(adapter: AdapterFile) -> tuple[str, ...]:
+    """The words the adapter was trained on (``vocabulary`` of its JSON; empty when not recorded)."""
+    words = adapter.meta.get("vocabulary") or []
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise ValueError(f"LoRA adapter {adapter.path}: {ADAPTER_META} 'vocabulary' must be a list of words")
+    return tuple(words)
 
 
 def read_adapter(folder: str | os.PathLike) -> AdapterFile:
