@@ -163,6 +163,33 @@ def test_recipe_options_reject_bad_sizes():
         RecipeOptions(processes=0)
 
 
+def test_recipe_second_stage_config_is_a_valid_run_from_the_first_stage(tmp_path):
+    """The second transformer stage (demo/configs/transformer_stage2.toml): its TrainConfig validates, starts from
+    the first stage's export, keeps the first stage's data table under its own [data], and lists the stories
+    ``story_repeats`` times, each copy its own records (their own task and caption draws)."""
+    from infinitystar.demo.recipe import DEFAULT_CONFIG_DIR, stage2_config
+    from infinitystar.train.config import TrainConfig, config_from_dict, read_config_file
+
+    stories = tmp_path / "stories.jsonl"
+    stories.write_text('{"a": 1}\n{"a": 2}\n', encoding="utf-8")
+    first_data = {**read_config_file(DEFAULT_CONFIG_DIR / "transformer.toml")["data"], "cache_dir": "/c", "seed": 0}
+    raw = stage2_config(DEFAULT_CONFIG_DIR / "transformer_stage2.toml", first_data, tmp_path / "videos.jsonl",
+                        stories, tmp_path / "run_stage2", tmp_path / "model_stage1")
+    repeats = read_config_file(DEFAULT_CONFIG_DIR / "transformer_stage2.toml")["recipe"]["story_repeats"]
+    cfg = config_from_dict(TrainConfig, raw)
+    assert cfg.model.pipeline == str(tmp_path / "model_stage1") and cfg.out_dir == str(tmp_path / "run_stage2")
+    assert cfg.data.cache_dir == "/c" and cfg.data.max_seconds == first_data["max_seconds"]
+    assert cfg.data.seed != 0  # the stage's own draws
+    videos, repeated = cfg.data.jsonl
+    assert videos == str(tmp_path / "videos.jsonl")
+    assert Path(repeated).read_text(encoding="utf-8").splitlines() == ['{"a": 1}', '{"a": 2}'] * repeats
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[recipe]\nstory_repeats = 0\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="story_repeats must be an integer >= 1, got 0"):
+        stage2_config(bad, first_data, tmp_path / "videos.jsonl", stories, tmp_path / "r", tmp_path / "m")
+
+
 def test_build_base_puts_the_trained_vae_into_the_demo_preset(tmp_path):
     trained = InfinityStarPipeline.from_preset("demo", seed=3)
     trained.save_pretrained(tmp_path / "trained")

@@ -20,6 +20,9 @@ machine is 1.6-2x faster than one process of two threads:
 5. ``train``: the transformer (``demo/configs/transformer.toml``) on the cached latents, every task at once:
    text-to-video of 1-3 clips, image-to-video and extension (given first frame / clips) and interactive turns
    of the stories (``train.tasks``);
+   With ``demo/configs/transformer_stage2.toml`` present, a second stage continues from the first's export
+   (``OUT/model_stage1``) with its own schedule and data mix (its ``[recipe]`` table: stories repeated
+   ``story_repeats`` times, so interactive turns weigh more), run folder ``OUT/run_stage2``;
 6. ``export``: the pipeline folder ``OUT/model``;
 7. ``evaluate --tasks t2v-2s,t2v-6s,story,i2v,extension,long``: the demo judge on every task for the held-out
    triples against the issue's targets, the peak memory of a 30 s against a 6 s video, and the tokenizer's PSNR on
@@ -52,7 +55,7 @@ from infinitystar.text import VOCABULARY_FILE, write_vocabulary
 from infinitystar.train.config import read_config_file
 from infinitystar.train.data import caption_words
 
-__all__ = ["DEFAULT_CONFIG_DIR", "RecipeOptions", "build_base", "run_recipe", "ship"]
+__all__ = ["DEFAULT_CONFIG_DIR", "RecipeOptions", "build_base", "run_recipe", "ship", "stage2_config"]
 
 # The recipe's committed hyper-parameters: infinitystar/demo/configs, package data (so train-demo also runs from an
 # installed wheel, not only from a source tree).
@@ -194,6 +197,33 @@ def _subset_jsonl(src: Path, dest: Path, n: int) -> Path:
     return dest
 
 
+def _repeat_jsonl(src: Path, times: int) -> Path:
+    """``src`` itself (``times`` = 1) or a copy of it with its records ``times`` times over."""
+    if times == 1:
+        return src
+    lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    dest = src.with_name(f"{src.stem}_x{times}.jsonl")
+    atomic_write_text(dest, "\n".join(lines * times) + "\n")
+    return dest
+
+
+def stage2_config(path: str | os.PathLike, first_data: dict[str, Any], videos: Path, stories: Path,
+                  out_dir: Path, first_model: Path) -> dict[str, Any]:
+    """The plain data of the second transformer stage's TrainConfig: ``path`` (``transformer_stage2.toml``) with
+    the first stage's data table under its own ``[data]``, the training videos and the stories (repeated as its
+    ``[recipe] story_repeats`` says), the run folder ``out_dir`` and the first stage's export as the model."""
+    cfg = read_config_file(path)
+    story_repeats = cfg.pop("recipe", {}).get("story_repeats", 1)
+    if not isinstance(story_repeats, int) or isinstance(story_repeats, bool) or story_repeats < 1:
+        raise ValueError(f"{path}: [recipe] story_repeats must be an integer >= 1, got {story_repeats!r}")
+    data = {**first_data, **cfg.get("data", {})}
+    # Each repeat is its own record (its own source line, so its own task and caption draws).
+    data["jsonl"] = [str(videos), str(_repeat_jsonl(stories, story_repeats))]
+    cfg.update(out_dir=str(out_dir), data=data)
+    _set(cfg, "model", pipeline=str(first_model))
+    return cfg
+
+
 def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
                config_dir: str | os.PathLike = DEFAULT_CONFIG_DIR, *, do_ship: bool = False) -> dict[str, Any]:
     """Run the whole demo recipe into ``out_dir`` (resumable) and return the timings and the eval summary."""
@@ -278,10 +308,22 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
         _set(tr_cfg, "training", steps=opts.transformer_steps)
     atomic_write_json(gen / "transformer.json", tr_cfg)
     model = out / "model"
-    if not (model / "model_index.json").is_file():
+    stage2_file = cfg_dir / "transformer_stage2.toml"
+    first_model = out / "model_stage1" if stage2_file.is_file() else model
+    if not (model / "model_index.json").is_file() and not (first_model / "model_index.json").is_file():
         timings["train"] = _run(["train", str(gen / "transformer.json"), "--quiet"], logs / "train.log", "train",
                                 threads=trainer_threads, processes=opts.processes)
-        timings["export"] = _run(["export", str(out / "run"), str(model)], logs / "export.log", "export")
+        timings["export"] = _run(["export", str(out / "run"), str(first_model)], logs / "export.log", "export")
+
+    # 5b. the optional second transformer stage, from the first stage's weights
+    if stage2_file.is_file() and not (model / "model_index.json").is_file():
+        st2_cfg = stage2_config(stage2_file, data_cfg, subset, stories, out / "run_stage2", first_model)
+        atomic_write_json(gen / "transformer_stage2.json", st2_cfg)
+        timings["train_stage2"] = _run(["train", str(gen / "transformer_stage2.json"), "--quiet"],
+                                       logs / "train_stage2.log", "train (stage 2)", threads=trainer_threads,
+                                       processes=opts.processes)
+        timings["export_stage2"] = _run(["export", str(out / "run_stage2"), str(model)], logs / "export_stage2.log",
+                                        "export (stage 2)")
     if not (model / "text_encoder" / VOCABULARY_FILE).is_file():
         # The word encoder's closed vocabulary: every word of the captions the transformer trained on. The pipeline
         # reads it back (capabilities.vocabulary) and warns about prompt words outside it.
