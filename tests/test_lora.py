@@ -351,12 +351,26 @@ def test_the_base_identity_ignores_the_precision_the_weights_are_held_in():
     assert lora.base_identity(pipe.transformer) == fp32 != lora.base_identity(_pipe(seed=5).transformer)
 
 
+def test_the_demo_lora_recipe_reads_the_world_its_base_learned(tmp_path):
+    from infinitystar.demo.lora import base_world
+    from infinitystar.demo.synthetic import make_dataset, read_ground_truth
+
+    assert base_world(tmp_path) == "in-frame"  # no training_source.json: the earlier world
+    (tmp_path / "training_source.json").write_text('{"step": 1, "world": "torus"}', encoding="utf-8")
+    assert base_world(tmp_path) == "torus"
+    (tmp_path / "training_source.json").write_text("{not json", encoding="utf-8")
+    assert base_world(tmp_path) == "in-frame"
+    # The in-frame world renders the new shape too (the adapter's data for an in-frame base).
+    jsonl = make_dataset(tmp_path / "d", 3, seed=0, size=32, frames=5, split="diamond")
+    assert [t[1] for _, t in read_ground_truth(jsonl)] == ["diamond"] * 3
+
+
 @pytest.mark.slow
 def test_the_demo_lora_recipe_runs_end_to_end(tmp_path):
     """train-demo-lora on a toy budget: data, features, LoRA training on the shipped model, export, the judge
     before and after (the figures of the full budget are in the README)."""
     from infinitystar.demo import DEMO_WEIGHTS
-    from infinitystar.demo.lora import LoRADemoOptions, run_lora_demo
+    from infinitystar.demo.lora import LoRADemoOptions, base_world, run_lora_demo
 
     if not (DEMO_WEIGHTS / "model_index.json").is_file():
         pytest.skip("the demo weights are not shipped in this tree")
@@ -368,5 +382,11 @@ def test_the_demo_lora_recipe_runs_end_to_end(tmp_path):
     assert 0 < result["adapter_parameters"] < result["model_parameters"] // 10
     assert result["adapter_bytes"] < 1 << 20
     assert lora.read_adapter(tmp_path / "adapter").base["name"] == "demo"
+    # The adapter's videos are of the world the base learned (the shipped weights: the torus world, or the earlier
+    # in-frame one whose rows have one direction and never wrap).
+    world = base_world(DEMO_WEIGHTS)
+    for name in ("diamond.jsonl", "train.jsonl"):
+        demo = json.loads((tmp_path / "data" / name).read_text().splitlines()[0])["demo"]
+        assert (demo.get("world") == "torus") == (world == "torus"), (name, demo)
     again = run_lora_demo(tmp_path, LoRADemoOptions(videos=8, replay=8, steps=4))  # done: read back, not rerun
     assert again == json.loads((tmp_path / "report.json").read_text())

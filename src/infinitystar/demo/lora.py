@@ -33,9 +33,9 @@ from ..train.trainer import Trainer, export_run
 from ..transformer.lora import ADAPTER_META, ADAPTER_WEIGHTS
 from . import DEMO_WEIGHTS
 from .evaluate import default_prompts, evaluate_pipeline
-from .synthetic import EVAL_TEMPLATES, NEW_SHAPE, NEW_SHAPE_TRIPLES, caption, make_videos
+from .synthetic import EVAL_TEMPLATES, NEW_SHAPE, NEW_SHAPE_TRIPLES, caption, make_dataset, make_videos
 
-__all__ = ["LoRADemoOptions", "new_word_prompts", "run_lora_demo"]
+__all__ = ["LoRADemoOptions", "base_world", "new_word_prompts", "run_lora_demo"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,17 @@ def _scores(pipe: InfinityStarPipeline, opts: LoRADemoOptions) -> dict[str, Any]
     return {"new_word": new, "old_vocabulary": old}
 
 
+def base_world(base: str | os.PathLike) -> str:
+    """The demo world a base model learned (its ``training_source.json``): ``"torus"``, or ``"in-frame"`` for the
+    earlier 2 s world (no world recorded). The adapter's data is drawn from it: new words in an unknown world teach
+    the world instead of the word."""
+    try:
+        info = json.loads((Path(base) / "training_source.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = {}
+    return "torus" if isinstance(info, dict) and info.get("world") == "torus" else "in-frame"
+
+
 def run_lora_demo(out_dir: str | os.PathLike, options: LoRADemoOptions | None = None,
                   base: str | os.PathLike = DEMO_WEIGHTS) -> dict[str, Any]:
     """Run the recipe into ``out_dir`` (resumable) and return the timings and the before/after scores."""
@@ -97,10 +108,13 @@ def run_lora_demo(out_dir: str | os.PathLike, options: LoRADemoOptions | None = 
     t0 = time.perf_counter()
     jsonls = [data / f"{NEW_SHAPE}.jsonl"] + ([data / "train.jsonl"] if opts.replay else [])
     if not all(p.is_file() for p in jsonls):
-        _log(f"data: {opts.videos} {NEW_SHAPE} videos + {opts.replay} replay videos of the base world")
-        make_videos(data, opts.videos, opts.seed, split=NEW_SHAPE, segments=(1,))
-        if opts.replay:
-            make_videos(data, opts.replay, opts.seed, split="train", segments=(1,))
+        world = base_world(base)
+        _log(f"data: {opts.videos} {NEW_SHAPE} videos + {opts.replay} replay videos of the base world ({world})")
+        for split, n in ((NEW_SHAPE, opts.videos), ("train", opts.replay)):
+            if n and world == "torus":
+                make_videos(data, n, opts.seed, split=split, segments=(1,))
+            elif n:  # the earlier world: one clip, the object never leaves the frame
+                make_dataset(data, n, opts.seed, split=split)
         timings["data"] = time.perf_counter() - t0
 
     pipe = InfinityStarPipeline.from_pretrained(base)

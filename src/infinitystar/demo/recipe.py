@@ -189,6 +189,13 @@ def ship(model_dir: str | os.PathLike, dest: str | os.PathLike = DEMO_WEIGHTS,
     return Path(dest)
 
 
+def _record_world(model_dir: Path) -> None:
+    info_file = model_dir / "training_source.json"
+    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+    if info.get("world") != WORLD:
+        atomic_write_json(info_file, {**info, "world": WORLD})
+
+
 def _subset_jsonl(src: Path, dest: Path, n: int) -> Path:
     lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(lines) < n:
@@ -324,6 +331,8 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
                                        processes=opts.processes)
         timings["export_stage2"] = _run(["export", str(out / "run_stage2"), str(model)], logs / "export_stage2.log",
                                         "export (stage 2)")
+    for folder in {first_model, model}:  # the world the model learned (demo.lora draws an adapter's data from it)
+        _record_world(folder)
     if not (model / "text_encoder" / VOCABULARY_FILE).is_file():
         # The word encoder's closed vocabulary: every word of the captions the transformer trained on. The pipeline
         # reads it back (capabilities.vocabulary) and warns about prompt words outside it.

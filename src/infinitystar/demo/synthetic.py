@@ -376,15 +376,15 @@ def _record(clip: DemoClip, video_rel: str, size: int, frames: int, fps: int, se
 
 def make_dataset(out_dir: str | os.PathLike, n_clips: int, seed: int, size: int = 64, frames: int = 33,
                  fps: int = 16, split: str = "train", crf: int = 0) -> Path:
-    """Render ``n_clips`` clips of ``split`` ('train' or 'heldout') and write them under ``out_dir``.
+    """Render ``n_clips`` in-frame clips of ``split`` ('train', 'heldout' or 'diamond') under ``out_dir``.
 
     Writes ``out_dir/videos/{split}_{i:06d}.mp4`` (H.264 via :func:`infinitystar.media.write_video`;
     ``crf=0`` is lossless in YUV 4:2:0, so colours survive the codec) and ``out_dir/{split}.jsonl`` (one
     record per clip, see :func:`_record`; ``video_path`` relative to ``out_dir``). Every file is written
     atomically. Returns the jsonl path.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if split not in VIDEO_SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(VIDEO_SPLITS)}")
     if not isinstance(fps, int) or fps < 1:
         raise ValueError(f"fps must be a positive integer, got {fps!r}")
     clips = sample_clips(n_clips, seed, split, size, frames)
