@@ -2,8 +2,9 @@
 
 The shipped demo model knows circles, squares and triangles. This recipe teaches it ``diamond``
 (:data:`~infinitystar.demo.synthetic.NEW_SHAPE`, a square turned 45 degrees) with an adapter on the transformer
-only -- the VAE already draws diamonds (its convolutions know edges of every slope) -- and measures with the demo
-judge that the new word is followed and the old vocabulary kept:
+only, and measures with the demo judge that the new word is followed and the old vocabulary kept. (The adapter can
+only recombine what the VAE draws: today's demo VAE never saw a diamond and turns most into circles, so the word is
+not learned; README, "Fine-tuning with LoRA".)
 
 1. data: ``videos`` 2 s videos of the 24 (colour, diamond, direction) triples, and ``replay`` 2 s videos of the
    base world's training triples, so the adapter does not trade the old words for the new one;
