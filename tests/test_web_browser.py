@@ -113,8 +113,17 @@ def _ask(page, prompt: str, seconds: float, seed: int | None) -> None:
     box.press("Enter")
     _advanced(page)
     seed_box = page.locator("#seed input")
-    seed_box.fill("" if seed is None else str(seed))
-    seed_box.press("Tab")
+    want = "" if seed is None else str(seed)
+    # The fold mounts its fields when it opens, and Gradio may write a freshly mounted field's initial value just
+    # after it becomes visible (under load this once replaced a typed seed: the run drew a random one). Type it
+    # again until it stays.
+    for _ in range(5):
+        seed_box.fill(want)
+        seed_box.press("Tab")
+        page.wait_for_timeout(300)
+        if seed_box.input_value() == want:
+            break
+    assert seed_box.input_value() == want, "the seed field does not keep what was typed"
 
 
 _SHOWN = """() => {
