@@ -7,7 +7,6 @@ held-out clips), on a small fixed-seed sample; the full figures are in docs/demo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from PIL import Image
 from infinitystar import media
 from infinitystar.cli import main
 from infinitystar.config import ConfigError, get_preset, replace
-from infinitystar.demo import DEMO_WEIGHTS, load_pipeline
+from infinitystar.demo import DEMO_WEIGHTS, load_pipeline, model_world
 from infinitystar.demo.evaluate import SEEN_EVAL_TRIPLES, judge_clip, reconstruction_psnr
 from infinitystar.demo.recipe import RecipeOptions, build_base
 from infinitystar.demo.synthetic import HELD_OUT, caption, make_dataset, render_clip, sample_clips
@@ -56,7 +55,7 @@ def test_no_model_means_the_demo_model(pipe):
     # The VAE pads circularly from the torus world on; weights of the earlier in-frame world load zero-padded.
     preset = get_preset("pipeline", "demo")
     assert pipe.config.name == "demo"
-    world = json.loads((DEMO_WEIGHTS / "training_source.json").read_text(encoding="utf-8")).get("world")
+    world = model_world(DEMO_WEIGHTS)
     assert pipe.config.vae == replace(preset.vae, spatial_padding="circular" if world == "torus" else "zeros")
     for part in ("quantizer", "transformer"):
         assert getattr(pipe.config, part) == getattr(preset, part)

@@ -21,23 +21,13 @@ here is the model's, give or take about one per hundred items.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from infinitystar.demo import DEMO_WEIGHTS, demo_weights_shipped
+from infinitystar.demo import DEMO_WEIGHTS, demo_weights_shipped, model_world
 from infinitystar.demo import evaluate as ev
 
-
-def _shipped_world() -> str | None:
-    try:
-        return json.loads((DEMO_WEIGHTS / "training_source.json").read_text(encoding="utf-8")).get("world")
-    except (OSError, ValueError):
-        return None
-
-
 pytestmark = pytest.mark.skipif(
-    not demo_weights_shipped() or _shipped_world() != "torus",
+    not demo_weights_shipped() or model_world(DEMO_WEIGHTS) != "torus",
     reason="the shipped demo weights do not declare the torus world (training_source.json has no \"world\": "
            "\"torus\"): issue 18's targets apply to the model trained on it")
 

@@ -16,6 +16,8 @@ model: to the rest of the code it is an ordinary preset whose weights happen to 
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +29,7 @@ from ..pipeline import DEMO_MODEL_ID, InfinityStarPipeline
 from ..transformer.lora import parse_lora_spec, read_adapter
 
 __all__ = ["DEMO_MODEL_ID", "DEMO_WEIGHTS", "FALLBACK_PRESET", "demo_weights_shipped", "load_pipeline",
-           "model_from_run_name", "random_weights", "run_model_name"]
+           "model_from_run_name", "model_world", "random_weights", "run_model_name"]
 
 # The shipped demo pipeline folder (written by ``infinitystar train-demo --ship``).
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -40,6 +42,17 @@ FALLBACK_PRESET = "tiny-test"
 def demo_weights_shipped() -> bool:
     """Whether the package holds the demo model (a source checkout before ``train-demo --ship`` does not)."""
     return (DEMO_WEIGHTS / "model_index.json").is_file()
+
+
+def model_world(model_dir: str | os.PathLike) -> str | None:
+    """The demo world a model folder learned, as its ``training_source.json`` records it (``"torus"``: the recipe's
+    exports and ``ship`` write it), or None when it records none (the earlier in-frame world, or not a demo model)."""
+    try:
+        info = json.loads((Path(model_dir) / "training_source.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    world = info.get("world") if isinstance(info, dict) else None
+    return world if isinstance(world, str) else None
 
 
 def load_pipeline(model: str | None, preset: str | None, *, device: str = "auto", precision: str | None = None,

@@ -32,9 +32,9 @@ from ..train.config import DataConfig, TrainConfig, config_from_dict
 from ..train.features import extract_features
 from ..train.trainer import Trainer, export_run
 from ..transformer.lora import ADAPTER_META, ADAPTER_WEIGHTS
-from . import DEMO_WEIGHTS
+from . import DEMO_WEIGHTS, model_world
 from .evaluate import default_prompts, evaluate_pipeline
-from .synthetic import EVAL_TEMPLATES, NEW_SHAPE, NEW_SHAPE_TRIPLES, caption, make_dataset, make_videos
+from .synthetic import EVAL_TEMPLATES, NEW_SHAPE, NEW_SHAPE_TRIPLES, WORLD, caption, make_dataset, make_videos
 
 __all__ = ["LoRADemoOptions", "base_world", "new_word_prompts", "run_lora_demo"]
 
@@ -89,11 +89,7 @@ def base_world(base: str | os.PathLike) -> str:
     """The demo world a base model learned (its ``training_source.json``): ``"torus"``, or ``"in-frame"`` for the
     earlier 2 s world (no world recorded). The adapter's data is drawn from it: new words in an unknown world teach
     the world instead of the word."""
-    try:
-        info = json.loads((Path(base) / "training_source.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        info = {}
-    return "torus" if isinstance(info, dict) and info.get("world") == "torus" else "in-frame"
+    return WORLD if model_world(base) == WORLD else "in-frame"
 
 
 def run_lora_demo(out_dir: str | os.PathLike, options: LoRADemoOptions | None = None,
@@ -112,9 +108,11 @@ def run_lora_demo(out_dir: str | os.PathLike, options: LoRADemoOptions | None = 
         world = base_world(base)
         _log(f"data: {opts.videos} {NEW_SHAPE} videos + {opts.replay} replay videos of the base world ({world})")
         for split, n in ((NEW_SHAPE, opts.videos), ("train", opts.replay)):
-            if n and world == "torus":
+            if not n:
+                continue
+            if world == WORLD:
                 make_videos(data, n, opts.seed, split=split, segments=(1,))
-            elif n:  # the earlier world: one clip, the object never leaves the frame
+            else:  # the earlier world: one clip, the object never leaves the frame
                 make_dataset(data, n, opts.seed, split=split)
         timings["data"] = time.perf_counter() - t0
 

@@ -47,8 +47,9 @@ from typing import Any
 
 from infinitystar.checkpoints import load_vae
 from infinitystar.config import replace
-from infinitystar.demo import DEMO_WEIGHTS
+from infinitystar.demo import DEMO_WEIGHTS, model_world
 from infinitystar.demo.evaluate import TASKS
+from infinitystar.demo.synthetic import WORLD  # the recipe's data shows it; its exports record it
 from infinitystar.fileio import atomic_write_json, atomic_write_text
 from infinitystar.pipeline import InfinityStarPipeline
 from infinitystar.text import VOCABULARY_FILE, write_vocabulary
@@ -60,9 +61,6 @@ __all__ = ["DEFAULT_CONFIG_DIR", "RecipeOptions", "build_base", "run_recipe", "s
 # The recipe's committed hyper-parameters: infinitystar/demo/configs, package data (so train-demo also runs from an
 # installed wheel, not only from a source tree).
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-# The world the recipe's data shows (demo.synthetic): objects on a torus, videos of 1-3 clips, stories. A shipped
-# model's training_source.json names it; the targets of tests/test_demo_targets.py hold for a model of this world.
-WORLD = "torus"
 
 
 @dataclass(frozen=True)
@@ -190,14 +188,18 @@ def ship(model_dir: str | os.PathLike, dest: str | os.PathLike = DEMO_WEIGHTS,
 
 
 def _record_world(model_dir: Path) -> None:
-    info_file = model_dir / "training_source.json"
-    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
-    if info.get("world") != WORLD:
+    if model_world(model_dir) != WORLD:
+        info_file = model_dir / "training_source.json"
+        info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
         atomic_write_json(info_file, {**info, "world": WORLD})
 
 
+def _jsonl_lines(src: Path) -> list[str]:
+    return [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def _subset_jsonl(src: Path, dest: Path, n: int) -> Path:
-    lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = _jsonl_lines(src)
     if len(lines) < n:
         raise ValueError(f"{src} has {len(lines)} records, fewer than the {n} the features take")
     atomic_write_text(dest, "\n".join(lines[:n]) + "\n")
@@ -208,9 +210,8 @@ def _repeat_jsonl(src: Path, times: int) -> Path:
     """``src`` itself (``times`` = 1) or a copy of it with its records ``times`` times over."""
     if times == 1:
         return src
-    lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
     dest = src.with_name(f"{src.stem}_x{times}.jsonl")
-    atomic_write_text(dest, "\n".join(lines * times) + "\n")
+    atomic_write_text(dest, "\n".join(_jsonl_lines(src) * times) + "\n")
     return dest
 
 
