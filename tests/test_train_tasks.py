@@ -16,9 +16,10 @@ from infinitystar.generation.loop import (
     DETAIL_CONDITION,
     SEMANTIC_CONDITION,
     generate_codes,
+    interactive_condition_latents,
     prefill_interactive_conditions,
 )
-from infinitystar.generation.plan import InteractivePlan
+from infinitystar.generation.plan import GenerationPlan, InteractivePlan
 from infinitystar.generation.schedules import scale_repetitions, video_scale_schedule
 from infinitystar.train.config import DataConfig
 from infinitystar.train.data import RecordError, parse_record
@@ -125,6 +126,57 @@ def test_interactive_turn_sample_layout_and_noise():
     assert torch.equal(noisy.labels[0], sample.labels[0])
     with pytest.raises(ValueError, match="turns are 1..2"):
         interactive_turn_sample(story, 3, text, DEMO, PYRAMID, torch.Generator(), condition_noise=(0.0,))
+
+
+def _forced_summed_codes(model, text, plan_schedule, plan_steps, repetitions, latent, *, interactive_cache=None):
+    """The summed codes the generation loop holds after generating ``latent`` (every step forced to its bits)."""
+    bits = encode_to_bits(latent, plan_schedule, repetitions, DEMO.quantizer, frames_inner_clip=CLIP).bits
+    with torch.no_grad():
+        cache = interactive_cache if interactive_cache is not None else model.new_cache()
+        if interactive_cache is None:
+            model.prefill_text(text, cache, guidance=True)
+        extra = (SEMANTIC_CONDITION, DETAIL_CONDITION) if interactive_cache is not None else ()
+        result = generate_codes(model, DEMO.quantizer, text, plan_schedule, plan_steps, repetitions, DEMO.sampling,
+                                generator=torch.Generator().manual_seed(0), forced_bits=list(bits),
+                                frames_inner_clip=CLIP, cache=cache, extra_context=extra)
+    return result.summed_codes
+
+
+def test_interactive_turn_conditions_from_summed_codes_are_what_generation_holds():
+    """condition_codes_prob=1: the conditions of turns 1 and 2 equal the ones generation builds from its ``former``
+    after generating the story's earlier clips (a text-to-video first segment, then turn 1), which are summed codes,
+    not the continuous latent; the labels stay the clean target bits."""
+    model = realistic_transformer(DEMO.transformer, seed=3)
+    story = _latent(1 + 3 * CLIP, seed=6)
+    text = torch.randn(5, DEMO.transformer.text_channels, generator=torch.Generator().manual_seed(9))
+    first = GenerationPlan(DEMO, 1 + CLIP * DEMO.vae.time_stride, tuple(PYRAMID), DEMO.sampling)
+    former = _forced_summed_codes(model, text, first.schedule, first.steps, first.repetitions,
+                                  story[:, :, :CLIP + 1])
+    turn_plan = InteractivePlan(DEMO, tuple(PYRAMID), DEMO.sampling)
+    with torch.no_grad():
+        cache = model.new_cache()
+        model.prefill_text(text, cache, guidance=True)
+        prefill_interactive_conditions(model, cache, former, former[:, :, :1], turn_plan.layout, batch=2)
+    clip1 = _forced_summed_codes(model, text, turn_plan.layout.schedule, turn_plan.steps, turn_plan.repetitions,
+                                 story[:, :, CLIP + 1: 2 * CLIP + 1], interactive_cache=cache)
+    contexts = {1: former, 2: torch.cat([former, clip1], dim=2)[:, :, -(CLIP + 1):]}
+    for turn, context in contexts.items():
+        want = interactive_condition_latents(context, former[:, :, :1], turn_plan.layout)
+        raw = interactive_turn_sample(story, turn, text, DEMO, PYRAMID, torch.Generator().manual_seed(0),
+                                      bsc_strength=0.0, condition_noise=(0.0,))
+        coded = interactive_turn_sample(story, turn, text, DEMO, PYRAMID, torch.Generator().manual_seed(0),
+                                        bsc_strength=0.0, condition_noise=(0.0,), condition_codes_prob=1.0)
+        for (_, got), expected, (_, continuous) in zip(coded.conditions, want, raw.conditions):
+            expected = expected.flatten(2).transpose(1, 2)
+            assert (got - expected).abs().max() <= 1e-5, f"turn {turn}"
+            assert (continuous - expected).abs().max() > 1e-2  # the two forms differ: the check is not vacuous
+        assert torch.equal(coded.labels[0], raw.labels[0])
+
+
+def test_condition_codes_prob_is_validated():
+    assert DataConfig(condition_codes_prob=0.5).condition_codes_prob == 0.5
+    with pytest.raises(ValueError, match="condition_codes_prob"):
+        DataConfig(condition_codes_prob=1.5)
 
 
 # ----------------------------------------------------------------------------------------------- given prefixes

@@ -223,6 +223,12 @@ class DataConfig:
     # Interactive turns: the conditions get Gaussian noise of one of these strengths times their std, drawn per
     # sample (the reference's interactive training: 0, 0.15, 0.30); generation adds none.
     condition_noise: tuple[float, ...] = (0.0, 0.15, 0.30)
+    # Interactive turns: the fraction whose conditions are built from the previous segment's *summed codes* (its
+    # latent quantized through the multi-scale BSQ, what generation holds after a generated segment) instead of the
+    # continuous latent (what the reference trains on, and what generation holds for a given reference video's
+    # first turn). 0 = the reference. A small model trained on continuous conditions only follows a new prompt
+    # far less often after a generated segment (docs/demo.md).
+    condition_codes_prob: float = 0.0
 
     def __post_init__(self) -> None:
         jsonl = (self.jsonl,) if isinstance(self.jsonl, str) else tuple(self.jsonl)
@@ -246,7 +252,7 @@ class DataConfig:
                  f"DataConfig.latent_sampling must be 'mean' or 'sample', got {self.latent_sampling!r}")
         _require(isinstance(self.seed, int), f"DataConfig.seed must be an int, got {self.seed!r}")
         _require(self.num_workers >= 0, f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
-        for name in ("image_to_video_prob", "extension_prob"):
+        for name in ("image_to_video_prob", "extension_prob", "condition_codes_prob"):
             value = getattr(self, name)
             _require(isinstance(value, int | float) and 0.0 <= value <= 1.0,
                      f"DataConfig.{name} must be in [0, 1], got {value!r}")

@@ -19,8 +19,11 @@ sequence its generation runs:
   packed sequence gives each block and scale what the KV cache gives it at generation
   (``transformer.sequence``), so the training logits of a turn equal the generation step logits for the same
   inputs (tests/test_train_tasks.py). The conditions are the VAE latents of the story with Gaussian noise of a
-  strength drawn from ``condition_noise`` times their std (the reference's interactive training: 0, 0.15, 0.30);
-  at generation the context after the first turn is the generated summed codes, which this noise stands in for.
+  strength drawn from ``condition_noise`` times their std (the reference's interactive training: 0, 0.15, 0.30).
+  At generation the context after a generated segment is that segment's summed codes (quantized), not a continuous
+  latent; with probability ``condition_codes_prob`` a turn's conditions are built from the story's summed codes
+  (its latent through the multi-scale BSQ, each clip from zero, as generation accumulates it), so the model learns
+  both forms. The reference trains the continuous form only (``condition_codes_prob = 0``).
 """
 
 from __future__ import annotations
@@ -32,13 +35,20 @@ from torch import Tensor
 
 from infinitystar.config import PipelineConfig, QuantizerConfig
 from infinitystar.generation.loop import interactive_condition_latents
-from infinitystar.generation.schedules import Scale, interactive_layout_for, scales_per_clip
+from infinitystar.generation.schedules import (
+    Scale,
+    interactive_layout_for,
+    scale_repetitions,
+    scales_per_clip,
+    video_scale_schedule,
+)
 from infinitystar.train.self_correction import BitFlipSource, RandomBitFlips, tokenize_for_training
 from infinitystar.train.step import TrainSample, train_sample_from_tokens
 from infinitystar.transformer.sequence import ConditionBlock
-from infinitystar.vae.multiscale import StepInfo
+from infinitystar.vae.multiscale import StepInfo, encode_to_bits
 
-__all__ = ["GivenScalesUnflipped", "given_prefix_sample", "given_scale_count", "interactive_turn_sample"]
+__all__ = ["GivenScalesUnflipped", "given_prefix_sample", "given_scale_count", "interactive_turn_sample",
+           "story_summed_codes"]
 
 
 class GivenScalesUnflipped:
@@ -99,6 +109,17 @@ def _tokens(x_B64thw: Tensor) -> Tensor:
     return x_B64thw.flatten(2).transpose(1, 2)
 
 
+def story_summed_codes(latent_B64THW: Tensor, pipeline: PipelineConfig, image_pyramid: Sequence[Scale]) -> Tensor:
+    """The summed codes of a latent ``(1, C, 1 + k * clip, H, W)`` over its video schedule (the image pyramid for
+    frame 0, then one pyramid per clip, each accumulated from zero with the pipeline's repetitions): what the
+    generation loop holds as ``former`` after generating those frames (``pipeline.interactive``)."""
+    clip = pipeline.frames_inner_clip
+    schedule = video_scale_schedule(list(image_pyramid), int(latent_B64THW.shape[2]), clip)
+    repetitions = scale_repetitions(schedule, pipeline.image_repetition, pipeline.video_repetition)
+    codes = encode_to_bits(latent_B64THW, schedule, repetitions, pipeline.quantizer, frames_inner_clip=clip)
+    return codes.summed_codes.to(latent_B64THW)
+
+
 def interactive_turn_sample(
     story_B64THW: Tensor,
     turn: int,
@@ -109,11 +130,14 @@ def interactive_turn_sample(
     *,
     bsc_strength: float | Sequence[float] = 0.3,
     condition_noise: Sequence[float] = (0.0,),
+    condition_codes_prob: float = 0.0,
 ) -> TrainSample:
     """The training sample of turn ``turn`` (>= 1) of a story latent ``(1, C, 1 + clips * clip, H, W)``.
 
     Context (generation's ``former``): latent frames ``[clip * (turn - 1), clip * turn + 1)``, the previous
-    segment and the frame before it; first frame: latent frame 0; target: the ``turn``-th clip.
+    segment and the frame before it; first frame: latent frame 0; target: the ``turn``-th clip. With probability
+    ``condition_codes_prob`` the context and first frame are taken from :func:`story_summed_codes` instead (no
+    random number is drawn when it is 0).
     """
     clip = pipeline.frames_inner_clip
     frames = story_B64THW.shape[2]
@@ -124,9 +148,12 @@ def interactive_turn_sample(
         raise ValueError(f"turn {turn} of a story of {clips} clip(s): a story has two clips or more, its turns are "
                          f"1..{clips - 1}")
     layout = interactive_layout_for(image_pyramid, clip, pipeline.vae.time_stride)
-    context = story_B64THW[:, :, clip * (turn - 1): clip * turn + 1]
     target = story_B64THW[:, :, clip * turn + 1: clip * (turn + 1) + 1]
-    semantic, detail = interactive_condition_latents(context, story_B64THW[:, :, :1], layout)
+    source = story_B64THW
+    if condition_codes_prob > 0 and float(torch.rand((), generator=generator)) < condition_codes_prob:
+        source = story_summed_codes(story_B64THW[:, :, :clip * turn + 1], pipeline, image_pyramid)
+    context = source[:, :, clip * (turn - 1): clip * turn + 1]
+    semantic, detail = interactive_condition_latents(context, source[:, :, :1], layout)
     strength = float(condition_noise[int(torch.randint(0, len(condition_noise), (1,), generator=generator))])
     if strength > 0:
         semantic = semantic + strength * semantic.std() * _noise(semantic, generator)

@@ -330,7 +330,8 @@ class Trainer:
             pyramid = ds.schedule[:scales_per_clip(ds.schedule)]
             sample = interactive_turn_sample(latent, ds.turn, text, pipe_cfg, pyramid, gen,
                                              bsc_strength=run.bsc_strength,
-                                             condition_noise=self.cfg.data.condition_noise)
+                                             condition_noise=self.cfg.data.condition_noise,
+                                             condition_codes_prob=self.cfg.data.condition_codes_prob)
         else:
             raise ValueError(f"unknown training task {task!r}")
         tokens = sample.visual_tokens + sum(block.tokens for block, _ in sample.conditions) + int(text.shape[0])
