@@ -182,11 +182,50 @@ def test_recipe_second_stage_config_is_a_valid_run_from_the_first_stage(tmp_path
     videos, repeated = cfg.data.jsonl
     assert videos == str(tmp_path / "videos.jsonl")
     assert Path(repeated).read_text(encoding="utf-8").splitlines() == ['{"a": 1}', '{"a": 2}'] * repeats
+    # Half of the stage's interactive turns are conditioned on summed codes, as generated stories are.
+    assert cfg.data.condition_codes_prob == 0.5
 
     bad = tmp_path / "bad.toml"
     bad.write_text("[recipe]\nstory_repeats = 0\n", encoding="utf-8")
     with pytest.raises(ValueError, match="story_repeats must be an integer >= 1, got 0"):
         stage2_config(bad, first_data, tmp_path / "videos.jsonl", stories, tmp_path / "r", tmp_path / "m")
+
+
+class _StopAtVAE(Exception):
+    pass
+
+
+@pytest.mark.parametrize("diamonds", [256, 0])
+def test_recipe_gives_the_diamond_videos_to_the_vae_only(tmp_path, monkeypatch, diamonds):
+    """make-demo-data is asked for the diamond videos and both VAE stages read them; the transformer's data does not
+    (it is checked where the VAE stage starts: every command is recorded, none run)."""
+    from infinitystar.demo import recipe
+    from infinitystar.train.config import read_config_file
+
+    commands = []
+
+    def fake_run(args, log, name, threads=None, processes=1):
+        commands.append(list(args))
+        if args[0] == "make-demo-data":
+            for f in ("train.jsonl", "heldout.jsonl", "train_stories.jsonl", "diamond.jsonl"):
+                (tmp_path / "out" / "data" / f).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / "out" / "data" / f).write_text("", encoding="utf-8")
+            return 0.0
+        raise _StopAtVAE
+
+    monkeypatch.setattr(recipe, "_run", fake_run)
+    with pytest.raises(_StopAtVAE):
+        recipe.run_recipe(tmp_path / "out", RecipeOptions(vae_diamond_videos=diamonds))
+    make, train_vae = commands
+    assert make[make.index("--diamond-videos") + 1] == str(diamonds)
+    assert train_vae[0] == "train-vae"
+    paths = read_config_file(tmp_path / "out" / "configs" / "vae.json")["data"]["paths"]
+    data = tmp_path / "out" / "data"
+    assert paths == [str(data / "train.jsonl")] + ([str(data / "diamond.jsonl")] if diamonds else [])
+    tr = read_config_file(recipe.DEFAULT_CONFIG_DIR / "transformer.toml")
+    assert not any("diamond" in p for p in tr["data"]["jsonl"])
+    with pytest.raises(ValueError, match="vae_diamond_videos must be >= 0"):
+        RecipeOptions(vae_diamond_videos=-1)
 
 
 def test_build_base_puts_the_trained_vae_into_the_demo_preset(tmp_path):

@@ -261,7 +261,7 @@ def world(tmp_path_factory) -> Path:
     rc = main(["make-demo-data", str(out), "--clips", str(N_VIDEOS), "--heldout-clips", str(N_HELD_VIDEOS),
                "--stories", str(N_STORIES), "--heldout-stories", str(N_HELD_STORIES),
                "--segments", ",".join(map(str, SEGMENTS)), "--story-segments", ",".join(map(str, STORY_SEGMENTS)),
-               "--seed", str(SEED)])
+               "--diamond-videos", "2", "--seed", str(SEED)])
     assert rc == 0
     return out
 
@@ -290,6 +290,13 @@ def test_make_demo_data_writes_videos_and_stories(world):
     # The command writes what the API writes.
     again = syn.make_videos(world.parent / "again", N_VIDEOS, SEED, "train", segments=SEGMENTS)
     assert again.read_text() == (world / "train.jsonl").read_text()
+    # The VAE's diamond videos: the new shape on the same torus, in their own file (no training caption list).
+    diamonds = _rows(world / "diamond.jsonl")
+    assert len(diamonds) == 2 and {r["demo"]["shape"] for r in diamonds} == {"diamond"}
+    assert all(r["video_path"].startswith("videos/diamond_") and r["demo"]["world"] == "torus" for r in diamonds)
+    first = read_video(world / diamonds[0]["video_path"])[0]
+    judged = ev.judge_clip(first[:33])
+    assert judged.shape == "diamond" and judged.colour == diamonds[0]["demo"]["colour"]
 
 
 def _uniform_5x5(frames: np.ndarray) -> np.ndarray:
@@ -370,12 +377,13 @@ def _run(argv: list[str], capsys) -> tuple[int, str, str]:
     (["--story-segments", "1,2"], "--story-segments counts must be in 2..32 segments, got 1"),
     (["--stories", "-1"], "--stories must be >= 0, got -1"),
     (["--heldout-stories", "-2"], "--heldout-stories must be >= 0, got -2"),
+    (["--diamond-videos", "-1"], "--diamond-videos must be >= 0, got -1"),
     (["--clips", "0"], "--clips must be >= 1"),
     (["--frames", "33", "--stories", "2"], "drop --stories"),
     (["--frames", "33", "--segments", "2"], "drop --segments"),
     (["--size", "1024", "--segments", "32"], "takes 3.0 GiB in memory"),
 ], ids=["zero-segments", "not-numbers", "one-segment-story", "negative-stories", "negative-heldout-stories",
-        "no-clips", "frames-with-stories", "frames-with-segments", "3-GiB-videos"])
+        "negative-diamond-videos", "no-clips", "frames-with-stories", "frames-with-segments", "3-GiB-videos"])
 def test_make_demo_data_bad_values_are_one_line(tmp_path, capsys, args, message):
     out = tmp_path / "out"
     code, _, err = _run(["make-demo-data", str(out), "--clips", "2", *args], capsys)

@@ -22,6 +22,7 @@ from infinitystar.demo import load_pipeline, model_from_run_name, run_model_name
 from infinitystar.demo.recipe import DEFAULT_CONFIG_DIR, RecipeOptions, run_recipe
 from infinitystar.demo.synthetic import (
     MAX_SEGMENTS,
+    NEW_SHAPE,
     STORY_PROMPTS,
     STORY_REFERENCE,
     check_clip_shape,
@@ -448,6 +449,9 @@ def _add_make_demo_data(subparsers: argparse._SubParsersAction) -> None:
                    help="held-out stories: one per held-out triple, its direction in the middle segment (12 = all)")
     p.add_argument("--story-segments", default=None, metavar="LIST", help="segment counts of the training stories "
                    "(default: 2,3; held-out stories have 3)")
+    p.add_argument("--diamond-videos", type=int, default=0,
+                   help="videos of a diamond, a shape no training caption names, in diamond.jsonl: data for the VAE "
+                   "only, so the tokenizer can draw a shape a LoRA adapter then teaches (default: 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="frame side in pixels (default: 64)")
     p.add_argument("--frames", type=int, default=None,
@@ -474,7 +478,7 @@ def _segment_counts(text: str | None, flag: str, default: tuple[int, ...], lowes
 
 def _run_make_demo_data(args: argparse.Namespace) -> int:
     for flag, value in (("--clips", args.clips), ("--heldout-clips", args.heldout_clips), ("--stories", args.stories),
-                        ("--heldout-stories", args.heldout_stories)):
+                        ("--heldout-stories", args.heldout_stories), ("--diamond-videos", args.diamond_videos)):
         if value < 0:
             raise ValueError(f"{flag} must be >= 0, got {value}")
     if not args.clips:
@@ -492,7 +496,8 @@ def _run_make_demo_data(args: argparse.Namespace) -> int:
         def clips(n: int, split: str) -> Path:
             return make_dataset(args.out_dir, n, split=split, **common)
 
-        jobs = [("train", args.clips, clips, "clips"), ("heldout", args.heldout_clips, clips, "clips")]
+        jobs = [("train", args.clips, clips, "clips"), ("heldout", args.heldout_clips, clips, "clips"),
+                (NEW_SHAPE, args.diamond_videos, clips, "clips")]
     else:
         segments = _segment_counts(args.segments, "--segments", (1, 2, 3), 1)
         story_segments = _segment_counts(args.story_segments, "--story-segments", (2, 3), 2)
@@ -506,7 +511,8 @@ def _run_make_demo_data(args: argparse.Namespace) -> int:
             return make_stories(args.out_dir, n, split=split, segments=story_segments, **common)
 
         jobs = [("train", args.clips, videos, "videos"), ("heldout", args.heldout_clips, videos, "videos"),
-                ("train", args.stories, stories, "stories"), ("heldout", args.heldout_stories, stories, "stories")]
+                ("train", args.stories, stories, "stories"), ("heldout", args.heldout_stories, stories, "stories"),
+                (NEW_SHAPE, args.diamond_videos, videos, "videos")]
     for split, n, write, what in jobs:
         if n:
             print(f"wrote {write(n, split)} ({n} {what})")

@@ -49,7 +49,7 @@ from infinitystar.checkpoints import load_vae
 from infinitystar.config import replace
 from infinitystar.demo import DEMO_WEIGHTS, model_world
 from infinitystar.demo.evaluate import TASKS
-from infinitystar.demo.synthetic import WORLD  # the recipe's data shows it; its exports record it
+from infinitystar.demo.synthetic import NEW_SHAPE, WORLD  # the recipe's data shows the world; its exports record it
 from infinitystar.fileio import atomic_write_json, atomic_write_text
 from infinitystar.pipeline import InfinityStarPipeline
 from infinitystar.text import VOCABULARY_FILE, write_vocabulary
@@ -72,6 +72,10 @@ class RecipeOptions:
     # Story videos (interactive training) and held-out stories (12: one per held-out triple, its middle segment).
     stories: int = 768
     heldout_stories: int = 12
+    # Videos of a diamond (synthetic.NEW_SHAPE) for the VAE only: no transformer caption names it, but the tokenizer
+    # learns to draw it, so a LoRA adapter can teach the word (demo.lora). A VAE that never saw one turns it into a
+    # circle, and no adapter on the transformer can change that.
+    vae_diamond_videos: int = 256
     # Training clips whose latents the transformer trains on (the first N of train.jsonl; all 60 triples occur).
     feature_clips: int = 1024
     # Stories whose latents the transformer trains on (the first N of train_stories.jsonl).
@@ -101,8 +105,9 @@ class RecipeOptions:
         if self.feature_stories > self.stories:
             raise ValueError(f"RecipeOptions.feature_stories ({self.feature_stories}) exceeds stories "
                              f"({self.stories})")
-        if self.heldout_stories < 0:
-            raise ValueError(f"RecipeOptions.heldout_stories must be >= 0, got {self.heldout_stories}")
+        for name in ("heldout_stories", "vae_diamond_videos"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RecipeOptions.{name} must be >= 0, got {getattr(self, name)}")
 
 
 def _log(msg: str) -> None:
@@ -244,12 +249,18 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     timings: dict[str, float] = {}
     data = out / "data"
 
-    # 1. data
-    if not all((data / name).is_file() for name in ("train.jsonl", "heldout.jsonl", "train_stories.jsonl")):
+    # 1. data (the diamond videos are the VAE's only)
+    data_files = ["train.jsonl", "heldout.jsonl", "train_stories.jsonl"]
+    vae_paths = [str(data / "train.jsonl")]
+    if opts.vae_diamond_videos:
+        data_files.append(f"{NEW_SHAPE}.jsonl")
+        vae_paths.append(str(data / f"{NEW_SHAPE}.jsonl"))
+    if not all((data / name).is_file() for name in data_files):
         timings["make_demo_data"] = _run(
             ["make-demo-data", str(data), "--clips", str(opts.clips), "--heldout-clips", str(opts.heldout_clips),
              "--stories", str(opts.stories), "--heldout-stories", str(opts.heldout_stories),
-             "--seed", str(opts.seed)], logs / "make_demo_data.log", "make-demo-data")
+             "--diamond-videos", str(opts.vae_diamond_videos), "--seed", str(opts.seed)],
+            logs / "make_demo_data.log", "make-demo-data")
 
     # One thread per trainer process when several share the cores; a single process keeps every thread (the VAE
     # configs may still pin their own `threads`).
@@ -258,7 +269,7 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     # 2. VAE
     vae_cfg = read_config_file(cfg_dir / "vae.toml")
     vae_cfg["out_dir"] = str(out / "vae")
-    _set(vae_cfg, "data", paths=[str(data / "train.jsonl")], eval_paths=[str(data / "heldout.jsonl")])
+    _set(vae_cfg, "data", paths=vae_paths, eval_paths=[str(data / "heldout.jsonl")])
     if opts.vae_steps is not None:
         _set(vae_cfg, "training", steps=opts.vae_steps)
     atomic_write_json(gen / "vae.json", vae_cfg)
@@ -272,7 +283,7 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     if (cfg_dir / "vae_decoder.toml").is_file():
         dec_cfg = read_config_file(cfg_dir / "vae_decoder.toml")
         dec_cfg["out_dir"] = str(out / "vae_decoder")
-        _set(dec_cfg, "data", paths=[str(data / "train.jsonl")], eval_paths=[str(data / "heldout.jsonl")])
+        _set(dec_cfg, "data", paths=vae_paths, eval_paths=[str(data / "heldout.jsonl")])
         _set(dec_cfg, "model", init_checkpoint=str(vae_weights))
         atomic_write_json(gen / "vae_decoder.json", dec_cfg)
         vae_weights = out / "vae_decoder" / "vae.safetensors"
