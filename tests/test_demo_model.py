@@ -191,39 +191,44 @@ def test_recipe_second_stage_config_is_a_valid_run_from_the_first_stage(tmp_path
         stage2_config(bad, first_data, tmp_path / "videos.jsonl", stories, tmp_path / "r", tmp_path / "m")
 
 
-class _StopAtVAE(Exception):
+class _StopAtDecoder(Exception):
     pass
 
 
 @pytest.mark.parametrize("diamonds", [256, 0])
-def test_recipe_gives_the_diamond_videos_to_the_vae_only(tmp_path, monkeypatch, diamonds):
-    """make-demo-data is asked for the diamond videos and both VAE stages read them; the transformer's data does not
-    (it is checked where the VAE stage starts: every command is recorded, none run)."""
+def test_recipe_gives_the_diamond_videos_to_the_vae_decoder_only(tmp_path, monkeypatch, diamonds):
+    """make-demo-data is asked for the diamond videos and the VAE's decoder stage reads them; its first stage (the
+    encoder, so every latent the transformer trains on) does not. Checked where the decoder stage starts: every
+    command is recorded, none run."""
     from infinitystar.demo import recipe
     from infinitystar.train.config import read_config_file
 
-    commands = []
+    out, commands = tmp_path / "out", []
 
     def fake_run(args, log, name, threads=None, processes=1):
         commands.append(list(args))
         if args[0] == "make-demo-data":
+            (out / "data").mkdir(parents=True, exist_ok=True)
             for f in ("train.jsonl", "heldout.jsonl", "train_stories.jsonl", "diamond.jsonl"):
-                (tmp_path / "out" / "data" / f).parent.mkdir(parents=True, exist_ok=True)
-                (tmp_path / "out" / "data" / f).write_text("", encoding="utf-8")
-            return 0.0
-        raise _StopAtVAE
+                (out / "data" / f).write_text("", encoding="utf-8")
+        elif len(commands) == 2:  # the first VAE stage "trains"
+            (out / "vae").mkdir()
+            (out / "vae" / "vae.safetensors").write_bytes(b"")
+        else:
+            raise _StopAtDecoder
+        return 0.0
 
     monkeypatch.setattr(recipe, "_run", fake_run)
-    with pytest.raises(_StopAtVAE):
-        recipe.run_recipe(tmp_path / "out", RecipeOptions(vae_diamond_videos=diamonds))
-    make, train_vae = commands
+    with pytest.raises(_StopAtDecoder):
+        recipe.run_recipe(out, RecipeOptions(vae_diamond_videos=diamonds))
+    make, vae, decoder = commands
     assert make[make.index("--diamond-videos") + 1] == str(diamonds)
-    assert train_vae[0] == "train-vae"
-    paths = read_config_file(tmp_path / "out" / "configs" / "vae.json")["data"]["paths"]
-    data = tmp_path / "out" / "data"
-    assert paths == [str(data / "train.jsonl")] + ([str(data / "diamond.jsonl")] if diamonds else [])
-    tr = read_config_file(recipe.DEFAULT_CONFIG_DIR / "transformer.toml")
-    assert not any("diamond" in p for p in tr["data"]["jsonl"])
+    assert vae[:2] == ["train-vae", str(out / "configs" / "vae.json")]
+    assert decoder[:2] == ["train-vae", str(out / "configs" / "vae_decoder.json")]
+    data = out / "data"
+    assert read_config_file(out / "configs" / "vae.json")["data"]["paths"] == [str(data / "train.jsonl")]
+    assert read_config_file(out / "configs" / "vae_decoder.json")["data"]["paths"] == (
+        [str(data / "train.jsonl")] + ([str(data / "diamond.jsonl")] if diamonds else []))
     with pytest.raises(ValueError, match="vae_diamond_videos must be >= 0"):
         RecipeOptions(vae_diamond_videos=-1)
 

@@ -72,9 +72,11 @@ class RecipeOptions:
     # Story videos (interactive training) and held-out stories (12: one per held-out triple, its middle segment).
     stories: int = 768
     heldout_stories: int = 12
-    # Videos of a diamond (synthetic.NEW_SHAPE) for the VAE only: no transformer caption names it, but the tokenizer
-    # learns to draw it, so a LoRA adapter can teach the word (demo.lora). A VAE that never saw one turns it into a
-    # circle, and no adapter on the transformer can change that.
+    # Videos of a diamond (synthetic.NEW_SHAPE) for the VAE decoder's stage only: no transformer caption names it,
+    # but the decoder learns to draw it from the encoder's latents, so a LoRA adapter can teach the word
+    # (demo.lora). A decoder that never saw one draws a circle, and no adapter on the transformer can change that.
+    # The encoder (trained in the first VAE stage, without them) and so every latent the transformer trains on
+    # stay as they are.
     vae_diamond_videos: int = 256
     # Training clips whose latents the transformer trains on (the first N of train.jsonl; all 60 triples occur).
     feature_clips: int = 1024
@@ -249,12 +251,13 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     timings: dict[str, float] = {}
     data = out / "data"
 
-    # 1. data (the diamond videos are the VAE's only)
+    # 1. data (the diamond videos are the VAE decoder's only)
     data_files = ["train.jsonl", "heldout.jsonl", "train_stories.jsonl"]
     vae_paths = [str(data / "train.jsonl")]
+    decoder_paths = list(vae_paths)
     if opts.vae_diamond_videos:
         data_files.append(f"{NEW_SHAPE}.jsonl")
-        vae_paths.append(str(data / f"{NEW_SHAPE}.jsonl"))
+        decoder_paths.append(str(data / f"{NEW_SHAPE}.jsonl"))
     if not all((data / name).is_file() for name in data_files):
         timings["make_demo_data"] = _run(
             ["make-demo-data", str(data), "--clips", str(opts.clips), "--heldout-clips", str(opts.heldout_clips),
@@ -283,7 +286,7 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     if (cfg_dir / "vae_decoder.toml").is_file():
         dec_cfg = read_config_file(cfg_dir / "vae_decoder.toml")
         dec_cfg["out_dir"] = str(out / "vae_decoder")
-        _set(dec_cfg, "data", paths=vae_paths, eval_paths=[str(data / "heldout.jsonl")])
+        _set(dec_cfg, "data", paths=decoder_paths, eval_paths=[str(data / "heldout.jsonl")])
         _set(dec_cfg, "model", init_checkpoint=str(vae_weights))
         atomic_write_json(gen / "vae_decoder.json", dec_cfg)
         vae_weights = out / "vae_decoder" / "vae.safetensors"
