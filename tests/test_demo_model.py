@@ -196,10 +196,10 @@ class _StopAtDecoder(Exception):
 
 
 @pytest.mark.parametrize("diamonds", [256, 0])
-def test_recipe_gives_the_diamond_videos_to_the_vae_decoder_only(tmp_path, monkeypatch, diamonds):
-    """make-demo-data is asked for the diamond videos and the VAE's decoder stage reads them; its first stage (the
-    encoder, so every latent the transformer trains on) does not. Checked where the decoder stage starts: every
-    command is recorded, none run."""
+def test_recipe_gives_the_diamond_videos_to_the_vae_only(tmp_path, monkeypatch, diamonds):
+    """make-demo-data is asked for the diamond videos and both VAE stages read them (the transformer's data is the
+    captioned videos and stories only). Checked where the decoder stage starts: every command is recorded, none
+    run."""
     from infinitystar.demo import recipe
     from infinitystar.train.config import read_config_file
 
@@ -226,11 +226,34 @@ def test_recipe_gives_the_diamond_videos_to_the_vae_decoder_only(tmp_path, monke
     assert vae[:2] == ["train-vae", str(out / "configs" / "vae.json")]
     assert decoder[:2] == ["train-vae", str(out / "configs" / "vae_decoder.json")]
     data = out / "data"
-    assert read_config_file(out / "configs" / "vae.json")["data"]["paths"] == [str(data / "train.jsonl")]
-    assert read_config_file(out / "configs" / "vae_decoder.json")["data"]["paths"] == (
-        [str(data / "train.jsonl")] + ([str(data / "diamond.jsonl")] if diamonds else []))
+    want = [str(data / "train.jsonl")] + ([str(data / "diamond.jsonl")] if diamonds else [])
+    for stage in ("vae.json", "vae_decoder.json"):
+        assert read_config_file(out / "configs" / stage)["data"]["paths"] == want
     with pytest.raises(ValueError, match="vae_diamond_videos must be >= 0"):
         RecipeOptions(vae_diamond_videos=-1)
+
+
+def test_recipe_sampling_defaults_are_written_into_the_model(tmp_path):
+    """demo/configs/sampling.toml is a valid SamplingConfig; set_sampling_defaults writes it into a model folder
+    (read back by the pipeline), leaves the file alone when it is already there, and refuses an unknown name."""
+    from infinitystar.demo.recipe import DEFAULT_CONFIG_DIR, SAMPLING_FILE, set_sampling_defaults
+    from infinitystar.pipeline import read_pipeline_config
+    from infinitystar.train.config import read_config_file
+
+    values = read_config_file(DEFAULT_CONFIG_DIR / SAMPLING_FILE)["sampling"]
+    folder = tmp_path / "m"
+    InfinityStarPipeline.from_preset("demo").save_pretrained(folder)
+    before = read_pipeline_config(folder)
+    assert before.sampling.tau_image != values["tau_image"]  # the change is visible
+    set_sampling_defaults(folder, values)
+    after = read_pipeline_config(folder)
+    assert {k: getattr(after.sampling, k) for k in values} == values
+    assert replace(after, sampling=before.sampling) == before  # nothing else changed
+    stamp = (folder / "model_index.json").stat().st_mtime_ns
+    set_sampling_defaults(folder, values)
+    assert (folder / "model_index.json").stat().st_mtime_ns == stamp
+    with pytest.raises(TypeError, match="tau"):
+        set_sampling_defaults(folder, {"tau": 0.5})
 
 
 def test_build_base_puts_the_trained_vae_into_the_demo_preset(tmp_path):

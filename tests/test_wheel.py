@@ -20,7 +20,7 @@ import pytest
 from infinitystar.outputs import read_record
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIGS = ("transformer.toml", "transformer_stage2.toml", "vae.toml", "vae_decoder.toml")
+DEMO_CONFIGS = ("sampling.toml", "transformer.toml", "transformer_stage2.toml", "vae.toml", "vae_decoder.toml")
 
 
 def _build_wheel(tmp: Path) -> Path:

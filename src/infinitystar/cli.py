@@ -451,8 +451,8 @@ def _add_make_demo_data(subparsers: argparse._SubParsersAction) -> None:
                    "(default: 2,3; held-out stories have 3)")
     p.add_argument("--diamond-videos", type=int, default=0,
                    help="videos of a diamond, a shape no training caption names, in diamond.jsonl: data for the VAE "
-                   "only (the demo recipe gives them to its decoder stage), so the tokenizer can draw a shape a LoRA "
-                   "adapter then teaches (default: 0)")
+                   "only (train-demo's vae_diamond_videos), so the tokenizer can draw a shape a LoRA adapter then "
+                   "teaches (default: 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="frame side in pixels (default: 64)")
     p.add_argument("--frames", type=int, default=None,

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +51,13 @@ from infinitystar.demo import DEMO_WEIGHTS, model_world
 from infinitystar.demo.evaluate import TASKS
 from infinitystar.demo.synthetic import NEW_SHAPE, WORLD  # the recipe's data shows the world; its exports record it
 from infinitystar.fileio import atomic_write_json, atomic_write_text
-from infinitystar.pipeline import InfinityStarPipeline
+from infinitystar.pipeline import MODEL_INDEX, InfinityStarPipeline, read_pipeline_config
 from infinitystar.text import VOCABULARY_FILE, write_vocabulary
 from infinitystar.train.config import read_config_file
 from infinitystar.train.data import caption_words
 
-__all__ = ["DEFAULT_CONFIG_DIR", "RecipeOptions", "build_base", "run_recipe", "ship", "stage2_config"]
+__all__ = ["DEFAULT_CONFIG_DIR", "SAMPLING_FILE", "RecipeOptions", "build_base", "run_recipe", "set_sampling_defaults",
+           "ship", "stage2_config"]
 
 # The recipe's committed hyper-parameters: infinitystar/demo/configs, package data (so train-demo also runs from an
 # installed wheel, not only from a source tree).
@@ -72,12 +73,11 @@ class RecipeOptions:
     # Story videos (interactive training) and held-out stories (12: one per held-out triple, its middle segment).
     stories: int = 768
     heldout_stories: int = 12
-    # Videos of a diamond (synthetic.NEW_SHAPE) for the VAE decoder's stage only: no transformer caption names it,
-    # but the decoder learns to draw it from the encoder's latents, so a LoRA adapter can teach the word
-    # (demo.lora). A decoder that never saw one draws a circle, and no adapter on the transformer can change that.
-    # The encoder (trained in the first VAE stage, without them) and so every latent the transformer trains on
-    # stay as they are.
-    vae_diamond_videos: int = 256
+    # Videos of a diamond (synthetic.NEW_SHAPE) for both VAE stages only: no transformer caption names it, but the
+    # tokenizer learns to draw it, so a LoRA adapter can teach the word (demo.lora). The shipped model was trained
+    # with none: its VAE turns a third of the diamonds into circles, and a decoder stage with them (encoder frozen)
+    # only moved that from 31 to 33 of 48 segments, so the encoder has to see them too (a full retraining).
+    vae_diamond_videos: int = 0
     # Training clips whose latents the transformer trains on (the first N of train.jsonl; all 60 triples occur).
     feature_clips: int = 1024
     # Stories whose latents the transformer trains on (the first N of train_stories.jsonl).
@@ -173,6 +173,21 @@ def build_base(vae_weights: str | os.PathLike, out_dir: str | os.PathLike, seed:
     return Path(out_dir)
 
 
+SAMPLING_FILE = "sampling.toml"
+
+
+def set_sampling_defaults(model_dir: str | os.PathLike, values: dict[str, Any]) -> None:
+    """Write sampling defaults (``SamplingConfig`` fields) into a model folder's ``model_index.json``, validated and
+    atomically; a no-op when they are already there."""
+    index = Path(model_dir) / MODEL_INDEX
+    data = json.loads(index.read_text(encoding="utf-8"))
+    config = read_pipeline_config(model_dir)
+    sampling = asdict(replace(config.sampling, **values))  # unknown names and bad values raise here
+    if data["config"].get("sampling") != sampling:
+        data["config"]["sampling"] = sampling
+        atomic_write_json(index, data)
+
+
 def ship(model_dir: str | os.PathLike, dest: str | os.PathLike = DEMO_WEIGHTS,
          sampling: dict[str, Any] | None = None) -> Path:
     """Write a trained demo pipeline folder to ``dest`` (default: the package's ``demo/weights``), optionally
@@ -251,13 +266,12 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     timings: dict[str, float] = {}
     data = out / "data"
 
-    # 1. data (the diamond videos are the VAE decoder's only)
+    # 1. data (the diamond videos are the VAE's only)
     data_files = ["train.jsonl", "heldout.jsonl", "train_stories.jsonl"]
     vae_paths = [str(data / "train.jsonl")]
-    decoder_paths = list(vae_paths)
     if opts.vae_diamond_videos:
         data_files.append(f"{NEW_SHAPE}.jsonl")
-        decoder_paths.append(str(data / f"{NEW_SHAPE}.jsonl"))
+        vae_paths.append(str(data / f"{NEW_SHAPE}.jsonl"))
     if not all((data / name).is_file() for name in data_files):
         timings["make_demo_data"] = _run(
             ["make-demo-data", str(data), "--clips", str(opts.clips), "--heldout-clips", str(opts.heldout_clips),
@@ -286,7 +300,7 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
     if (cfg_dir / "vae_decoder.toml").is_file():
         dec_cfg = read_config_file(cfg_dir / "vae_decoder.toml")
         dec_cfg["out_dir"] = str(out / "vae_decoder")
-        _set(dec_cfg, "data", paths=decoder_paths, eval_paths=[str(data / "heldout.jsonl")])
+        _set(dec_cfg, "data", paths=vae_paths, eval_paths=[str(data / "heldout.jsonl")])
         _set(dec_cfg, "model", init_checkpoint=str(vae_weights))
         atomic_write_json(gen / "vae_decoder.json", dec_cfg)
         vae_weights = out / "vae_decoder" / "vae.safetensors"
@@ -348,6 +362,8 @@ def run_recipe(out_dir: str | os.PathLike, options: RecipeOptions | None = None,
                                         "export (stage 2)")
     for folder in {first_model, model}:  # the world the model learned (demo.lora draws an adapter's data from it)
         _record_world(folder)
+    if (cfg_dir / SAMPLING_FILE).is_file():  # the sampling defaults the model is evaluated and shipped with
+        set_sampling_defaults(model, read_config_file(cfg_dir / SAMPLING_FILE).get("sampling", {}))
     if not (model / "text_encoder" / VOCABULARY_FILE).is_file():
         # The word encoder's closed vocabulary: every word of the captions the transformer trained on. The pipeline
         # reads it back (capabilities.vocabulary) and warns about prompt words outside it.
