@@ -715,8 +715,9 @@ def _add_train_demo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train-demo", help="retrain the embedded demo model (the whole recipe, CPU, under 3 hours)",
         description="Run the demo model's whole recipe into OUT_DIR with the ordinary commands: make-demo-data -> "
-        "train-vae (vae.toml, then vae_decoder.toml) -> extract-features -> train (transformer.toml) -> export "
-        "(OUT_DIR/model) -> evaluate (OUT_DIR/eval); the three configs ship in the package (infinitystar/demo/"
+        "train-vae (vae.toml, then vae_decoder.toml) -> extract-features -> train (transformer.toml, then "
+        "transformer_stage2.toml) -> export (OUT_DIR/model, with sampling.toml's defaults) -> evaluate "
+        "(OUT_DIR/eval); the configs ship in the package (infinitystar/demo/"
         "configs). The two trainers run as --processes data-parallel processes under torchrun. Resumable: run it "
         "again to continue. --ship "
         "writes the model into the package (infinitystar/demo/weights), where `generate` without --model finds it.")
@@ -734,6 +735,9 @@ def _add_train_demo(subparsers: argparse._SubParsersAction) -> None:
                    help="data-parallel processes of train-vae and train, one thread each (default: 2; the configs' "
                    "batch_size is per process, so another count trains on another global batch)")
     p.add_argument("--vae-steps", type=int, default=None, help="override the VAE config's steps")
+    p.add_argument("--vae-diamond-videos", type=int, default=0,
+                   help="diamond videos (a shape no caption names) in the VAE's data only, so the tokenizer can draw "
+                   "the shape train-demo-lora teaches (default: 0, as the shipped model)")
     p.add_argument("--steps", type=int, default=None, help="override the transformer config's steps")
     p.add_argument("--ship", action="store_true", help="write the trained model into infinitystar/demo/weights")
     p.set_defaults(func=_run_train_demo)
@@ -769,7 +773,8 @@ def _run_train_demo_lora(args: argparse.Namespace) -> int:
 def _run_train_demo(args: argparse.Namespace) -> int:
     options = RecipeOptions(clips=args.clips, feature_clips=args.feature_clips, stories=args.stories,
                             feature_stories=args.feature_stories, workers=args.workers,
-                            processes=args.processes, vae_steps=args.vae_steps, transformer_steps=args.steps)
+                            processes=args.processes, vae_steps=args.vae_steps, transformer_steps=args.steps,
+                            vae_diamond_videos=args.vae_diamond_videos)
     result = run_recipe(args.out_dir, options, args.config_dir or DEFAULT_CONFIG_DIR, do_ship=args.ship)
     print(json.dumps(result, indent=2))
     return 0
