@@ -18,9 +18,9 @@ from infinitystar import media
 from infinitystar.cli import main
 from infinitystar.config import ConfigError, get_preset, replace
 from infinitystar.demo import DEMO_WEIGHTS, load_pipeline, model_world
-from infinitystar.demo.evaluate import SEEN_EVAL_TRIPLES, judge_clip, reconstruction_psnr
+from infinitystar.demo.evaluate import SEEN_EVAL_TRIPLES, judge_clip, judge_video, reconstruction_psnr
 from infinitystar.demo.recipe import RecipeOptions, build_base
-from infinitystar.demo.synthetic import HELD_OUT, caption, make_dataset, render_clip, sample_clips
+from infinitystar.demo.synthetic import HELD_OUT, caption, make_videos, render_video, sample_videos
 from infinitystar.pipeline import InfinityStarPipeline
 
 pytestmark = pytest.mark.skipif(not (DEMO_WEIGHTS / "model_index.json").is_file(),
@@ -75,7 +75,7 @@ def _judged(pipe, triple, seed):
 # (12/12), and the targets allow 1 (colour) or 2 misses of 12. Another machine rounds the logits differently (~1e-6),
 # which changes a sampled bit only where a uniform draw falls that close to its probability, and the decoder's
 # pixels by at most one level (measured with AVX2 and plain kernels); even a clip re-drawn by such a flip misses
-# with the full evaluation's rates (<= 6.2 %), so a false alarm needs two or three such clips.
+# with the full evaluation's rates (<= 2.1 % on held-out 2 s clips), so a false alarm needs two or three such clips.
 TARGETS = {"colour": 0.9, "shape": 0.8, "direction": 0.8}
 
 
@@ -94,18 +94,20 @@ def test_prompt_adherence_targets(judged, group, attr):
     assert right / len(judged[group]) >= TARGETS[attr], f"{group}: {attr} right on {right}/{len(judged[group])} clips"
 
 
-def test_tokenizer_keeps_held_out_clips_recognisable(pipe):
-    # What the judge needs from the tokenizer: its round trip of held-out clips is judged right on every attribute.
-    for clip in sample_clips(6, seed=5, split="heldout"):
-        video = torch.from_numpy(render_clip(clip.spec, SIZE, FRAMES)).permute(3, 0, 1, 2).float() / 127.5 - 1
-        assert judge_clip(np.asarray(pipe.reconstruct(video))).triple == clip.spec.triple
+def test_tokenizer_keeps_held_out_videos_recognisable(pipe):
+    # What the judge needs from the tokenizer: its round trip of held-out torus videos is judged right on every
+    # attribute of every segment.
+    for v in sample_videos(6, seed=5, split="heldout", segments=(1, 2)):
+        video = torch.from_numpy(render_video(v.spec, SIZE)).permute(3, 0, 1, 2).float() / 127.5 - 1
+        judged = judge_video(np.asarray(pipe.reconstruct(video)))
+        assert [j.triple for j in judged.segments] == list(v.spec.triples())
 
 
-def test_tokenizer_reconstructs_held_out_clips_at_30_db(pipe, tmp_path):
-    # The first 8 held-out clips as make-demo-data stores them (seed 0, lossless H.264 in YUV 4:2:0, the frames
-    # every stage trains on), against their tokenizer round trip: the shipped tokenizer measures 31.6 dB here and
-    # 31.4 dB over all 48 (docs/demo.md). Against the RGB renders before the codec it measures 28.6 dB (docs/demo.md).
-    jsonl = make_dataset(tmp_path, 8, seed=0, split="heldout")
+def test_tokenizer_reconstructs_held_out_videos_at_30_db(pipe, tmp_path):
+    # The first 8 held-out videos (1-3 segments) as make-demo-data stores them (seed 0, lossless H.264 in YUV
+    # 4:2:0, the frames every stage trains on), against their tokenizer round trip; issue 18's target is 30 dB at
+    # every length (the full figures, 31-32 dB over the 48 held-out videos: docs/demo.md).
+    jsonl = make_videos(tmp_path, 8, seed=0, split="heldout")
     assert reconstruction_psnr(pipe, jsonl)["psnr_db"] >= 30.0
 
 
@@ -132,9 +134,9 @@ def test_generation_is_deterministic_by_seed(pipe):
 
 
 def test_image_to_video_is_conditioned_on_the_image(pipe):
-    clip = sample_clips(1, seed=7, split="train")[0]
-    first = render_clip(clip.spec, SIZE, FRAMES)[0]
-    prompt = caption(clip.spec.triple)
+    v = sample_videos(1, seed=7, split="train", segments=(1,))[0]
+    first = render_video(v.spec, SIZE)[0]
+    prompt = caption(v.spec.triples()[0])
     out = np.asarray(pipe(prompt, image=Image.fromarray(first), seed=0, output_type="np", progress=False).frames)
     plain = np.asarray(pipe(prompt, seed=0, output_type="np", progress=False).frames)
     assert out.shape == plain.shape == (FRAMES, SIZE, SIZE, 3)
@@ -142,10 +144,10 @@ def test_image_to_video_is_conditioned_on_the_image(pipe):
 
 
 def test_video_extension_keeps_the_given_clip_and_adds_one(pipe, tmp_path):
-    clip = sample_clips(1, seed=11, split="train")[0]
-    video = render_clip(clip.spec, SIZE, FRAMES)
+    v = sample_videos(1, seed=11, split="train", segments=(1,))[0]
+    video = render_video(v.spec, SIZE)
     path = media.write_video(video, tmp_path / "given.mp4", fps=16)
-    prompt = caption(clip.spec.triple)
+    prompt = caption(v.spec.triples()[0])
     out = np.asarray(pipe(prompt, video=str(path), num_frames=2 * FRAMES - 1, seed=0, output_type="np",
                           progress=False).frames)
     plain = np.asarray(pipe(prompt, num_frames=2 * FRAMES - 1, seed=0, output_type="np", progress=False).frames)

@@ -464,3 +464,32 @@ def test_the_new_shape_diamond_is_rendered_and_judged():
     judged = [judge_clip(syn.render_video(v.spec)) for v in videos]
     assert all(j.triple == v.spec.triples()[0] for j, v in zip(judged, videos))
     assert parse_prompt(videos[0].caption) == videos[0].spec.triples()[0]
+
+
+def test_the_new_motion_still_is_rendered_captioned_and_judged():
+    """The other word a LoRA adapter teaches (demo.lora's default): a shape that does not move. Its 18 triples are
+    outside the base world; every frame is the first; its captions name no direction; the judge reads the truth
+    of every ground-truth video (no direction, the right colour and shape), on the torus and in frame."""
+    from infinitystar.demo.evaluate import direction_right, judge_clip, parse_prompt, score
+
+    assert syn.NEW_MOTION == "still" and syn.NEW_MOTION not in syn.DIRECTIONS
+    assert not any(t[2] == syn.NEW_MOTION for t in syn.TRAIN_TRIPLES + syn.HELD_OUT)
+    videos = syn.sample_videos(36, seed=0, split=syn.NEW_MOTION, segments=(1, 2))
+    assert {v.spec.triples()[0] for v in videos} == set(syn.NEW_MOTION_TRIPLES)
+    frames = [syn.render_video(v.spec) for v in videos]
+    assert all((f == f[:1]).all() for f in frames)
+    judged = [judge_clip(f) for f in frames]
+    assert score(judged, [v.spec.triples()[0] for v in videos])["all"] == 1.0
+    assert all(j.direction is None for j in judged)
+    clips = syn.sample_clips(18, seed=1, split=syn.NEW_MOTION)
+    assert score([judge_clip(syn.render_clip(c.spec)) for c in clips], [c.spec.triple for c in clips])["all"] == 1.0
+    # One caption form per template index (the direction templates' indices map onto the four still ones).
+    captions = {syn.caption(("red", "circle", "still"), i) for i in range(len(syn.CAPTION_TEMPLATES))}
+    assert len(captions) == len(syn.STILL_TEMPLATES) and all("still" in c for c in captions)
+    assert all(parse_prompt(c) == ("red", "circle", "still") for c in captions)
+    assert all(parse_prompt(v.caption) == v.spec.triples()[0] for v in videos)
+    # A moving shape is not still, and a still one has no direction to get right.
+    assert direction_right(None, "still") and not direction_right("left", "still")
+    assert not direction_right(None, "left") and direction_right("left", "left")
+    with pytest.raises(ValueError, match="unknown direction 'sideways'.*and still"):
+        syn.caption(("red", "circle", "sideways"))

@@ -360,9 +360,25 @@ def test_the_demo_lora_recipe_reads_the_world_its_base_learned(tmp_path):
     assert base_world(tmp_path) == "torus"
     (tmp_path / "training_source.json").write_text("{not json", encoding="utf-8")
     assert base_world(tmp_path) == "in-frame"
-    # The in-frame world renders the new shape too (the adapter's data for an in-frame base).
+    # The in-frame world renders both new words too (the adapter's data for an in-frame base).
     jsonl = make_dataset(tmp_path / "d", 3, seed=0, size=32, frames=5, split="diamond")
     assert [t[1] for _, t in read_ground_truth(jsonl)] == ["diamond"] * 3
+    jsonl = make_dataset(tmp_path / "d", 3, seed=0, size=32, frames=5, split="still")
+    assert [t[2] for _, t in read_ground_truth(jsonl)] == ["still"] * 3
+
+
+def test_the_demo_lora_recipe_knows_its_words():
+    from infinitystar.demo.evaluate import parse_prompt
+    from infinitystar.demo.lora import NEW_WORDS, LoRADemoOptions, new_word_prompts
+    from infinitystar.demo.synthetic import triples_for_split
+
+    assert NEW_WORDS == ("still", "diamond") and LoRADemoOptions().word == "still"
+    for word in NEW_WORDS:
+        prompts = new_word_prompts(word)
+        assert [parse_prompt(p) for p in prompts] == list(triples_for_split(word))
+        assert all(word in p for p in prompts)
+    with pytest.raises(ValueError, match="word must be one of still, diamond, got 'orange'"):
+        LoRADemoOptions(word="orange")
 
 
 @pytest.mark.slow
@@ -376,16 +392,17 @@ def test_the_demo_lora_recipe_runs_end_to_end(tmp_path):
         pytest.skip("the demo weights are not shipped in this tree")
     result = run_lora_demo(tmp_path, LoRADemoOptions(videos=8, replay=8, steps=4, batch_size=2, eval_limit=1,
                                                      eval_clips_per_prompt=1))
+    assert result["word"] == "still"  # the default word: a shape that does not move
     for when in ("before", "after"):
         assert set(result[when]) == {"new_word", "old_vocabulary"}
-        assert result[when]["new_word"]["diamond"]["n"] == 1
+        assert result[when]["new_word"]["still"]["n"] == 1
     assert 0 < result["adapter_parameters"] < result["model_parameters"] // 10
     assert result["adapter_bytes"] < 1 << 20
     assert lora.read_adapter(tmp_path / "adapter").base["name"] == "demo"
     # The adapter's videos are of the world the base learned (the shipped weights: the torus world, or the earlier
     # in-frame one whose rows have one direction and never wrap).
     world = base_world(DEMO_WEIGHTS)
-    for name in ("diamond.jsonl", "train.jsonl"):
+    for name in ("still.jsonl", "train.jsonl"):
         demo = json.loads((tmp_path / "data" / name).read_text().splitlines()[0])["demo"]
         assert (demo.get("world") == "torus") == (world == "torus"), (name, demo)
     again = run_lora_demo(tmp_path, LoRADemoOptions(videos=8, replay=8, steps=4))  # done: read back, not rerun

@@ -22,6 +22,7 @@ from infinitystar.demo import load_pipeline, model_from_run_name, run_model_name
 from infinitystar.demo.recipe import DEFAULT_CONFIG_DIR, RecipeOptions, run_recipe
 from infinitystar.demo.synthetic import (
     MAX_SEGMENTS,
+    NEW_MOTION,
     NEW_SHAPE,
     STORY_PROMPTS,
     STORY_REFERENCE,
@@ -745,14 +746,17 @@ def _add_train_demo(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_train_demo_lora(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train-demo-lora", help="teach the demo model a new word (diamond) with a LoRA adapter (CPU, minutes)",
-        description="Render diamond videos plus replay videos of the demo world, extract their latents with the demo "
-        "model's VAE, train a LoRA adapter on the frozen demo transformer, export it (OUT_DIR/adapter) and judge the "
-        "base model and base + adapter on the same seeds: the new word and the old vocabulary (OUT_DIR/report.json). "
-        "Resumable: run it again to continue.")
+        "train-demo-lora", help="teach the demo model a new word (still or diamond) with a LoRA adapter (CPU, minutes)",
+        description="Render videos of a word the demo model never saw (--word: 'still', a shape that does not move, "
+        "or 'diamond', a shape its VAE cannot draw well) plus replay videos of the demo world, extract their latents "
+        "with the demo model's VAE, train a LoRA adapter on the frozen demo transformer, export it (OUT_DIR/adapter) "
+        "and judge the base model and base + adapter on the same seeds: the new word and the old vocabulary "
+        "(OUT_DIR/report.json). Resumable: run it again to continue.")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--base", default=None, metavar="DIR", help="base model folder (default: the shipped demo model)")
-    p.add_argument("--videos", type=int, default=384, help="diamond videos (default: 384)")
+    p.add_argument("--word", choices=(NEW_MOTION, NEW_SHAPE), default=NEW_MOTION,
+                   help=f"the word to teach (default: {NEW_MOTION})")
+    p.add_argument("--videos", type=int, default=384, help="videos of the new word (default: 384)")
     p.add_argument("--replay", type=int, default=384, help="videos of the base world mixed in (default: 384)")
     p.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
@@ -763,7 +767,7 @@ def _add_train_demo_lora(subparsers: argparse._SubParsersAction) -> None:
 def _run_train_demo_lora(args: argparse.Namespace) -> int:
     from infinitystar.demo.lora import LoRADemoOptions, run_lora_demo
 
-    options = LoRADemoOptions(videos=args.videos, replay=args.replay, steps=args.steps, rank=args.rank,
+    options = LoRADemoOptions(word=args.word, videos=args.videos, replay=args.replay, steps=args.steps, rank=args.rank,
                               eval_clips_per_prompt=args.clips_per_prompt)
     result = run_lora_demo(args.out_dir, options, **({"base": args.base} if args.base else {}))
     print(json.dumps(result, indent=2))

@@ -54,6 +54,7 @@ from .synthetic import (
     DIRECTIONS,
     EVAL_TEMPLATES,
     HELD_OUT,
+    NEW_MOTION,
     NEW_SHAPE,
     SEGMENT_FRAMES,
     SHAPES,
@@ -91,6 +92,7 @@ __all__ = [
     "check_tasks",
     "contact_sheet",
     "default_prompts",
+    "direction_right",
     "evaluate_pipeline",
     "evaluate_tasks",
     "judge_clip",
@@ -606,7 +608,14 @@ _DIRECTION_WORDS = {
     "right": "right", "rightward": "right", "rightwards": "right",
     "up": "up", "upward": "up", "upwards": "up",
     "down": "down", "downward": "down", "downwards": "down",
+    "still": NEW_MOTION,  # the word a LoRA adapter can teach (synthetic.STILL_TEMPLATES); no template has another
 }
+
+
+def direction_right(judged: str | None, truth: str) -> bool:
+    """Whether a judged direction is the true one; a shape standing still (:data:`NEW_MOTION`) is judged to have
+    none (it travels less than :data:`MIN_TRAVEL`)."""
+    return judged is None if truth == NEW_MOTION else judged == truth
 
 
 def parse_prompt(prompt: str) -> Triple:
@@ -640,7 +649,8 @@ def score(judgements: Sequence[Judgement], truths: Sequence[Sequence[str]]) -> d
         raise ValueError(f"score needs as many judgements as truths (at least one), got {len(judgements)} "
                          f"and {len(truths)}")
     n = len(truths)
-    right = np.array([[j.colour == t[0], j.shape == t[1], j.direction == t[2]] for j, t in zip(judgements, truths)])
+    right = np.array([[j.colour == t[0], j.shape == t[1], direction_right(j.direction, t[2])]
+                      for j, t in zip(judgements, truths)])
     return {"colour": float(right[:, 0].mean()), "shape": float(right[:, 1].mean()),
             "direction": float(right[:, 2].mean()), "all": float(right.all(axis=1).mean()), "n": n}
 
@@ -713,7 +723,7 @@ def _score_segments(kind: str, items: Sequence[tuple[VideoSpec, np.ndarray]], ac
     for i, (spec, frames) in enumerate(items):
         vj = judge_video(frames)
         for k, (truth, j) in enumerate(zip(spec.triples(), vj.segments)):
-            right = (j.colour == truth[0], j.shape == truth[1], j.direction == truth[2])
+            right = (j.colour == truth[0], j.shape == truth[1], direction_right(j.direction, truth[2]))
             acc.setdefault(kind, []).append(right)
             if not all(right):
                 misses.append({"kind": kind, "video": i, "segment": k, "truth": truth, "judged": j.triple})
@@ -845,7 +855,7 @@ class ClipResult:
     @property
     def right(self) -> tuple[bool, bool, bool]:
         j = self.judgement
-        return j.colour == self.truth[0], j.shape == self.truth[1], j.direction == self.truth[2]
+        return j.colour == self.truth[0], j.shape == self.truth[1], direction_right(j.direction, self.truth[2])
 
 
 def _pick_frames(frames_THW3: np.ndarray, k: int) -> np.ndarray:

@@ -1,17 +1,19 @@
 """Teach the demo model a new word with a LoRA adapter: ``infinitystar train-demo-lora OUT_DIR``.
 
-The shipped demo model knows circles, squares and triangles. This recipe teaches it ``diamond``
-(:data:`~infinitystar.demo.synthetic.NEW_SHAPE`, a square turned 45 degrees) with an adapter on the transformer
-only, and measures with the demo judge that the new word is followed and the old vocabulary kept. (The adapter can
-only recombine what the VAE draws: today's demo VAE never saw a diamond and turns most into circles, so the word is
-not learned; README, "Fine-tuning with LoRA".)
+The shipped demo model knows four directions and three shapes. This recipe teaches it a word it never saw with an
+adapter on the transformer only, and measures with the demo judge that the new word is followed and the old
+vocabulary kept. The word is ``still`` by default (:data:`~infinitystar.demo.synthetic.NEW_MOTION`: a shape that
+does not move) or ``diamond`` (:data:`~infinitystar.demo.synthetic.NEW_SHAPE`, a square turned 45 degrees). An
+adapter on the transformer can only recombine what the frozen VAE draws: every frame of a still shape is a frame
+of the base world, but today's demo VAE never saw a diamond and turns a third of them into circles, so that word is
+not learned (README, "Fine-tuning with LoRA").
 
-1. data: ``videos`` 2 s videos of the 24 (colour, diamond, direction) triples, and ``replay`` 2 s videos of the
-   base world's training triples, so the adapter does not trade the old words for the new one;
+1. data: ``videos`` 2 s videos of the new word's triples, and ``replay`` 2 s videos of the base world's training
+   triples, so the adapter does not trade the old words for the new one;
 2. ``extract-features`` with the base model's VAE;
 3. ``train`` with a ``[lora]`` section on the base model (its weights frozen);
 4. ``export``: the adapter folder (PEFT's layout);
-5. the judge, base model and base + adapter on the same seeds: diamond prompts (shape, and all three attributes),
+5. the judge, base model and base + adapter on the same seeds: the new word's prompts (each attribute, and all three),
    and the base world's evaluation prompts (seen and held-out triples).
 
 Every stage runs in this process on the CPU; a rerun skips what is done.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,15 +37,28 @@ from ..train.trainer import Trainer, export_run
 from ..transformer.lora import ADAPTER_META, ADAPTER_WEIGHTS
 from . import DEMO_WEIGHTS, model_world
 from .evaluate import default_prompts, evaluate_pipeline
-from .synthetic import EVAL_TEMPLATES, NEW_SHAPE, NEW_SHAPE_TRIPLES, WORLD, caption, make_dataset, make_videos
+from .synthetic import (
+    EVAL_TEMPLATES,
+    NEW_MOTION,
+    NEW_SHAPE,
+    WORLD,
+    caption,
+    make_dataset,
+    make_videos,
+    triples_for_split,
+)
 
-__all__ = ["LoRADemoOptions", "base_world", "new_word_prompts", "run_lora_demo"]
+__all__ = ["NEW_WORDS", "LoRADemoOptions", "base_world", "new_word_prompts", "run_lora_demo"]
+
+# The words the recipe can teach (each is also the data split that renders it).
+NEW_WORDS: tuple[str, ...] = (NEW_MOTION, NEW_SHAPE)
 
 
 @dataclass(frozen=True)
 class LoRADemoOptions:
-    """Sizes of the recipe (the defaults are the ones the README reports)."""
+    """The word and the sizes of the recipe (the defaults are the ones the README reports)."""
 
+    word: str = NEW_MOTION
     videos: int = 384
     replay: int = 384
     steps: int = 600
@@ -55,6 +71,8 @@ class LoRADemoOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.word not in NEW_WORDS:
+            raise ValueError(f"LoRADemoOptions.word must be one of {', '.join(NEW_WORDS)}, got {self.word!r}")
         for name in ("videos", "steps", "batch_size", "rank", "eval_clips_per_prompt"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -65,9 +83,9 @@ class LoRADemoOptions:
             raise ValueError(f"LoRADemoOptions.replay must be >= 0, got {self.replay}")
 
 
-def new_word_prompts() -> list[str]:
-    """One prompt per diamond triple (the evaluation templates in turn)."""
-    return [caption(t, EVAL_TEMPLATES[i % len(EVAL_TEMPLATES)]) for i, t in enumerate(NEW_SHAPE_TRIPLES)]
+def new_word_prompts(word: str = NEW_MOTION) -> list[str]:
+    """One prompt per triple of the new word (the evaluation templates in turn: template indices 0 and 1)."""
+    return [caption(t, i % len(EVAL_TEMPLATES)) for i, t in enumerate(triples_for_split(word))]
 
 
 def _log(msg: str) -> None:
@@ -77,7 +95,7 @@ def _log(msg: str) -> None:
 def _scores(pipe: InfinityStarPipeline, opts: LoRADemoOptions) -> dict[str, Any]:
     """Judge accuracy on the new word's prompts and on the base world's evaluation prompts (same seeds)."""
     k = opts.eval_limit
-    groups = {NEW_SHAPE: new_word_prompts()[:k]}
+    groups = {opts.word: new_word_prompts(opts.word)[:k]}
     base_world = {g: ps[:k] for g, ps in default_prompts().items()}
     new = evaluate_pipeline(pipe, groups, n_per_prompt=opts.eval_clips_per_prompt, seed=opts.seed + 1000).summary()
     old = evaluate_pipeline(pipe, base_world, n_per_prompt=opts.eval_clips_per_prompt,
@@ -103,11 +121,11 @@ def run_lora_demo(out_dir: str | os.PathLike, options: LoRADemoOptions | None = 
         return json.loads(report.read_text(encoding="utf-8"))
 
     t0 = time.perf_counter()
-    jsonls = [data / f"{NEW_SHAPE}.jsonl"] + ([data / "train.jsonl"] if opts.replay else [])
+    jsonls = [data / f"{opts.word}.jsonl"] + ([data / "train.jsonl"] if opts.replay else [])
     if not all(p.is_file() for p in jsonls):
         world = base_world(base)
-        _log(f"data: {opts.videos} {NEW_SHAPE} videos + {opts.replay} replay videos of the base world ({world})")
-        for split, n in ((NEW_SHAPE, opts.videos), ("train", opts.replay)):
+        _log(f"data: {opts.videos} {opts.word} videos + {opts.replay} replay videos of the base world ({world})")
+        for split, n in ((opts.word, opts.videos), ("train", opts.replay)):
             if not n:
                 continue
             if world == WORLD:
@@ -146,12 +164,14 @@ def run_lora_demo(out_dir: str | os.PathLike, options: LoRADemoOptions | None = 
     t0 = time.perf_counter()
     _log("evaluate: base model, then base + adapter")
     model_parameters = sum(p.numel() for p in pipe.transformer.parameters())
-    before = _scores(pipe, opts)
-    pipe.load_lora_weights(adapter, adapter_name=NEW_SHAPE)
+    with warnings.catch_warnings():  # the base model does not know the new word: that is the point of "before"
+        warnings.filterwarnings("ignore", message=".*text encoder was not trained on")
+        before = _scores(pipe, opts)
+    pipe.load_lora_weights(adapter, adapter_name=opts.word)
     after = _scores(pipe, opts)
     timings["evaluate"] = time.perf_counter() - t0
     meta = json.loads((adapter / ADAPTER_META).read_text(encoding="utf-8"))
-    result = {"before": before, "after": after, "timings_s": timings,
+    result = {"word": opts.word, "before": before, "after": after, "timings_s": timings,
               "adapter_bytes": (adapter / ADAPTER_WEIGHTS).stat().st_size,
               "adapter_parameters": meta["parameters"], "model_parameters": model_parameters}
     atomic_write_json(report, result)

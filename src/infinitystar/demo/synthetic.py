@@ -68,6 +68,9 @@ __all__ = [
     "EVAL_TEMPLATES",
     "HELD_OUT",
     "SHAPES",
+    "STILL_TEMPLATES",
+    "NEW_MOTION",
+    "NEW_MOTION_TRIPLES",
     "NEW_SHAPE",
     "NEW_SHAPE_TRIPLES",
     "SPLITS",
@@ -100,7 +103,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 # Unit motion per direction in image coordinates (x right, y down).
-DIRECTION_VECTORS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+DIRECTION_VECTORS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1),
+                                                  "still": (0, 0)}
 
 ALL_TRIPLES: tuple[Triple, ...] = tuple(itertools.product(COLOURS, SHAPES, DIRECTIONS))
 # Held out of all training data (the DEMO MODEL issue, part 2): 12 of the 72 triples, two per colour,
@@ -125,7 +129,13 @@ SPLITS: tuple[str, ...] = ("train", "heldout")
 # 45 degrees. Renderable everywhere, never in the base world's splits; split ``"diamond"`` draws its 24 triples.
 NEW_SHAPE = "diamond"
 NEW_SHAPE_TRIPLES: tuple[Triple, ...] = tuple(itertools.product(COLOURS, (NEW_SHAPE,), DIRECTIONS))
-VIDEO_SPLITS: tuple[str, ...] = (*SPLITS, NEW_SHAPE)
+# A motion the demo model never saw, the other word a LoRA adapter can be taught: standing still (speed 0). Unlike a
+# new shape or colour, the frozen VAE draws it as well as it draws any moving shape (every frame of it is a frame of
+# the base world), so what the adapter must learn is the transformer's part alone. Split ``"still"`` draws its 18
+# triples; its captions come from :data:`STILL_TEMPLATES`.
+NEW_MOTION = "still"
+NEW_MOTION_TRIPLES: tuple[Triple, ...] = tuple(itertools.product(COLOURS, SHAPES, (NEW_MOTION,)))
+VIDEO_SPLITS: tuple[str, ...] = (*SPLITS, NEW_SHAPE, NEW_MOTION)
 
 # Caption templates. Placeholders: {colour}, {shape}, {dir} (left/right/up/down) and {towards}
 # ("to the left", "to the right", "upwards", "downwards"). Colour and shape words never vary (a small
@@ -146,6 +156,14 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
 # prompt differs from the training captions only by its attribute combination, never by its wording.
 EVAL_TEMPLATES: tuple[str, ...] = CAPTION_TEMPLATES[:2]
 _TOWARDS = {"left": "to the left", "right": "to the right", "up": "upwards", "down": "downwards"}
+# Captions of the new motion (the direction templates would read "moving still"): template index i of
+# :func:`caption` picks ``STILL_TEMPLATES[i % 4]``, so every caller that draws an index of CAPTION_TEMPLATES works.
+STILL_TEMPLATES: tuple[str, ...] = (
+    "a {colour} {shape} standing still",
+    "a {colour} {shape} stays still on a black background",
+    "a single {colour} {shape} keeping still",
+    "the {colour} {shape} holds still in its place",
+)
 
 # Geometry, as fractions of the frame side (64 px -> shapes of 16-24 px, 19-35 px of travel). The shape
 # stays entirely inside the frame for the whole clip, so its colour, shape and centroid are never cut.
@@ -161,8 +179,9 @@ def caption(triple: Triple, template: int | str = 0) -> str:
     if isinstance(template, int):
         if not 0 <= template < len(CAPTION_TEMPLATES):
             raise ValueError(f"caption template index {template} out of range 0..{len(CAPTION_TEMPLATES) - 1}")
-        template = CAPTION_TEMPLATES[template]
-    return template.format(colour=colour, shape=shape, dir=direction, towards=_TOWARDS[direction])
+        template = (STILL_TEMPLATES[template % len(STILL_TEMPLATES)] if direction == NEW_MOTION
+                    else CAPTION_TEMPLATES[template])
+    return template.format(colour=colour, shape=shape, dir=direction, towards=_TOWARDS.get(direction, direction))
 
 
 def _checked_triple(triple: Sequence[str]) -> Triple:
@@ -173,20 +192,23 @@ def _checked_triple(triple: Sequence[str]) -> Triple:
         raise ValueError(f"unknown colour {colour!r}; valid: {', '.join(COLOURS)}")
     if shape not in SHAPES and shape != NEW_SHAPE:
         raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)} (and {NEW_SHAPE})")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    if direction not in DIRECTIONS and direction != NEW_MOTION:
+        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)} (and {NEW_MOTION})")
     return colour, shape, direction
 
 
 def triples_for_split(split: str) -> tuple[Triple, ...]:
-    """The triples a split draws from: the 60 training triples, or the 12 held-out ones."""
+    """The triples a split draws from: the 60 training triples, the 12 held-out ones, or a new word's (the 24 of
+    the diamond, the 18 of standing still)."""
     if split == "train":
         return TRAIN_TRIPLES
     if split == "heldout":
         return HELD_OUT
     if split == NEW_SHAPE:
         return NEW_SHAPE_TRIPLES
-    raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if split == NEW_MOTION:
+        return NEW_MOTION_TRIPLES
+    raise ValueError(f"unknown split {split!r}; valid: {', '.join(VIDEO_SPLITS)}")
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -376,7 +398,7 @@ def _record(clip: DemoClip, video_rel: str, size: int, frames: int, fps: int, se
 
 def make_dataset(out_dir: str | os.PathLike, n_clips: int, seed: int, size: int = 64, frames: int = 33,
                  fps: int = 16, split: str = "train", crf: int = 0) -> Path:
-    """Render ``n_clips`` in-frame clips of ``split`` ('train', 'heldout' or 'diamond') under ``out_dir``.
+    """Render ``n_clips`` in-frame clips of ``split`` ('train', 'heldout', 'diamond' or 'still') under ``out_dir``.
 
     Writes ``out_dir/videos/{split}_{i:06d}.mp4`` (H.264 via :func:`infinitystar.media.write_video`;
     ``crf=0`` is lossless in YUV 4:2:0, so colours survive the codec) and ``out_dir/{split}.jsonl`` (one
