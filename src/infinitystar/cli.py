@@ -758,7 +758,7 @@ def _add_train_demo_lora(subparsers: argparse._SubParsersAction) -> None:
                    help=f"the word to teach (default: {NEW_MOTION})")
     p.add_argument("--videos", type=int, default=384, help="videos of the new word (default: 384)")
     p.add_argument("--replay", type=int, default=384, help="videos of the base world mixed in (default: 384)")
-    p.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
+    p.add_argument("--steps", type=int, default=1200, help="training steps (default: 1200)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
     p.add_argument("--clips-per-prompt", type=int, default=2, help="evaluation clips per prompt (default: 2)")
     p.set_defaults(func=_run_train_demo_lora)

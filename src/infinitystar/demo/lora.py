@@ -61,7 +61,7 @@ class LoRADemoOptions:
     word: str = NEW_MOTION
     videos: int = 384
     replay: int = 384
-    steps: int = 600
+    steps: int = 1200
     batch_size: int = 4
     lr: float = 2e-3
     rank: int = 8
