@@ -4,7 +4,7 @@
 
 One block per task, on held-out combinations (never seen in training), seed 0: a 6 s text-to-video, image-to-video
 from a drawn first frame, the extension of a 2 s video to 4 s, a three-segment interactive story (one prompt per
-segment) and a 30 s video. Each row shows one frame every half second (every 8th frame; the 30 s video one every
+segment; seed 1, see below) and a 30 s video. Each row shows one frame every half second (every 8th frame; the 30 s video one every
 2 s), upscaled 2x with crisp pixels; given frames (the image, the video that is extended) have a grey frame.
 """
 
@@ -21,6 +21,7 @@ from infinitystar.pipeline import InfinityStarPipeline
 SCALE, GAP, LABEL, BORDER = 2, 4, 16, 2
 OUT = Path(__file__).with_name("tasks.png")
 GIVEN_COLOUR = (150, 150, 150)
+STORY_SEED = 1
 
 
 def _tile(frame: np.ndarray, given: bool = False) -> np.ndarray:
@@ -52,8 +53,11 @@ def _rows(pipe: InfinityStarPipeline) -> list[tuple[str, list[np.ndarray]]]:
                  [_tile(f, given=i <= 32) for i, f in list(enumerate(video))[::8]]))
 
     prompts = [caption(("red", "triangle", d), 0) for d in ("left", "up", "right")]
-    story = pipe.interactive(prompts, seed=0, progress=False).frames
-    rows.append((f"interactive story: '{prompts[0]}' / then 'up' / then 'right'", [_tile(f) for f in story[::8]]))
+    # Seed 1: with seed 0 this prompt's first frame comes out empty (1 of 20 seeds of it does), and the next
+    # segments continue the empty frame; the held-out evaluation's 288 videos have one such (docs/demo.md).
+    story = pipe.interactive(prompts, seed=STORY_SEED, progress=False).frames
+    rows.append((f"interactive story (seed {STORY_SEED}): '{prompts[0]}' / then 'up' / then 'right'",
+                 [_tile(f) for f in story[::8]]))
 
     prompt = caption(("white", "circle", "up"), 0)
     video = pipe(prompt, seconds=30, seed=0, stream_clips=True, progress=False).frames
