@@ -219,7 +219,10 @@ def test_parse_prompt():
     with pytest.raises(ValueError, match="shape"):
         ev.parse_prompt("a red blob moving left")
     with pytest.raises(ValueError, match="direction"):
-        ev.parse_prompt("a red circle standing still")
+        ev.parse_prompt("a red circle spinning")
+    with pytest.raises(ValueError, match="names 2 directions"):
+        ev.parse_prompt("a red circle moving left, then still")
+    assert ev.parse_prompt("a red circle standing still") == ("red", "circle", "still")  # the LoRA recipe's word
 
 
 # ---------------------------------------------------------------------------------------------- the judge

@@ -52,7 +52,8 @@ def scratch(tmp_path, monkeypatch):
 def test_the_readme_has_runnable_demo_code():
     _, rows = _table_cells()
     assert _demo_blocks() and {name for name, _ in rows} >= {"text-to-image", "text-to-video", "image-to-video",
-                                                             "video extension", "long video"}
+                                                             "video extension", "long video",
+                                                             "interactive story"}
 
 
 @pytest.mark.parametrize("block", _demo_blocks(), ids=lambda b: b.splitlines()[-1][:40])
