@@ -28,6 +28,7 @@ from infinitystar.pipeline import (
     Capabilities,
     InfinityStarPipeline,
     ProgressEvent,
+    UnknownWordsWarning,
     read_pipeline_config,
 )
 
@@ -452,6 +453,7 @@ def test_demo_vocabulary_is_the_words_of_its_training_captions():
         pipe("a purple hexagon moving left", num_frames=1, seed=0, progress=False)
     ours = [w for w in record if "not trained on" in str(w.message)]
     assert len(ours) == 1 and ours[0].filename == __file__  # once per call, pointing at the caller
+    assert ours[0].category is UnknownWordsWarning  # its own class: callers that expect it filter exactly it
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe("a red circle moving left", num_frames=1, seed=0, progress=False)

@@ -22,8 +22,8 @@ from infinitystar.demo import load_pipeline, model_from_run_name, run_model_name
 from infinitystar.demo.recipe import DEFAULT_CONFIG_DIR, RecipeOptions, run_recipe
 from infinitystar.demo.synthetic import (
     MAX_SEGMENTS,
-    NEW_MOTION,
     NEW_SHAPE,
+    NEW_WORDS,
     STORY_PROMPTS,
     STORY_REFERENCE,
     check_clip_shape,
@@ -754,8 +754,8 @@ def _add_train_demo_lora(subparsers: argparse._SubParsersAction) -> None:
         "(OUT_DIR/report.json). Resumable: run it again to continue.")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--base", default=None, metavar="DIR", help="base model folder (default: the shipped demo model)")
-    p.add_argument("--word", choices=(NEW_MOTION, NEW_SHAPE), default=NEW_MOTION,
-                   help=f"the word to teach (default: {NEW_MOTION})")
+    p.add_argument("--word", choices=NEW_WORDS, default=NEW_WORDS[0],
+                   help=f"the word to teach (default: {NEW_WORDS[0]})")
     p.add_argument("--videos", type=int, default=384, help="videos of the new word (default: 384)")
     p.add_argument("--replay", type=int, default=384, help="videos of the base world mixed in (default: 384)")
     p.add_argument("--steps", type=int, default=1200, help="training steps (default: 1200)")

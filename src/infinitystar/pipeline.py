@@ -115,6 +115,13 @@ DEMO_MODEL_ID = "infinitystar-demo"
 LOCAL_MODELS: dict[str, Path] = {DEMO_MODEL_ID: Path(__file__).resolve().parent / "demo" / "weights"}
 # Seeds drawn for calls without one lie in [0, SEED_LIMIT): every tool (and any other framework's RNG) takes them.
 SEED_LIMIT = 2**31
+
+
+class UnknownWordsWarning(UserWarning):
+    """A prompt has words the model's closed-vocabulary text encoder was not trained on (the demo's word encoder):
+    they condition it on vectors it never saw. Its own class, so a caller that expects them can filter exactly it."""
+
+
 # Every task a model may offer, in the order capabilities list them.
 TASKS = ("text-to-image", "text-to-video", "image-to-video", "video-extension", "interactive")
 PROGRESS_STAGES = ("encode_prompt", "generate", "decode", "write")
@@ -1138,13 +1145,14 @@ class InfinityStarPipeline:
         return tuple(sorted(set(vocabulary) | taught)) if taught else tuple(vocabulary)
 
     def _warn_unknown_words(self, prompts: Sequence[str | None]) -> None:
-        """One UserWarning naming the prompts' words a closed-vocabulary text encoder was not trained on."""
+        """One :class:`UnknownWordsWarning` naming the prompts' words a closed-vocabulary text encoder was not trained
+        on."""
         words = unknown_words(self._vocabulary(), [w for p in prompts if p for w in word_tokens(p)])
         if words:
             # stacklevel 4: this helper, the public method, torch.no_grad's wrapper, the caller.
             warnings.warn(f"the model's text encoder was not trained on {', '.join(map(repr, words))}: those words "
                           f"condition it on vectors it never saw (capabilities.vocabulary lists the words it knows, "
-                          f"with those of the active LoRA adapters)", UserWarning, stacklevel=4)
+                          f"with those of the active LoRA adapters)", UnknownWordsWarning, stacklevel=4)
 
     def _step_callbacks(self, callback_on_step_end: Callable[..., Any] | None, tensor_inputs: tuple[str, ...],
                         callback_on_scale_step: Callable[[InfinityStarPipeline, StepEvent], None] | None,
@@ -1532,6 +1540,6 @@ def export_to_video(frames: Any, path: str | os.PathLike, fps: int = 16) -> Path
 
 
 __all__ = ["DEMO_MODEL_ID", "DIFFUSERS_ONLY_ARGUMENTS", "LOCAL_MODELS", "SEED_LIMIT", "TASKS", "Capabilities",
-           "InfinityStarPipeline",
+           "InfinityStarPipeline", "UnknownWordsWarning",
            "InfinityStarPipelineOutput", "ProgressEvent", "draw_seed", "export_to_video", "extension_frames",
            "interactive_reference_frames", "read_pipeline_config"]

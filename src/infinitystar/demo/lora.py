@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_json, atomic_write_text
-from ..pipeline import InfinityStarPipeline
+from ..pipeline import InfinityStarPipeline, UnknownWordsWarning
 from ..train.config import DataConfig, TrainConfig, config_from_dict
 from ..train.features import extract_features
 from ..train.trainer import Trainer, export_run
@@ -40,7 +40,7 @@ from .evaluate import default_prompts, evaluate_pipeline
 from .synthetic import (
     EVAL_TEMPLATES,
     NEW_MOTION,
-    NEW_SHAPE,
+    NEW_WORDS,
     WORLD,
     caption,
     make_dataset,
@@ -49,9 +49,6 @@ from .synthetic import (
 )
 
 __all__ = ["NEW_WORDS", "LoRADemoOptions", "base_world", "new_word_prompts", "run_lora_demo"]
-
-# The words the recipe can teach (each is also the data split that renders it).
-NEW_WORDS: tuple[str, ...] = (NEW_MOTION, NEW_SHAPE)
 
 
 @dataclass(frozen=True)
@@ -165,7 +162,7 @@ def run_lora_demo(out_dir: str | os.PathLike, options: LoRADemoOptions | None = 
     _log("evaluate: base model, then base + adapter")
     model_parameters = sum(p.numel() for p in pipe.transformer.parameters())
     with warnings.catch_warnings():  # the base model does not know the new word: that is the point of "before"
-        warnings.filterwarnings("ignore", message=".*text encoder was not trained on")
+        warnings.simplefilter("ignore", UnknownWordsWarning)
         before = _scores(pipe, opts)
     pipe.load_lora_weights(adapter, adapter_name=opts.word)
     after = _scores(pipe, opts)

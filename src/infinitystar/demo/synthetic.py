@@ -73,6 +73,7 @@ __all__ = [
     "NEW_MOTION_TRIPLES",
     "NEW_SHAPE",
     "NEW_SHAPE_TRIPLES",
+    "NEW_WORDS",
     "SPLITS",
     "VIDEO_SPLITS",
     "TRAIN_TRIPLES",
@@ -102,9 +103,14 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
+# A motion the demo model never saw, the other word a LoRA adapter can be taught: standing still (speed 0). Unlike a
+# new shape or colour, the frozen VAE draws it as well as it draws any moving shape (every frame of it is a frame of
+# the base world), so what the adapter must learn is the transformer's part alone. Split ``"still"`` draws its 18
+# triples (NEW_MOTION_TRIPLES); its captions come from :data:`STILL_TEMPLATES`.
+NEW_MOTION = "still"
 # Unit motion per direction in image coordinates (x right, y down).
 DIRECTION_VECTORS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1),
-                                                  "still": (0, 0)}
+                                                  NEW_MOTION: (0, 0)}
 
 ALL_TRIPLES: tuple[Triple, ...] = tuple(itertools.product(COLOURS, SHAPES, DIRECTIONS))
 # Held out of all training data (the DEMO MODEL issue, part 2): 12 of the 72 triples, two per colour,
@@ -129,13 +135,10 @@ SPLITS: tuple[str, ...] = ("train", "heldout")
 # 45 degrees. Renderable everywhere, never in the base world's splits; split ``"diamond"`` draws its 24 triples.
 NEW_SHAPE = "diamond"
 NEW_SHAPE_TRIPLES: tuple[Triple, ...] = tuple(itertools.product(COLOURS, (NEW_SHAPE,), DIRECTIONS))
-# A motion the demo model never saw, the other word a LoRA adapter can be taught: standing still (speed 0). Unlike a
-# new shape or colour, the frozen VAE draws it as well as it draws any moving shape (every frame of it is a frame of
-# the base world), so what the adapter must learn is the transformer's part alone. Split ``"still"`` draws its 18
-# triples; its captions come from :data:`STILL_TEMPLATES`.
-NEW_MOTION = "still"
 NEW_MOTION_TRIPLES: tuple[Triple, ...] = tuple(itertools.product(COLOURS, SHAPES, (NEW_MOTION,)))
-VIDEO_SPLITS: tuple[str, ...] = (*SPLITS, NEW_SHAPE, NEW_MOTION)
+# The words demo.lora (train-demo-lora --word) can teach; each is also the split that renders it.
+NEW_WORDS: tuple[str, ...] = (NEW_MOTION, NEW_SHAPE)
+VIDEO_SPLITS: tuple[str, ...] = (*SPLITS, NEW_SHAPE, NEW_MOTION)  # a split's seed is its index: append only
 
 # Caption templates. Placeholders: {colour}, {shape}, {dir} (left/right/up/down) and {towards}
 # ("to the left", "to the right", "upwards", "downwards"). Colour and shape words never vary (a small
